@@ -1,0 +1,45 @@
+"""Named errors. Every message names the offending file (when there is one) and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UniregError(Exception):
+    """Base class of every error unireg raises on purpose."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        super().__init__(f"{self.path}: {message}" if self.path is not None else message)
+
+
+class ImageNotFoundError(UniregError, FileNotFoundError):
+    """The input file does not exist."""
+
+
+class UnreadableFileError(UniregError):
+    """The file exists but cannot be parsed (corrupt, truncated, not what its name says)."""
+
+
+class EmptyFileError(UniregError):
+    """The file is zero bytes long or holds an array with no voxels."""
+
+
+class UnsupportedFormatError(UniregError):
+    """The file extension is not one unireg reads or writes."""
+
+
+class DimensionalityError(UniregError):
+    """The data does not have the number of spatial dimensions that was expected."""
+
+
+class NonFiniteError(UniregError):
+    """The data holds NaN or infinite values."""
+
+
+class GridMismatchError(UniregError):
+    """Two images that must share a voxel grid (e.g. an image and its label map) do not."""
+
+
+class TransformFormatError(UniregError):
+    """A transform file is not one unireg can interpret (wrong type, size or layout)."""

@@ -1,0 +1,144 @@
+"""Dense displacement fields: composition, resizing, absolute grids, world conversion,
+Jacobian determinants and integration of stationary velocity fields.
+
+A displacement field ``u`` is ``(B, d, *spatial)`` on the fixed grid, channel ``a`` being the
+displacement along tensor axis ``a``, in normalised units unless a function says otherwise; it
+stands for the point map ``T(x) = x + u(x)`` (fixed -> moving).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unireg.spatial.geometry import Geometry, normalized_to_voxel_matrix
+from unireg.spatial.grid import (
+    as_matrix,
+    channels_first,
+    channels_last,
+    identity_grid,
+    transform_points,
+)
+from unireg.spatial.warp import Padding, sample
+
+
+def displacement_to_points(displacement: torch.Tensor) -> torch.Tensor:
+    """Absolute point map ``(B, *spatial, d)`` = identity grid + displacement."""
+    grid = identity_grid(
+        tuple(displacement.shape[2:]), device=displacement.device, dtype=displacement.dtype
+    )
+    return grid + channels_last(displacement)
+
+
+def points_to_displacement(points: torch.Tensor) -> torch.Tensor:
+    """Displacement ``(B, d, *spatial)`` of an absolute normalised point map ``(B, *spatial, d)``."""
+    grid = identity_grid(tuple(points.shape[1:-1]), device=points.device, dtype=points.dtype)
+    return channels_first(points - grid)
+
+
+def compose_displacements(
+    outer: torch.Tensor, inner: torch.Tensor, *, padding: Padding = "border"
+) -> torch.Tensor:
+    """Displacement of ``x -> outer(inner(x))``: ``inner(x) + outer(x + inner(x))``.
+
+    Warping an image by ``outer`` and then warping the result by ``inner`` equals warping it
+    once by the composition (up to interpolation). ``outer`` is sampled with linear
+    interpolation and ``padding`` (default: constant extension at the border).
+    """
+    return inner + sample(outer, displacement_to_points(inner), mode="linear", padding=padding)
+
+
+def resize_displacement(
+    displacement: torch.Tensor,
+    shape: tuple[int, ...],
+    *,
+    units: Literal["normalized", "voxel"] = "normalized",
+) -> torch.Tensor:
+    """Resample a displacement field onto a grid of another resolution over the same extent.
+
+    Normalised displacements keep their values (the frame is resolution-free); voxel-unit
+    displacements are rescaled by ``(n_new - 1) / (n_old - 1)`` per axis.
+    """
+    d = displacement.shape[1]
+    mode = "bilinear" if d == 2 else "trilinear"
+    out = F.interpolate(displacement, size=tuple(shape), mode=mode, align_corners=True)
+    if units == "voxel":
+        old = displacement.shape[2:]
+        factors = [(n - 1) / (o - 1) if o > 1 and n > 1 else 1.0 for n, o in zip(shape, old)]
+        out = out * torch.tensor(factors, dtype=out.dtype, device=out.device).view(1, d, *[1] * d)
+    elif units != "normalized":
+        raise ValueError(f"units must be 'normalized' or 'voxel', got {units!r}")
+    return out
+
+
+def displacement_to_world(
+    displacement: torch.Tensor, fixed: Geometry, moving: Geometry
+) -> torch.Tensor:
+    """World-mm displacement on the fixed grid: ``world_m(x + u(x)) - world_f(x)``.
+
+    Input is a normalised displacement (fixed normalised -> moving normalised); output is
+    ``(B, d, *fixed_spatial)`` in the world frame of the geometries (RAS+ mm for NIfTI).
+    """
+    points = displacement_to_points(displacement)
+    grid = identity_grid(fixed.shape, device=points.device, dtype=points.dtype)
+    moving_world = transform_points(moving.normalized_to_world, points)
+    fixed_world = transform_points(fixed.normalized_to_world, grid)
+    return channels_first(moving_world - fixed_world)
+
+
+def displacement_from_world(
+    displacement: torch.Tensor, fixed: Geometry, moving: Geometry
+) -> torch.Tensor:
+    """Inverse of :func:`displacement_to_world`: world-mm field -> normalised displacement."""
+    grid = identity_grid(fixed.shape, device=displacement.device, dtype=displacement.dtype)
+    fixed_world = transform_points(fixed.normalized_to_world, grid)
+    points = transform_points(moving.world_to_normalized, fixed_world + channels_last(displacement))
+    return channels_first(points - grid)
+
+
+def jacobian_determinant(
+    displacement: torch.Tensor, *, moving_shape: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Jacobian determinant of ``x -> x + u(x)`` in voxel units, ``(B, *spatial)``.
+
+    The map is taken from fixed voxel indices to moving voxel indices (``moving_shape`` defaults
+    to the fixed shape), so an identity gives 1 and a value <= 0 marks folding. Derivatives are
+    central differences inside and one-sided at the border (``torch.gradient``); for an affine
+    map the result is its matrix determinant everywhere. Differentiable.
+    """
+    fixed_shape = tuple(displacement.shape[2:])
+    moving_shape = fixed_shape if moving_shape is None else tuple(moving_shape)
+    d = len(fixed_shape)
+    # voxel-unit point map: moving voxel index of each fixed voxel
+    points = transform_points(
+        as_matrix(normalized_to_voxel_matrix(moving_shape), displacement),
+        displacement_to_points(displacement),
+    )
+    grads = torch.gradient(points, dim=tuple(range(1, d + 1)))  # d tensors (B, *S, d)
+    jac = torch.stack(grads, dim=-1)  # (B, *S, d_out, d_in)
+    return torch.linalg.det(jac)
+
+
+def scaling_and_squaring(
+    velocity: torch.Tensor, steps: int = 7, *, padding: Padding = "border"
+) -> torch.Tensor:
+    """Exponential of a stationary velocity field (normalised units) by scaling and squaring.
+
+    Returns the displacement of ``exp(v)``: ``u = v / 2**steps``, then ``steps`` times
+    ``u <- u o u``. ``exp(-v)`` is its inverse up to discretisation error.
+    """
+    if steps < 0:
+        raise ValueError("steps must be >= 0")
+    disp = velocity / (2**steps)
+    for _ in range(steps):
+        disp = compose_displacements(disp, disp, padding=padding)
+    return disp
+
+
+def world_points(geometry: Geometry, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """World coordinates (mm) of every voxel centre of ``geometry``: ``(1, *shape, d)``."""
+    grid = identity_grid(geometry.shape, device=device, dtype=torch.float64)
+    return transform_points(np.asarray(geometry.normalized_to_world), grid).to(dtype)

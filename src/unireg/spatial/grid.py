@@ -1,0 +1,93 @@
+"""Point grids and point transforms on tensors (batched, differentiable, any device).
+
+Conventions: points are tensors ``(..., d)`` whose last axis is ordered like the tensor's spatial
+axes (axis 0 first). A dense *point map* is ``(B, *spatial, d)``; a *displacement field* is
+channel-first ``(B, d, *spatial)``. Both are in normalised coordinates unless a function says
+otherwise (see :mod:`unireg.spatial.geometry`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def as_matrix(matrix: np.ndarray | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A homogeneous matrix as a tensor on ``like``'s device and dtype (NumPy is converted)."""
+    if isinstance(matrix, np.ndarray):
+        matrix = torch.from_numpy(np.ascontiguousarray(matrix))
+    return matrix.to(device=like.device, dtype=like.dtype)
+
+
+def identity_grid(
+    shape: tuple[int, ...],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Normalised coordinates of every voxel centre of a grid, shape ``(1, *shape, d)``.
+
+    Axes of size 1 get the coordinate 0 (see :func:`voxel_to_normalized_matrix`).
+    """
+    axes = [
+        torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype)
+        if n > 1
+        else torch.zeros(1, device=device, dtype=dtype)
+        for n in shape
+    ]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).unsqueeze(0)
+
+
+def voxel_grid(
+    shape: tuple[int, ...],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Voxel indices of every voxel centre, shape ``(1, *shape, d)``."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).unsqueeze(0)
+
+
+def transform_points(matrix: torch.Tensor | np.ndarray, points: torch.Tensor) -> torch.Tensor:
+    """Apply homogeneous matrices to points.
+
+    Args:
+        matrix: ``(d+1, d+1)`` or batched ``(B, d+1, d+1)``.
+        points: ``(..., d)``; with a batched matrix, ``(B, ..., d)`` (B may be 1 on either side).
+
+    Returns:
+        transformed points, same frame as the matrix's output frame.
+    """
+    m = as_matrix(matrix, points)
+    d = points.shape[-1]
+    if m.shape[-2:] != (d + 1, d + 1):
+        raise ValueError(f"matrix {tuple(m.shape)} does not match {d}D points")
+    if m.ndim == 2:
+        return points @ m[:d, :d].transpose(0, 1) + m[:d, d]
+    batch = max(m.shape[0], points.shape[0])
+    flat = points.reshape(points.shape[0], -1, d).expand(batch, -1, -1)
+    out = flat @ m[:, :d, :d].transpose(1, 2).expand(batch, -1, -1) + m[:, None, :d, d]
+    return out.reshape(batch, *points.shape[1:])
+
+
+def affine_grid(matrix: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Point map of a normalised-frame affine over a grid: ``(B, *shape, d)``.
+
+    ``matrix`` is ``(B, d+1, d+1)`` (or unbatched) mapping fixed normalised coordinates to moving
+    normalised coordinates.
+    """
+    grid = identity_grid(shape, device=matrix.device, dtype=matrix.dtype)
+    if matrix.ndim == 2:
+        matrix = matrix.unsqueeze(0)
+    return transform_points(matrix, grid)
+
+
+def channels_last(field: torch.Tensor) -> torch.Tensor:
+    """``(B, d, *spatial)`` -> ``(B, *spatial, d)``."""
+    return field.movedim(1, -1)
+
+
+def channels_first(points: torch.Tensor) -> torch.Tensor:
+    """``(B, *spatial, d)`` -> ``(B, d, *spatial)``."""
+    return points.movedim(-1, 1)

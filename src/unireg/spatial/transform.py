@@ -1,0 +1,166 @@
+"""World-space transforms: the objects that cross the file boundary.
+
+A :class:`Transform` maps points of the fixed image, in world millimetres (RAS+, as NIfTI
+affines give them), to points of the moving image. Warping an image with one samples the moving
+image at ``T(x)`` for every voxel ``x`` of a reference (fixed) grid. All arithmetic reduces to
+:func:`unireg.spatial.warp.sample` on normalised coordinates, so there is one warping code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from unireg.spatial.field import world_points
+from unireg.spatial.geometry import Geometry, normalized_map_matrix
+from unireg.spatial.grid import affine_grid, channels_last, transform_points
+from unireg.spatial.warp import Mode, Padding, sample, warp_labels
+
+
+class Transform:
+    """Base class: a fixed-world -> moving-world point map (mm)."""
+
+    ndim: int
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor:
+        """Map fixed world points ``(..., d)`` (mm) to moving world points (mm)."""
+        raise NotImplementedError
+
+    def moving_points(
+        self,
+        reference: Geometry,
+        moving: Geometry,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Moving-grid normalised coordinates of every reference voxel: ``(1, *ref.shape, d)``."""
+        mapped = self.map_points(world_points(reference, device=device, dtype=torch.float64))
+        return transform_points(moving.world_to_normalized, mapped).to(dtype)
+
+    def displacement(
+        self, reference: Geometry, *, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """World displacement ``T(x) - x`` in mm on the reference grid: ``(d, *ref.shape)``."""
+        x = world_points(reference, device=device, dtype=torch.float64)
+        return (self.map_points(x) - x)[0].movedim(-1, 0).float()
+
+    def warp(
+        self,
+        image: torch.Tensor,
+        moving: Geometry,
+        reference: Geometry,
+        *,
+        mode: Mode = "linear",
+        padding: Padding = "zeros",
+    ) -> torch.Tensor:
+        """Resample a moving image ``(B, C, *moving.shape)`` onto the reference grid."""
+        pts = self.moving_points(reference, moving, device=image.device, dtype=image.dtype)
+        return sample(image, pts, mode=mode, padding=padding)
+
+    def warp_labels(
+        self,
+        labels: torch.Tensor,
+        moving: Geometry,
+        reference: Geometry,
+        *,
+        method: str = "nearest",
+        background: int = 0,
+    ) -> torch.Tensor:
+        """Resample an integer label map ``(B, 1, *moving.shape)`` onto the reference grid."""
+        pts = self.moving_points(reference, moving, device=labels.device)
+        return warp_labels(labels, pts, method=method, background=background)
+
+
+class AffineTransform(Transform):
+    """``x -> M x`` with a homogeneous ``(d+1) x (d+1)`` matrix in world mm."""
+
+    def __init__(self, matrix: np.ndarray | torch.Tensor) -> None:
+        m = torch.as_tensor(np.asarray(matrix, dtype=np.float64))
+        if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] not in (3, 4):
+            raise ValueError(f"an affine is 3x3 (2D) or 4x4 (3D), got {tuple(m.shape)}")
+        self.matrix = m
+        self.ndim = m.shape[0] - 1
+
+    @classmethod
+    def identity(cls, ndim: int) -> AffineTransform:
+        """The identity map in ``ndim`` dimensions."""
+        return cls(np.eye(ndim + 1))
+
+    def inverse(self) -> AffineTransform:
+        """The inverse map (moving world -> fixed world)."""
+        return AffineTransform(torch.linalg.inv(self.matrix))
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor:
+        return transform_points(self.matrix.to(points.device, torch.float64), points.double()).to(
+            points.dtype
+        )
+
+    def moving_points(self, reference, moving, *, device=None, dtype=torch.float32):
+        # Compose all frames in float64 first: exact and cheaper than mapping world points.
+        m = normalized_map_matrix(self.matrix.numpy(), reference, moving)
+        return affine_grid(torch.from_numpy(m).to(device), reference.shape).to(dtype)
+
+    def __repr__(self) -> str:
+        return f"AffineTransform(\n{self.matrix.numpy()})"
+
+
+class DisplacementFieldTransform(Transform):
+    """``x -> x + u(x)`` with ``u`` a world-mm displacement field on a grid.
+
+    ``u`` is interpolated linearly between grid points; outside the grid the displacement is 0
+    (as in ITK's ``DisplacementFieldTransform``).
+    """
+
+    def __init__(self, displacement: torch.Tensor, geometry: Geometry) -> None:
+        if displacement.shape != (geometry.ndim, *geometry.shape):
+            raise ValueError(
+                f"displacement {tuple(displacement.shape)} does not fit grid {geometry.shape}"
+            )
+        self.field = displacement
+        self.geometry = geometry
+        self.ndim = geometry.ndim
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor:
+        flat = points.reshape(1, -1, self.ndim)
+        local = transform_points(self.geometry.world_to_normalized, flat.double())
+        field = self.field.to(points.device, torch.float64).unsqueeze(0)
+        u = sample(field, local, mode="linear", padding="zeros")  # (1, d, N)
+        return (flat + u.transpose(1, 2).to(points.dtype)).reshape(points.shape)
+
+    def moving_points(self, reference, moving, *, device=None, dtype=torch.float32):
+        if not reference.same_grid(self.geometry):
+            return super().moving_points(reference, moving, device=device, dtype=dtype)
+        # On its own grid the field needs no interpolation.
+        x = world_points(reference, device=device, dtype=torch.float64)
+        mapped = x + channels_last(self.field.to(device, torch.float64).unsqueeze(0))
+        return transform_points(moving.world_to_normalized, mapped).to(dtype)
+
+    def displacement(self, reference, *, device=None):
+        if reference.same_grid(self.geometry):
+            return self.field.to(device).float()
+        return super().displacement(reference, device=device)
+
+
+class CompositeTransform(Transform):
+    """A chain of transforms listed in ANTs order (``ants.apply_transforms(transformlist=...)``).
+
+    The first transform is applied first to a fixed point: ``[T1, T2](x) = T2(T1(x))``. So
+    ANTs' registration output ``[warp, affine]`` is ``affine(warp(x))``.
+    """
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        if not transforms:
+            raise ValueError("a composite transform needs at least one transform")
+        dims = {t.ndim for t in transforms}
+        if len(dims) != 1:
+            raise ValueError(f"cannot chain transforms of different dimensions {sorted(dims)}")
+        self.transforms = list(transforms)
+        self.ndim = dims.pop()
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor:
+        for t in self.transforms:
+            points = t.map_points(points)
+        return points

@@ -1,0 +1,149 @@
+"""Sampling and warping: the one place where ``torch.nn.functional.grid_sample`` is called.
+
+Pull-back convention: the output at fixed voxel ``x`` is the moving image at ``T(x)``. Points are
+normalised coordinates of the *moving* grid in tensor-axis order; ``grid_sample`` wants them in
+reversed (x = last axis) order, and that flip happens in :func:`sample` only.
+
+Border handling (``padding``): ``"zeros"`` (outside the moving field of view is 0; the default
+for images), ``"border"`` (nearest edge value; the default for displacement fields, so a field
+is extended constantly outside its grid) or ``"reflection"``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from unireg.spatial.grid import affine_grid, channels_last, identity_grid
+
+Mode = Literal["linear", "nearest"]
+Padding = Literal["zeros", "border", "reflection"]
+
+_MODES = {"linear": "bilinear", "nearest": "nearest"}
+
+
+def sample(
+    image: torch.Tensor,
+    points: torch.Tensor,
+    *,
+    mode: Mode = "linear",
+    padding: Padding = "zeros",
+) -> torch.Tensor:
+    """Sample ``image`` at normalised points.
+
+    Args:
+        image: ``(B, C, *moving_spatial)``, 2D or 3D.
+        points: ``(B, *out_spatial, d)`` normalised coordinates of the moving grid, tensor-axis
+            order. Either batch size may be 1 and is broadcast.
+        mode: ``"linear"`` ((bi/tri)linear) or ``"nearest"``.
+        padding: value outside the moving grid, see module docstring.
+
+    Returns:
+        ``(B, C, *out_spatial)``, differentiable in both ``image`` and ``points`` (linear mode).
+    """
+    d = points.shape[-1]
+    if image.ndim != d + 2:
+        raise ValueError(f"image of shape {tuple(image.shape)} does not match {d}D points")
+    if mode not in _MODES:
+        raise ValueError(f"mode must be 'linear' or 'nearest', got {mode!r}")
+    batch = max(image.shape[0], points.shape[0])
+    image = image.expand(batch, *image.shape[1:])
+    points = points.expand(batch, *points.shape[1:])
+    if points.dtype != image.dtype:
+        points = points.to(image.dtype)
+    out_spatial = points.shape[1:-1]
+    grid = points.reshape(batch, *([1] * (d - len(out_spatial))), *out_spatial, d)
+    out = F.grid_sample(
+        image, grid.flip(-1), mode=_MODES[mode], padding_mode=padding, align_corners=True
+    )
+    return out.reshape(batch, image.shape[1], *out_spatial)
+
+
+def warp(
+    image: torch.Tensor,
+    displacement: torch.Tensor,
+    *,
+    mode: Mode = "linear",
+    padding: Padding = "zeros",
+) -> torch.Tensor:
+    """Warp a moving image by a normalised displacement field on the fixed grid.
+
+    ``displacement`` is ``(B, d, *fixed_spatial)``; the moving image is sampled at
+    ``x + displacement(x)``.
+    """
+    points = identity_grid(
+        tuple(displacement.shape[2:]), device=displacement.device, dtype=displacement.dtype
+    )
+    return sample(image, points + channels_last(displacement), mode=mode, padding=padding)
+
+
+def warp_affine(
+    image: torch.Tensor,
+    matrix: torch.Tensor,
+    shape: tuple[int, ...] | None = None,
+    *,
+    mode: Mode = "linear",
+    padding: Padding = "zeros",
+) -> torch.Tensor:
+    """Warp a moving image by a normalised-frame affine onto a fixed grid of ``shape``.
+
+    ``matrix`` is ``(B, d+1, d+1)`` (or unbatched), fixed normalised -> moving normalised.
+    ``shape`` defaults to the moving image's own spatial shape.
+    """
+    shape = tuple(image.shape[2:]) if shape is None else tuple(shape)
+    return sample(image, affine_grid(matrix.to(image.dtype), shape), mode=mode, padding=padding)
+
+
+def warp_labels(
+    labels: torch.Tensor,
+    points: torch.Tensor,
+    *,
+    method: Literal["nearest", "onehot"] = "nearest",
+    background: int = 0,
+    chunk: int = 8,
+) -> torch.Tensor:
+    """Warp an integer label map so that the result holds only existing label values.
+
+    Args:
+        labels: ``(B, 1, *moving_spatial)`` integer tensor.
+        points: ``(B, *out_spatial, d)`` normalised moving coordinates (pull-back).
+        method: ``"nearest"`` (nearest-neighbour) or ``"onehot"`` (each label's indicator is
+            sampled linearly and the label with the largest value wins; smoother boundaries).
+        background: label given to points outside the moving field of view.
+        chunk: labels sampled per ``grid_sample`` call in ``"onehot"`` mode (bounds memory to
+            ``chunk`` float volumes).
+
+    Returns:
+        ``(B, 1, *out_spatial)`` with the dtype of ``labels``. Not differentiable.
+    """
+    if labels.is_floating_point():
+        raise TypeError("warp_labels expects an integer label tensor; cast it first")
+    if labels.shape[1] != 1:
+        raise ValueError(f"label maps have one channel, got shape {tuple(labels.shape)}")
+    with torch.no_grad():
+        if method == "nearest":
+            # Shift by the background so that grid_sample's zero padding is the background label.
+            shifted = labels - background
+            big = shifted.numel() > 0 and int(shifted.abs().max()) >= 2**24
+            as_float = shifted.to(torch.float64 if big else torch.float32)
+            out = sample(as_float, points.to(as_float.dtype), mode="nearest", padding="zeros")
+            out = out.round().to(labels.dtype) + background
+            return out
+        if method != "onehot":
+            raise ValueError(f"method must be 'nearest' or 'onehot', got {method!r}")
+        values = torch.unique(labels)
+        batch = max(labels.shape[0], points.shape[0])
+        out_shape = (batch, 1, *points.shape[1:-1])
+        best = torch.zeros(out_shape, device=labels.device)
+        result = torch.full(out_shape, background, dtype=labels.dtype, device=labels.device)
+        for start in range(0, len(values), chunk):
+            vals = values[start : start + chunk]
+            masks = (labels == vals.view(1, -1, *([1] * (labels.ndim - 2)))).float()
+            prob = sample(masks, points.float(), mode="linear", padding="zeros")
+            top, idx = prob.max(dim=1, keepdim=True)
+            better = top > best
+            best = torch.where(better, top, best)
+            result = torch.where(better, vals[idx], result)
+        return result
