@@ -70,7 +70,8 @@ class Image:
         d = self.data.ndim - 1
         if d not in (2, 3):
             raise DimensionalityError(
-                f"expected (C, *spatial) data with 2 or 3 spatial axes, got {tuple(self.data.shape)}",
+                "expected (C, *spatial) data with 2 or 3 spatial axes, "
+                f"got {tuple(self.data.shape)}",
                 self.path,
             )
         object.__setattr__(self, "affine", np.asarray(self.affine, dtype=np.float64))
@@ -114,7 +115,8 @@ class Image:
 
     def __repr__(self) -> str:
         name = type(self).__name__
-        return f"{name}(shape={self.shape}, channels={self.data.shape[0]}, {self.geometry!r}, path={self.path})"
+        chans = self.data.shape[0]
+        return f"{name}(shape={self.shape}, channels={chans}, {self.geometry!r}, path={self.path})"
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -422,7 +424,7 @@ def crop_or_pad(
     if len(shape) != image.ndim:
         raise ValueError(f"shape {shape} has not {image.ndim} axes")
     if start is None:
-        start = tuple((o - n) // 2 for o, n in zip(image.shape, shape))
+        start = tuple((o - n) // 2 for o, n in zip(image.shape, shape, strict=True))
     out = torch.full(
         (image.data.shape[0], *shape),
         value,
@@ -430,7 +432,7 @@ def crop_or_pad(
         device=image.data.device,
     )
     src, dst = [slice(None)], [slice(None)]
-    for s0, n_out, n_in in zip(start, shape, image.shape):
+    for s0, n_out, n_in in zip(start, shape, image.shape, strict=True):
         lo, hi = max(s0, 0), min(s0 + n_out, n_in)
         if hi <= lo:
             src.append(slice(0, 0))

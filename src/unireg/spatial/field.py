@@ -34,7 +34,7 @@ def displacement_to_points(displacement: torch.Tensor) -> torch.Tensor:
 
 
 def points_to_displacement(points: torch.Tensor) -> torch.Tensor:
-    """Displacement ``(B, d, *spatial)`` of an absolute normalised point map ``(B, *spatial, d)``."""
+    """Displacement ``(B, d, *spatial)`` of a normalised point map ``(B, *spatial, d)``."""
     grid = identity_grid(tuple(points.shape[1:-1]), device=points.device, dtype=points.dtype)
     return channels_first(points - grid)
 
@@ -67,7 +67,9 @@ def resize_displacement(
     out = F.interpolate(displacement, size=tuple(shape), mode=mode, align_corners=True)
     if units == "voxel":
         old = displacement.shape[2:]
-        factors = [(n - 1) / (o - 1) if o > 1 and n > 1 else 1.0 for n, o in zip(shape, old)]
+        factors = [
+            (n - 1) / (o - 1) if o > 1 and n > 1 else 1.0 for n, o in zip(shape, old, strict=True)
+        ]
         out = out * torch.tensor(factors, dtype=out.dtype, device=out.device).view(1, d, *[1] * d)
     elif units != "normalized":
         raise ValueError(f"units must be 'normalized' or 'voxel', got {units!r}")
