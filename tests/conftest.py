@@ -1,0 +1,79 @@
+"""Shared fixtures. Real data lives in ../shared/data beside the project (or $UNIREG_SHARED_DATA);
+tests that need it skip with a message when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("UNIREG_SHARED_DATA", REPO.parent / "shared" / "data"))
+IXI_T1 = SHARED_DATA / "ixi" / "t1"
+IXI_LABELS = SHARED_DATA / "ixi" / "labels"
+
+torch.set_num_threads(2)
+
+
+def shared_file(*parts: str) -> Path:
+    """A file under the shared data folder, or skip the test when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path} (set UNIREG_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture
+def ixi_pair() -> tuple[Path, Path]:
+    """Two IXI T1 brains (2 mm, PSR orientation) from the shared data."""
+    return (
+        shared_file("ixi", "t1", "IXI012-HH-1211-T1_ds.nii.gz"),
+        shared_file("ixi", "t1", "IXI013-HH-1212-T1_ds.nii.gz"),
+    )
+
+
+@pytest.fixture
+def ixi_labels() -> Path:
+    """DLMUSE label map on the grid of the first brain of ``ixi_pair``."""
+    return shared_file("ixi", "labels", "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz")
+
+
+def smooth_image(shape: tuple[int, ...], seed: int = 0, channels: int = 1) -> torch.Tensor:
+    """A smooth random image ``(1, C, *shape)`` in float64: a sum of random Gaussian blobs."""
+    g = torch.Generator().manual_seed(seed)
+    axes = torch.meshgrid(
+        *[torch.linspace(-1, 1, n, dtype=torch.float64) for n in shape], indexing="ij"
+    )
+    out = torch.zeros(channels, *shape, dtype=torch.float64)
+    for c in range(channels):
+        for _ in range(6):
+            centre = torch.rand(len(shape), generator=g, dtype=torch.float64) * 1.2 - 0.6
+            width = 0.2 + 0.3 * torch.rand(1, generator=g, dtype=torch.float64)
+            r2 = sum((a - m) ** 2 for a, m in zip(axes, centre, strict=True))
+            out[c] += torch.exp(-r2 / (2 * width**2))
+    return out.unsqueeze(0)
+
+
+def smooth_field(shape: tuple[int, ...], amplitude: float, seed: int = 0) -> torch.Tensor:
+    """A smooth random displacement ``(1, d, *shape)`` (normalised units), max |u| = amplitude."""
+    g = torch.Generator().manual_seed(seed)
+    d = len(shape)
+    coarse = torch.randn(1, d, *[4] * d, generator=g, dtype=torch.float64)
+    mode = "bilinear" if d == 2 else "trilinear"
+    field = torch.nn.functional.interpolate(coarse, size=shape, mode=mode, align_corners=True)
+    return field * (amplitude / field.abs().max())
+
+
+def oblique_affine(spacing, angles_deg, origin) -> np.ndarray:
+    """A 4x4 voxel-to-world affine with a rotation (degrees about x, y, z) and anisotropic spacing."""
+    ax, ay, az = np.radians(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    out = np.eye(4)
+    out[:3, :3] = rx @ ry @ rz @ np.diag(spacing)
+    out[:3, 3] = origin
+    return out
