@@ -68,7 +68,7 @@ def smooth_field(shape: tuple[int, ...], amplitude: float, seed: int = 0) -> tor
 
 
 def oblique_affine(spacing, angles_deg, origin) -> np.ndarray:
-    """A 4x4 voxel-to-world affine with a rotation (degrees about x, y, z) and anisotropic spacing."""
+    """A 4x4 voxel-to-world affine: rotation (degrees about x, y, z), anisotropic spacing."""
     ax, ay, az = np.radians(angles_deg)
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
     ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
