@@ -20,6 +20,7 @@ Formats:
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -206,6 +207,13 @@ def save_displacement_field(transform: Transform, reference: Geometry, path: str
     path = Path(path)
     _suffix(path, FIELD_SUFFIXES)
     d = reference.ndim
+    direction = reference.affine[:d, :d] / np.asarray(reference.spacing)
+    if not np.allclose(direction.T @ direction, np.eye(d), atol=1e-4):
+        warnings.warn(
+            f"{path}: the reference grid's affine has shear; ITK/ANTs store only an orthonormal "
+            "direction and will place this field differently. Resample to an unsheared grid.",
+            stacklevel=2,
+        )
     field = transform.displacement(reference).double().cpu().numpy()  # (d, *S) RAS mm
     if not np.all(np.isfinite(field)):
         raise NonFiniteError("refusing to write a displacement field with NaN or inf", path)

@@ -6,7 +6,10 @@ reversed (x = last axis) order, and that flip happens in :func:`sample` only.
 
 Border handling (``padding``): ``"zeros"`` (outside the moving field of view is 0; the default
 for images), ``"border"`` (nearest edge value; the default for displacement fields, so a field
-is extended constantly outside its grid) or ``"reflection"``.
+is extended constantly outside its grid) or ``"reflection"``. With ``"zeros"``, a point less
+than one voxel outside the grid blends the edge voxel with the zero padding (PyTorch's
+convention, continuous at the edge); ITK/ANTs return 0 for any point outside, so the two agree
+everywhere but in that one-voxel rim of the field of view.
 """
 
 from __future__ import annotations
