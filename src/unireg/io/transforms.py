@@ -236,7 +236,9 @@ def load_displacement_field(path: str | Path) -> DisplacementFieldTransform:
     _check_readable(path)
     try:
         img = nib.load(str(path))
-        array = np.asarray(img.dataobj, dtype=np.float64)
+        array = np.asarray(img.dataobj)
+        if array.dtype != np.float64:
+            array = array.astype(np.float32, copy=False)
     except Exception as e:
         raise UnreadableFileError(f"cannot read displacement field ({e})", path) from e
     shape = array.shape
@@ -255,10 +257,11 @@ def load_displacement_field(path: str | Path) -> DisplacementFieldTransform:
         raise EmptyFileError("displacement field holds no voxels", path)
     if not np.all(np.isfinite(array)):
         raise NonFiniteError("displacement field holds NaN or infinite values", path)
-    field = np.moveaxis(array.reshape(*spatial, d), -1, 0).copy()
+    # (d, *spatial) as a view of the channel-last file layout: no copy of the whole field
+    field = torch.from_numpy(np.array(array.reshape(*spatial, d), copy=True)).float().movedim(-1, 0)
     field[:2] *= -1.0  # LPS -> RAS components
     geometry = Geometry(spatial, affine_from_4x4(np.asarray(img.affine, np.float64), d))
-    return DisplacementFieldTransform(torch.from_numpy(field).float(), geometry)
+    return DisplacementFieldTransform(field, geometry)
 
 
 # --------------------------------------------------------------------------------------------

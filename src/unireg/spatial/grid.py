@@ -19,6 +19,15 @@ def as_matrix(matrix: np.ndarray | torch.Tensor, like: torch.Tensor) -> torch.Te
     return matrix.to(device=like.device, dtype=like.dtype)
 
 
+def axis_coordinates(
+    n: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Normalised coordinates of the ``n`` voxel centres along one axis (0 when ``n == 1``)."""
+    if n > 1:
+        return torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype)
+    return torch.zeros(1, device=device, dtype=dtype)
+
+
 def identity_grid(
     shape: tuple[int, ...],
     *,
@@ -29,12 +38,7 @@ def identity_grid(
 
     Axes of size 1 get the coordinate 0 (see :func:`voxel_to_normalized_matrix`).
     """
-    axes = [
-        torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype)
-        if n > 1
-        else torch.zeros(1, device=device, dtype=dtype)
-        for n in shape
-    ]
+    axes = [axis_coordinates(n, device=device, dtype=dtype) for n in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).unsqueeze(0)
 
 
@@ -64,7 +68,9 @@ def transform_points(matrix: torch.Tensor | np.ndarray, points: torch.Tensor) ->
     if m.shape[-2:] != (d + 1, d + 1):
         raise ValueError(f"matrix {tuple(m.shape)} does not match {d}D points")
     if m.ndim == 2:
-        return points @ m[:d, :d].transpose(0, 1) + m[:d, d]
+        out = points @ m[:d, :d].transpose(0, 1)
+        out += m[:d, d]  # in place: one output allocation for the whole grid
+        return out
     batch = max(m.shape[0], points.shape[0])
     flat = points.reshape(points.shape[0], -1, d).expand(batch, -1, -1)
     out = flat @ m[:, :d, :d].transpose(1, 2).expand(batch, -1, -1) + m[:, None, :d, d]
@@ -77,10 +83,20 @@ def affine_grid(matrix: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     ``matrix`` is ``(B, d+1, d+1)`` (or unbatched) mapping fixed normalised coordinates to moving
     normalised coordinates.
     """
-    grid = identity_grid(shape, device=matrix.device, dtype=matrix.dtype)
     if matrix.ndim == 2:
         matrix = matrix.unsqueeze(0)
-    return transform_points(matrix, grid)
+    d = len(shape)
+    if matrix.shape[-2:] != (d + 1, d + 1):
+        raise ValueError(f"matrix {tuple(matrix.shape)} does not match a {d}D grid")
+    batch = matrix.shape[0]
+    # out = t + sum_a M[:, a] * x_a, accumulated by broadcasting: one grid-sized allocation
+    out = matrix[:, None, :d, d].reshape(batch, *[1] * d, d).expand(batch, *shape, d).clone()
+    for a, n in enumerate(shape):
+        coords = axis_coordinates(n, device=matrix.device, dtype=matrix.dtype)
+        view = [1] * d
+        view[a] = n
+        out += coords.view(1, *view, 1) * matrix[:, :d, a].reshape(batch, *[1] * d, d)
+    return out
 
 
 def channels_last(field: torch.Tensor) -> torch.Tensor:

@@ -36,16 +36,19 @@ class Transform:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """Moving-grid normalised coordinates of every reference voxel: ``(1, *ref.shape, d)``."""
-        mapped = self.map_points(world_points(reference, device=device, dtype=torch.float64))
-        return transform_points(moving.world_to_normalized, mapped).to(dtype)
+        """Moving-grid normalised coordinates of every reference voxel: ``(1, *ref.shape, d)``.
+
+        Computed in ``dtype`` (frame matrices are composed in float64 first).
+        """
+        mapped = self.map_points(world_points(reference, device=device, dtype=dtype))
+        return transform_points(moving.world_to_normalized, mapped)
 
     def displacement(
         self, reference: Geometry, *, device: torch.device | str | None = None
     ) -> torch.Tensor:
         """World displacement ``T(x) - x`` in mm on the reference grid: ``(d, *ref.shape)``."""
         x = world_points(reference, device=device, dtype=torch.float64)
-        return (self.map_points(x) - x)[0].movedim(-1, 0).float()
+        return (self.map_points(x) - x)[0].movedim(-1, 0).float().contiguous()
 
     def warp(
         self,
@@ -94,14 +97,12 @@ class AffineTransform(Transform):
         return AffineTransform(torch.linalg.inv(self.matrix))
 
     def map_points(self, points: torch.Tensor) -> torch.Tensor:
-        return transform_points(self.matrix.to(points.device, torch.float64), points.double()).to(
-            points.dtype
-        )
+        return transform_points(self.matrix, points)
 
     def moving_points(self, reference, moving, *, device=None, dtype=torch.float32):
-        # Compose all frames in float64 first: exact and cheaper than mapping world points.
+        # Compose all frames in float64 first: exact, and one pass over the grid.
         m = normalized_map_matrix(self.matrix.numpy(), reference, moving)
-        return affine_grid(torch.from_numpy(m).to(device), reference.shape).to(dtype)
+        return affine_grid(torch.from_numpy(m).to(device, dtype), reference.shape)
 
     def __repr__(self) -> str:
         return f"AffineTransform(\n{self.matrix.numpy()})"
@@ -125,18 +126,23 @@ class DisplacementFieldTransform(Transform):
 
     def map_points(self, points: torch.Tensor) -> torch.Tensor:
         flat = points.reshape(1, -1, self.ndim)
-        local = transform_points(self.geometry.world_to_normalized, flat.double())
-        field = self.field.to(points.device, torch.float64).unsqueeze(0)
+        local = transform_points(self.geometry.world_to_normalized, flat)
+        field = self.field.to(points.device, points.dtype).unsqueeze(0)
         u = sample(field, local, mode="linear", padding="zeros")  # (1, d, N)
-        return (flat + u.transpose(1, 2).to(points.dtype)).reshape(points.shape)
+        return (flat + u.transpose(1, 2)).reshape(points.shape)
 
     def moving_points(self, reference, moving, *, device=None, dtype=torch.float32):
         if not reference.same_grid(self.geometry):
             return super().moving_points(reference, moving, device=device, dtype=dtype)
-        # On its own grid the field needs no interpolation.
-        x = world_points(reference, device=device, dtype=torch.float64)
-        mapped = x + channels_last(self.field.to(device, torch.float64).unsqueeze(0))
-        return transform_points(moving.world_to_normalized, mapped).to(dtype)
+        # On its own grid the field needs no interpolation, and
+        # W2N_m (x_world + u) = (W2N_m N2W_f) x_norm + L u  with L the linear part of W2N_m.
+        d = self.ndim
+        to_moving = moving.world_to_normalized
+        m = to_moving @ reference.normalized_to_world
+        points = affine_grid(torch.from_numpy(m).to(device, dtype), reference.shape)
+        lin = torch.from_numpy(to_moving[:d, :d]).to(device, dtype)
+        points += channels_last(self.field.to(device, dtype).unsqueeze(0)) @ lin.T
+        return points
 
     def displacement(self, reference, *, device=None):
         if reference.same_grid(self.geometry):
