@@ -153,11 +153,11 @@ def test_apply_bad_inputs_raise_named_errors_and_write_nothing(case, capsys):
 
     # missing moving image
     code = apply(str(p["affine"]), str(tmp / "missing.nii.gz"), "-r", str(p["fixed"]))
-    _assert_failed_cleanly(capsys, code, out_dir, before, "missing.nii.gz: no such file")
+    _assert_failed_cleanly(capsys, code, out_dir, before, "missing.nii.gz: no such image file")
     # empty file
     (tmp / "empty.nii.gz").write_bytes(b"")
     code = apply(str(p["affine"]), str(tmp / "empty.nii.gz"), "-r", str(p["fixed"]))
-    _assert_failed_cleanly(capsys, code, out_dir, before, "empty.nii.gz: file is empty")
+    _assert_failed_cleanly(capsys, code, out_dir, before, "empty.nii.gz: image file is empty")
     # NaN voxels
     arr = np.ones((8, 8, 8), np.float32)
     arr[1, 2, 3] = np.nan

@@ -95,14 +95,14 @@ def test_multichannel_needs_permission(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(ImageNotFoundError, match="no such file") as info:
+    with pytest.raises(ImageNotFoundError, match="no such image file") as info:
         load_image(tmp_path / "nope.nii.gz")
     assert "nope.nii.gz" in str(info.value) and isinstance(info.value, FileNotFoundError)
 
 
 def test_empty_file(tmp_path):
     (tmp_path / "empty.nii.gz").write_bytes(b"")
-    with pytest.raises(EmptyFileError, match="empty.nii.gz: file is empty"):
+    with pytest.raises(EmptyFileError, match="empty.nii.gz: image file is empty"):
         load_image(tmp_path / "empty.nii.gz")
 
 

@@ -2,10 +2,10 @@
 that ITK/ANTs read. Every reader raises a named :mod:`unireg.errors` error that names the file;
 every writer is atomic (temporary file, then rename)."""
 
+from unireg.io.files import atomic_path, check_input_file, write_atomic
 from unireg.io.image import (
     Image,
     LabelMap,
-    atomic_path,
     check_same_grid,
     crop_or_pad,
     load_image,
@@ -15,7 +15,6 @@ from unireg.io.image import (
     reorient,
     resample,
     save_image,
-    write_atomic,
 )
 from unireg.io.transforms import (
     load_affine,
@@ -31,6 +30,7 @@ __all__ = [
     "Image",
     "LabelMap",
     "atomic_path",
+    "check_input_file",
     "check_same_grid",
     "crop_or_pad",
     "load_affine",

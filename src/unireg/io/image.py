@@ -7,11 +7,7 @@ array's axes (i, j, k) plus the voxel-to-world affine (mm, RAS+ as nibabel gives
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zlib
-from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,11 +26,11 @@ from unireg.errors import (
     DimensionalityError,
     EmptyFileError,
     GridMismatchError,
-    ImageNotFoundError,
     NonFiniteError,
     UnreadableFileError,
     UnsupportedFormatError,
 )
+from unireg.io.files import check_input_file, write_atomic
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import AffineTransform, Transform
 
@@ -211,12 +207,7 @@ def load_image(
     """
     path = Path(path)
     image_suffix(path)
-    if not path.exists():
-        raise ImageNotFoundError("no such file", path)
-    if path.is_dir():
-        raise UnreadableFileError("is a directory, not an image file", path)
-    if path.stat().st_size == 0:
-        raise EmptyFileError("file is empty (0 bytes)", path)
+    check_input_file(path, "image")
     try:
         img = nib.load(str(path))
         array = np.asanyarray(img.dataobj)
@@ -280,34 +271,6 @@ def load_image_and_labels(
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside ``path``; on success rename it onto ``path`` atomically.
-
-    On any error the temporary file is removed and ``path`` is left untouched, so no
-    half-written output ever exists under the final name.
-    """
-    path = Path(path)
-    if not path.parent.exists():
-        raise ImageNotFoundError("output folder does not exist", path.parent)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> Path:
-    """Call ``writer(tmp_path)`` and move the result onto ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
-    return Path(path)
 
 
 def _label_dtype(array: np.ndarray) -> type:

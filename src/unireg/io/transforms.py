@@ -31,13 +31,13 @@ import torch
 
 from unireg.errors import (
     EmptyFileError,
-    ImageNotFoundError,
     NonFiniteError,
     TransformFormatError,
     UnreadableFileError,
     UnsupportedFormatError,
 )
-from unireg.io.image import affine_from_4x4, affine_to_4x4, write_atomic
+from unireg.io.files import check_input_file, write_atomic
+from unireg.io.image import affine_from_4x4, affine_to_4x4
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import (
     AffineTransform,
@@ -66,15 +66,6 @@ def _suffix(path: Path, allowed: Sequence[str]) -> str:
     raise UnsupportedFormatError(
         f"unsupported transform extension; expected one of {', '.join(allowed)}", path
     )
-
-
-def _check_readable(path: Path) -> None:
-    if not path.exists():
-        raise ImageNotFoundError("no such transform file", path)
-    if path.is_dir():
-        raise UnreadableFileError("is a directory, not a transform file", path)
-    if path.stat().st_size == 0:
-        raise EmptyFileError("transform file is empty (0 bytes)", path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,7 +143,7 @@ def load_affine(path: str | Path) -> AffineTransform:
     """Read an ITK/ANTs affine (``.mat`` or ``.txt``/``.tfm``) as a RAS+ world affine."""
     path = Path(path)
     suffix = _suffix(path, AFFINE_SUFFIXES)
-    _check_readable(path)
+    check_input_file(path, "transform")
     if suffix == ".mat":
         try:
             content = scipy.io.loadmat(str(path))
@@ -233,7 +224,7 @@ def load_displacement_field(path: str | Path) -> DisplacementFieldTransform:
     """Read an ITK/ANTs displacement-field NIfTI as a world (RAS+ mm) displacement transform."""
     path = Path(path)
     _suffix(path, FIELD_SUFFIXES)
-    _check_readable(path)
+    check_input_file(path, "transform")
     try:
         img = nib.load(str(path))
         array = np.asarray(img.dataobj)

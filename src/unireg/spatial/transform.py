@@ -99,7 +99,14 @@ class AffineTransform(Transform):
     def map_points(self, points: torch.Tensor) -> torch.Tensor:
         return transform_points(self.matrix, points)
 
-    def moving_points(self, reference, moving, *, device=None, dtype=torch.float32):
+    def moving_points(
+        self,
+        reference: Geometry,
+        moving: Geometry,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
         # Compose all frames in float64 first: exact, and one pass over the grid.
         m = normalized_map_matrix(self.matrix.numpy(), reference, moving)
         return affine_grid(torch.from_numpy(m).to(device, dtype), reference.shape)
@@ -131,7 +138,14 @@ class DisplacementFieldTransform(Transform):
         u = sample(field, local, mode="linear", padding="zeros")  # (1, d, N)
         return (flat + u.transpose(1, 2)).reshape(points.shape)
 
-    def moving_points(self, reference, moving, *, device=None, dtype=torch.float32):
+    def moving_points(
+        self,
+        reference: Geometry,
+        moving: Geometry,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
         if not reference.same_grid(self.geometry):
             return super().moving_points(reference, moving, device=device, dtype=dtype)
         # On its own grid the field needs no interpolation, and
@@ -144,7 +158,9 @@ class DisplacementFieldTransform(Transform):
         points += channels_last(self.field.to(device, dtype).unsqueeze(0)) @ lin.T
         return points
 
-    def displacement(self, reference, *, device=None):
+    def displacement(
+        self, reference: Geometry, *, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         if reference.same_grid(self.geometry):
             return self.field.to(device).float()
         return super().displacement(reference, device=device)

@@ -1,0 +1,49 @@
+"""File-system helpers shared by every reader and writer: input checks and atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from unireg.errors import EmptyFileError, ImageNotFoundError, UnreadableFileError
+
+
+def check_input_file(path: Path, what: str = "image") -> None:
+    """Raise a named error unless ``path`` is an existing, non-empty regular file."""
+    if not path.exists():
+        raise ImageNotFoundError(f"no such {what} file", path)
+    if path.is_dir():
+        raise UnreadableFileError(f"is a directory, not a {what} file", path)
+    if path.stat().st_size == 0:
+        raise EmptyFileError(f"{what} file is empty (0 bytes)", path)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path`` atomically.
+
+    On any error the temporary file is removed and ``path`` is left untouched, so no
+    half-written output ever exists under the final name.
+    """
+    path = Path(path)
+    if not path.parent.exists():
+        raise ImageNotFoundError("output folder does not exist", path.parent)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> Path:
+    """Call ``writer(tmp_path)`` and move the result onto ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
