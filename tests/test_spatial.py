@@ -169,7 +169,8 @@ def test_random_affine_warp_agrees_with_moving_points():
         warped = AffineTransform(world).warp(img, moving, fixed)
         err = (_centroid(warped) - p_fixed_vox).norm().item()
         worst = max(worst, err)
-    assert worst < 0.5, worst
+    # the acceptance bound is 0.5 voxel; measured 0.004 voxel, so hold it to 0.05
+    assert worst < 0.05, worst
 
 
 @pytest.mark.parametrize("shape", [(48, 40), (30, 34, 26)])
