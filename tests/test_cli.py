@@ -235,3 +235,13 @@ def test_apply_on_real_brain_matches_ants(tmp_path, ixi_pair):
         [str(tmp_path / "t.nii.gz")],
     ).numpy()
     assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.999
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_apply_cuda_without_cuda_is_a_clear_error(case, capsys):
+    tmp, p, _ = case
+    out = tmp / "cuda.nii.gz"
+    args = [str(p["affine"]), str(p["moving"]), "-r", str(p["fixed"]), "-o", str(out)]
+    assert main(["apply", *args, "--device", "cuda"]) == 1
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()

@@ -361,6 +361,16 @@ def test_composite_transform_order_and_affine_inverse():
     assert CompositeTransform([b, a]).map_points(p)[0, 0].item() == pytest.approx(12.0)  # a(b(p))
     q = CompositeTransform([a, a.inverse()]).map_points(p)
     torch.testing.assert_close(q, p)
+    # a chain of affines warps exactly like the single product matrix
+    geom = Geometry((9, 8, 7), oblique_affine((1.0, 2.0, 1.5), (10, 0, 5), (-4, -8, -5)))
+    m1 = random_affine(3, rotation=20, translation=2, seed=1, dtype=torch.float64)[0]
+    m2 = random_affine(3, rotation=20, translation=2, seed=2, dtype=torch.float64)[0]
+    chain = CompositeTransform([AffineTransform(m1), AffineTransform(m2)])
+    single = AffineTransform(m2 @ m1)
+    torch.testing.assert_close(
+        chain.moving_points(geom, geom, dtype=torch.float64),
+        single.moving_points(geom, geom, dtype=torch.float64),
+    )
 
 
 # --------------------------------------------------------------------------------- gradients
@@ -395,6 +405,12 @@ def test_random_affine_is_seeded_and_respects_ranges():
         3, 8, rotation=30, translation=(1, 2, 3), scale=(0.8, 1.25), shear=0.1, seed=6
     )
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # without a seed it follows torch's global RNG, which it does not reseed
+    torch.manual_seed(123)
+    u1, after1 = random_affine(3, rotation=30, dtype=torch.float64), torch.rand(1)
+    torch.manual_seed(123)
+    u2, after2 = random_affine(3, rotation=30, dtype=torch.float64), torch.rand(1)
+    assert torch.equal(u1, u2) and torch.equal(after1, after2)
     t = a[:, :3, 3].abs()
     assert (t <= torch.tensor([1, 2, 3]) + 1e-6).all()
     rot = random_affine(3, 64, rotation=30, seed=1, dtype=torch.float64)

@@ -158,9 +158,9 @@ def random_affine(
         seed / generator: the same seed gives the same matrices (CPU generator).
     """
     if generator is None:
-        generator = torch.Generator().manual_seed(
-            int(torch.seed() if seed is None else seed) % (2**63)
-        )
+        if seed is None:  # follow torch's global RNG (torch.manual_seed) without reseeding it
+            seed = int(torch.randint(0, 2**62, (1,)))
+        generator = torch.Generator().manual_seed(int(seed) % (2**63))
     n_rot = 1 if ndim == 2 else 3
     rot = _uniform((batch, n_rot), -1.0, 1.0, generator) * math.radians(rotation)
     tmax = torch.as_tensor(translation, dtype=torch.float64).expand(ndim)

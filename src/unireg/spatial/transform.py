@@ -181,8 +181,32 @@ class CompositeTransform(Transform):
             raise ValueError(f"cannot chain transforms of different dimensions {sorted(dims)}")
         self.transforms = list(transforms)
         self.ndim = dims.pop()
+        # Adjacent affines are merged into one matrix: exact, and one pass over the grid.
+        merged: list[Transform] = []
+        for t in self.transforms:
+            if (
+                isinstance(t, AffineTransform)
+                and merged
+                and isinstance(merged[-1], AffineTransform)
+            ):
+                merged[-1] = AffineTransform(t.matrix @ merged[-1].matrix)
+            else:
+                merged.append(t)
+        self._merged = merged
 
     def map_points(self, points: torch.Tensor) -> torch.Tensor:
-        for t in self.transforms:
+        for t in self._merged:
             points = t.map_points(points)
         return points
+
+    def moving_points(
+        self,
+        reference: Geometry,
+        moving: Geometry,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        if len(self._merged) == 1:
+            return self._merged[0].moving_points(reference, moving, device=device, dtype=dtype)
+        return super().moving_points(reference, moving, device=device, dtype=dtype)
