@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -181,3 +183,21 @@ def test_sheared_reference_grid_warns(tmp_path):
     geom = Geometry((4, 4, 4), affine)
     with pytest.warns(UserWarning, match="shear"):
         save_transform(AffineTransform(np.eye(4)), tmp_path / "f.nii.gz", reference=geom)
+
+
+def test_inverse_specs(tmp_path):
+    from unireg.io.transforms import parse_transform_spec
+
+    assert parse_transform_spec("[a/b.mat,1]") == (Path("a/b.mat"), True)
+    assert parse_transform_spec("[ a.mat , 0 ]") == (Path("a.mat"), False)
+    assert parse_transform_spec(("x.txt", True)) == (Path("x.txt"), True)
+    assert parse_transform_spec("w.nii.gz") == (Path("w.nii.gz"), False)
+    t = world_affine(3, seed=3)
+    save_affine(t, tmp_path / "a.mat")
+    chain = load_transforms([tmp_path / "a.mat", f"[{tmp_path / 'a.mat'},1]"])
+    p = torch.randn(5, 3, dtype=torch.float64) * 50
+    torch.testing.assert_close(chain.map_points(p), p)
+    geom = Geometry((3, 3, 3), np.eye(4))
+    save_transform(t, tmp_path / "f.nii.gz", reference=geom)
+    with pytest.raises(TransformFormatError, match="only affine transforms can be inverted"):
+        load_transforms([f"[{tmp_path / 'f.nii.gz'},1]"])

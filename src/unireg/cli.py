@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Resample IMAGE onto the grid of --reference through TRANSFORM(s): ITK/ANTs affines "
             "(.mat, .txt, .tfm) or displacement fields (.nii.gz). Several transforms are "
             "chained in ANTs order: the first is applied first to a reference point, as in "
-            "ants.apply_transforms(transformlist=[...])."
+            "ants.apply_transforms(transformlist=[...]). Write '[affine.mat,1]' to use an "
+            "affine's inverse, as antsApplyTransforms does."
         ),
     )
     p.add_argument("transforms", nargs="+", metavar="TRANSFORM", help="transform file(s)")

@@ -272,9 +272,41 @@ def load_transform(path: str | Path) -> Transform:
     return load_affine(path)
 
 
-def load_transforms(paths: Sequence[str | Path]) -> Transform:
-    """Read several transform files as one chain in ANTs order (first applied first to points)."""
-    transforms = [load_transform(p) for p in paths]
+_INVERTED = re.compile(r"^\[\s*(.+?)\s*,\s*([01])\s*\]$")
+
+
+def parse_transform_spec(spec: str | Path | tuple[str | Path, bool]) -> tuple[Path, bool]:
+    """``path``, ``(path, invert)`` or ANTs' ``"[path,1]"`` -> ``(path, invert)``."""
+    if isinstance(spec, tuple):
+        return Path(spec[0]), bool(spec[1])
+    match = _INVERTED.match(str(spec))
+    if match:
+        return Path(match.group(1)), match.group(2) == "1"
+    return Path(spec), False
+
+
+def load_transforms(specs: Sequence[str | Path | tuple[str | Path, bool]]) -> Transform:
+    """Read several transform files as one chain in ANTs order (first applied first to points).
+
+    An entry ``"[affine.mat,1]"`` (antsApplyTransforms' syntax) or ``(path, True)`` uses the
+    inverse of that affine, as ``whichtoinvert`` does in ANTsPy. Displacement fields cannot be
+    inverted here: use the inverse field ANTs writes (``1InverseWarp.nii.gz``).
+    """
+    transforms = []
+    for spec in specs:
+        path, invert = parse_transform_spec(spec)
+        t = load_transform(path)
+        if invert:
+            if not isinstance(t, AffineTransform):
+                raise TransformFormatError(
+                    "only affine transforms can be inverted on the fly; use the inverse "
+                    "displacement field written beside it",
+                    path,
+                )
+            t = t.inverse()
+        transforms.append(t)
+    if not transforms:
+        raise ValueError("no transform given")
     return transforms[0] if len(transforms) == 1 else CompositeTransform(transforms)
 
 
