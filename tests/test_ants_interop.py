@@ -98,7 +98,7 @@ def test_unireg_transforms_applied_by_ants_match_unireg(tmp_path, ixi_pair, ixi_
         interpolator="nearestNeighbor",
     ).numpy()
     assert set(np.unique(warped)) <= set(labels.labels())
-    assert np.mean(warped == theirs) > 0.99
+    assert np.mean(warped == theirs) > 0.999  # measured: every voxel agrees
 
 
 @pytest.fixture(scope="module")
