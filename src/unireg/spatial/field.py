@@ -85,9 +85,8 @@ def displacement_to_world(
     ``(B, d, *fixed_spatial)`` in the world frame of the geometries (RAS+ mm for NIfTI).
     """
     points = displacement_to_points(displacement)
-    grid = identity_grid(fixed.shape, device=points.device, dtype=points.dtype)
     moving_world = transform_points(moving.normalized_to_world, points)
-    fixed_world = transform_points(fixed.normalized_to_world, grid)
+    fixed_world = world_points(fixed, device=points.device, dtype=points.dtype)
     return channels_first(moving_world - fixed_world)
 
 
@@ -95,10 +94,9 @@ def displacement_from_world(
     displacement: torch.Tensor, fixed: Geometry, moving: Geometry
 ) -> torch.Tensor:
     """Inverse of :func:`displacement_to_world`: world-mm field -> normalised displacement."""
-    grid = identity_grid(fixed.shape, device=displacement.device, dtype=displacement.dtype)
-    fixed_world = transform_points(fixed.normalized_to_world, grid)
+    fixed_world = world_points(fixed, device=displacement.device, dtype=displacement.dtype)
     points = transform_points(moving.world_to_normalized, fixed_world + channels_last(displacement))
-    return channels_first(points - grid)
+    return points_to_displacement(points)
 
 
 def jacobian_determinant(
