@@ -111,12 +111,20 @@ def jacobian_determinant(
     """
     fixed_shape = tuple(displacement.shape[2:])
     moving_shape = fixed_shape if moving_shape is None else tuple(moving_shape)
-    d = len(fixed_shape)
     # voxel-unit point map: moving voxel index of each fixed voxel
     points = transform_points(
         as_matrix(normalized_to_voxel_matrix(moving_shape), displacement),
         displacement_to_points(displacement),
     )
+    return point_map_jacobian_determinant(points)
+
+
+def point_map_jacobian_determinant(points: torch.Tensor) -> torch.Tensor:
+    """Determinant of the derivative of a point map ``(B, *spatial, d)`` with respect to the
+    voxel indices of its grid: ``(B, *spatial)``. Central differences inside, one-sided at the
+    border (``torch.gradient``). Divide by the determinant of the grid's voxel-to-world matrix
+    to get the Jacobian with respect to world coordinates."""
+    d = points.shape[-1]
     grads = torch.gradient(points, dim=tuple(range(1, d + 1)))  # d tensors (B, *S, d)
     jac = torch.stack(grads, dim=-1)  # (B, *S, d_out, d_in)
     return torch.linalg.det(jac)

@@ -1,0 +1,141 @@
+"""Separable filters on ``(B, C, *spatial)`` tensors (2D and 3D): box sums, Gaussian blur and
+finite differences. One implementation, used by the losses (local NCC), the regularisers, the
+augmentation and the synthesis. All filters act per channel, on the device of the input, and are
+differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _per_axis(value: float | Sequence[float], ndim: int, name: str) -> list[float]:
+    values = [value] * ndim if isinstance(value, int | float) else list(value)
+    if len(values) != ndim:
+        raise ValueError(f"{name} needs 1 or {ndim} values, got {len(values)}")
+    return [float(v) for v in values]
+
+
+def filter_axis(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    axis: int,
+    *,
+    padding: str = "zeros",
+    stride: int = 1,
+    dilation: int = 1,
+) -> torch.Tensor:
+    """Convolve every channel of ``x`` with a 1D ``kernel`` along spatial ``axis`` (0-based).
+
+    ``padding``: ``"zeros"`` or ``"replicate"`` ("same" output size at stride 1), or ``"valid"``.
+    """
+    d = x.ndim - 2
+    channels = x.shape[1]
+    k = kernel.to(device=x.device, dtype=x.dtype)
+    shape = [1] * d
+    shape[axis] = k.numel()
+    weight = k.reshape(1, 1, *shape).expand(channels, 1, *shape)
+    strides = [1] * d
+    strides[axis] = stride
+    dilations = [1] * d
+    dilations[axis] = dilation
+    reach = dilation * (k.numel() - 1)
+    if padding == "valid":
+        pad = [0] * d
+    elif padding in ("zeros", "replicate"):
+        if padding == "replicate":
+            before, after = reach // 2, reach - reach // 2
+            pads = [0, 0] * d
+            pads[2 * (d - 1 - axis)] = before
+            pads[2 * (d - 1 - axis) + 1] = after
+            x = F.pad(x, pads, mode="replicate")
+            pad = [0] * d
+        else:
+            if reach % 2:
+                raise ValueError("zero 'same' padding needs an odd kernel reach")
+            pad = [0] * d
+            pad[axis] = reach // 2
+    else:
+        raise ValueError(f"padding must be 'zeros', 'replicate' or 'valid', got {padding!r}")
+    return _CONV[d](x, weight, stride=strides, padding=pad, dilation=dilations, groups=channels)
+
+
+def separable_filter(
+    x: torch.Tensor,
+    kernels: Sequence[torch.Tensor],
+    *,
+    padding: str = "zeros",
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+) -> torch.Tensor:
+    """Apply one 1D kernel per spatial axis in turn (a separable nD filter)."""
+    d = x.ndim - 2
+    if len(kernels) != d:
+        raise ValueError(f"{d}D input needs {d} kernels, got {len(kernels)}")
+    strides = [int(s) for s in _per_axis(stride, d, "stride")]
+    dilations = [int(s) for s in _per_axis(dilation, d, "dilation")]
+    for axis, k in enumerate(kernels):
+        x = filter_axis(x, k, axis, padding=padding, stride=strides[axis], dilation=dilations[axis])
+    return x
+
+
+def box_sum(
+    x: torch.Tensor,
+    window: int | Sequence[int],
+    *,
+    padding: str = "zeros",
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+) -> torch.Tensor:
+    """Sum over a ``window`` (odd, voxels) box around each voxel, by separable passes.
+
+    With ``padding="zeros"`` the output has the input's size and voxels outside count as 0.
+    """
+    d = x.ndim - 2
+    sizes = [int(w) for w in _per_axis(window, d, "window")]
+    kernels = [torch.ones(w, dtype=x.dtype) for w in sizes]
+    return separable_filter(x, kernels, padding=padding, stride=stride, dilation=dilation)
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 3.0) -> torch.Tensor:
+    """Normalised sampled Gaussian (``sigma`` in voxels), radius ``ceil(truncate * sigma)``."""
+    if sigma <= 0:
+        return torch.ones(1, dtype=torch.float64)
+    radius = max(int(math.ceil(truncate * sigma)), 1)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(
+    x: torch.Tensor, sigma: float | Sequence[float], *, padding: str = "replicate"
+) -> torch.Tensor:
+    """Gaussian smoothing with per-axis ``sigma`` in voxels (0 leaves that axis alone)."""
+    d = x.ndim - 2
+    sigmas = _per_axis(sigma, d, "sigma")
+    out = x
+    for axis, s in enumerate(sigmas):
+        if s > 0:
+            out = filter_axis(out, gaussian_kernel1d(s), axis, padding=padding)
+    return out
+
+
+def central_difference(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``(x[i+1] - x[i-1]) / 2`` along spatial ``axis``; the output loses one voxel at each end
+    of that axis (no padding), so it is exact and unbiased wherever it is defined."""
+    dim = axis + 2
+    n = x.shape[dim]
+    return (x.narrow(dim, 2, n - 2) - x.narrow(dim, 0, n - 2)) / 2
+
+
+def forward_difference(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``x[i+1] - x[i]`` along spatial ``axis`` (one voxel shorter on that axis)."""
+    dim = axis + 2
+    n = x.shape[dim]
+    return x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)
