@@ -43,3 +43,7 @@ class GridMismatchError(UniregError):
 
 class TransformFormatError(UniregError):
     """A transform file is not one unireg can interpret (wrong type, size or layout)."""
+
+
+class ManifestError(UniregError):
+    """A dataset manifest (CSV) is malformed: missing columns, bad rows, missing files."""
