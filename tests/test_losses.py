@@ -219,3 +219,13 @@ def test_loss_registry_and_reduction():
         L.get_loss("ssim")
     with pytest.raises(ValueError, match="shapes differ"):
         L.mse(a, b[..., :4])
+
+
+def test_gradcheck_lncc_mi_ncc():
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(1, 1, 6, 5, 4, generator=g, dtype=torch.float64)
+    b = torch.rand(1, 1, 6, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: L.lncc(a, x, 3), (b,))
+    assert torch.autograd.gradcheck(lambda x: L.ncc(a, x), (b,))
+    assert torch.autograd.gradcheck(lambda x: L.mutual_information(a, x, bins=8), (b,))
+    assert torch.autograd.gradcheck(lambda x: L.multi_kernel_lncc(a, x, (3,), (1.0,)), (b,))

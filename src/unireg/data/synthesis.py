@@ -27,7 +27,7 @@ from unireg.data.augment import (
     random_gamma,
     smooth_random_field,
 )
-from unireg.spatial.field import scaling_and_squaring
+from unireg.spatial.field import resize_displacement, scaling_and_squaring
 from unireg.spatial.filters import gaussian_blur
 from unireg.spatial.warp import warp
 
@@ -164,12 +164,15 @@ class LabelSynthesis:
             labels = out
         if self.deformation > 0:
             amp = _rand(g, b).view(b, 1, *[1] * d) * self.deformation
+            # the field is smooth (a coarse control grid): integrate it at half resolution in
+            # resolution-free normalised units, then upsample the displacement (as SynthMorph)
+            half = tuple(max(2, (n + 1) // 2) for n in shape)
             velocity = smooth_random_field(
-                shape, b, d, g, resolution=self.deformation_resolution, device=labels.device
+                half, b, d, g, resolution=self.deformation_resolution, device=labels.device
             ) * amp.to(labels.device, torch.float32)
-            # voxels -> normalised units per axis
             scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=labels.device)
             disp = scaling_and_squaring(velocity * scale.view(1, d, *[1] * d))
+            disp = resize_displacement(disp, shape)
             labels = warp(labels.float(), disp, mode="nearest").round().to(labels.dtype)
         return labels
 
