@@ -232,32 +232,18 @@ def test_synthesis_regions_have_the_drawn_intensities():
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 5, (2, 1, 4, 5, 6), generator=g) * 10
     labels = labels.repeat_interleave(4, 2).repeat_interleave(4, 3).repeat_interleave(4, 4)
-    exact = LabelSynthesis(
-        std_range=(0.0, 0.0),
-        deformation=0,
-        blur=0,
-        resolution=1,
-        bias_field=0,
-        noise=0,
-        gamma=0,
-        normalize=False,
+    # the Gaussian-mixture stage alone: no deformation and no acquisition corruption
+    mixture_only = dict(
+        deformation=0, blur=0, resolution=1, bias_field=0, noise=0, gamma=0, normalize=False
     )
+    exact = LabelSynthesis(std_range=(0.0, 0.0), **mixture_only)
     out = exact(labels, seed=3)
     assert out["label_values"].tolist() == [0, 10, 20, 30, 40]
     for bi in range(2):
         for k, v in enumerate(out["label_values"].tolist()):
             region = out["image"][bi, 0][labels[bi, 0] == v]
             assert torch.allclose(region, torch.full_like(region, float(out["means"][bi, k])))
-    noisy = LabelSynthesis(
-        std_range=(0.05, 0.1),
-        deformation=0,
-        blur=0,
-        resolution=1,
-        bias_field=0,
-        noise=0,
-        gamma=0,
-        normalize=False,
-    )
+    noisy = LabelSynthesis(std_range=(0.05, 0.1), **mixture_only)
     out = noisy(labels, seed=4)
     for k, v in enumerate(out["label_values"].tolist()):
         region = out["image"][0, 0][labels[0, 0] == v].double()

@@ -25,6 +25,7 @@ from unireg.data.augment import (
     random_affine_matrix,
     random_bias_field,
     random_gamma,
+    random_noise,
     smooth_random_field,
 )
 from unireg.spatial.field import resize_displacement, scaling_and_squaring
@@ -127,8 +128,7 @@ class LabelSynthesis:
         if self.bias_field > 0:
             image = random_bias_field(image, g, strength=self.bias_field)
         if self.noise > 0:
-            sigma_n = (_rand(g, b) * self.noise).view(b, *[1] * (d + 1))
-            image = image + (_randn(g, *image.shape) * sigma_n).to(device, torch.float32)
+            image = random_noise(image, g, std=self.noise)
         if self.normalize:
             flat = image.reshape(b, -1)
             lo_i = flat.min(1).values.view(b, *[1] * (d + 1))
