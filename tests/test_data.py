@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA, oblique_affine, shared_file, smooth_image
 from torch.utils.data import DataLoader
 
-from tests.conftest import SHARED_DATA, oblique_affine, shared_file, smooth_image
 from unireg.data import (
     Augmentation,
     LabelSynthesis,

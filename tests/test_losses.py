@@ -8,8 +8,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import shared_file, smooth_image
 
-from tests.conftest import shared_file, smooth_image
 from unireg import losses as L
 from unireg.io.image import load_image, normalize_intensity
 

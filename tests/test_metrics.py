@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import oblique_affine, shared_file
 
-from tests.conftest import oblique_affine, shared_file
 from unireg import metrics as M
 from unireg.cli import main
 from unireg.io.image import LabelMap, load_labels, save_image
