@@ -169,18 +169,78 @@ def multi_kernel_lncc(
     return _reduce(total, reduction)
 
 
-def parzen_weights(
-    x: torch.Tensor, bins: int, sigma_ratio: float, value_range: tuple[float, float]
-) -> torch.Tensor:
-    """Gaussian Parzen-window weights ``(B, N, bins)`` of the values of ``x`` ``(B, N)``, each
-    row normalised to sum 1. Bin centres are evenly spaced over ``value_range`` and the kernel
-    width is ``sigma_ratio`` bin widths."""
-    lo, hi = value_range
-    centers = torch.linspace(lo, hi, bins, device=x.device, dtype=x.dtype)
-    sigma = sigma_ratio * (hi - lo) / (bins - 1)
+def _parzen(
+    x: torch.Tensor, centers: torch.Tensor, sigma: float, lo: float, hi: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised Gaussian Parzen weights ``(B, n, bins)`` of ``x`` ``(B, n)`` and their
+    derivative with respect to ``x`` (zero where ``x`` is clipped to the range)."""
+    inside = ((x >= lo) & (x <= hi)).unsqueeze(-1)
     z = (x.clamp(lo, hi).unsqueeze(-1) - centers) / sigma
     w = torch.exp(-0.5 * z * z)
-    return w / w.sum(-1, keepdim=True)
+    w = w / w.sum(-1, keepdim=True)
+    g = -z / sigma  # d log(unnormalised w_j) / dx
+    dw = w * (g - (w * g).sum(-1, keepdim=True)) * inside
+    return w, dw
+
+
+class _ParzenMutualInformation(torch.autograd.Function):
+    """MI of two intensity samples from a Gaussian Parzen joint histogram, computed in chunks of
+    voxels both ways: memory is O(chunk x bins) instead of O(voxels x bins), and the backward
+    pass recomputes the weights of each chunk rather than storing them (exact gradient)."""
+
+    @staticmethod
+    def forward(ctx, xa, xb, weights, bins, sigma_ratio, lo, hi, eps, chunk):  # type: ignore[override]
+        centers = torch.linspace(lo, hi, bins, device=xa.device, dtype=xa.dtype)
+        sigma = sigma_ratio * (hi - lo) / (bins - 1)
+        batch, n = xa.shape
+        acc = torch.float64
+        pab = torch.zeros(batch, bins, bins, device=xa.device, dtype=acc)
+        pa = torch.zeros(batch, bins, device=xa.device, dtype=acc)
+        pb = torch.zeros(batch, bins, device=xa.device, dtype=acc)
+        for s in range(0, n, chunk):
+            wa, _ = _parzen(xa[:, s : s + chunk], centers, sigma, lo, hi)
+            wb, _ = _parzen(xb[:, s : s + chunk], centers, sigma, lo, hi)
+            wa = wa * weights[:, s : s + chunk, None]
+            pab += torch.bmm(wa.transpose(1, 2), wb).to(acc)
+            pa += wa.sum(1).to(acc)
+            pb += (wb * weights[:, s : s + chunk, None]).sum(1).to(acc)
+        papb = pa.unsqueeze(2) * pb.unsqueeze(1)
+        mi = (pab * torch.log((pab + eps) / (papb + eps))).sum((1, 2))
+        ctx.save_for_backward(xa, xb, weights, pab, pa, pb)
+        ctx.settings = (centers, sigma, lo, hi, eps, chunk)
+        return mi.to(xa.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_mi):  # type: ignore[override]
+        xa, xb, weights, pab, pa, pb = ctx.saved_tensors
+        centers, sigma, lo, hi, eps, chunk = ctx.settings
+        papb = pa.unsqueeze(2) * pb.unsqueeze(1)
+        ratio = pab / (papb + eps)
+        # dMI/dp_ab, dMI/dp_a, dMI/dp_b for MI = sum p_ab log((p_ab + e) / (p_a p_b + e))
+        g_ab = torch.log((pab + eps) / (papb + eps)) + pab / (pab + eps)
+        g_a = -(ratio * pb.unsqueeze(1)).sum(2)
+        g_b = -(ratio * pa.unsqueeze(2)).sum(1)
+        scale = grad_mi.to(pab.dtype).view(-1, 1, 1)
+        g_ab, g_a, g_b = (
+            (g_ab * scale).to(xa.dtype),
+            (g_a * scale[:, 0]).to(xa.dtype),
+            (g_b * scale[:, 0]).to(xa.dtype),
+        )
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_a = torch.zeros_like(xa) if need_a else None
+        grad_b = torch.zeros_like(xb) if need_b else None
+        for s in range(0, xa.shape[1], chunk):
+            sl = slice(s, s + chunk)
+            wa, dwa = _parzen(xa[:, sl], centers, sigma, lo, hi)
+            wb, dwb = _parzen(xb[:, sl], centers, sigma, lo, hi)
+            wn = weights[:, sl, None]
+            if need_a:  # dMI/dwa_ni = w_n (sum_j g_ab[i, j] wb_nj + g_a[i])
+                k = wn * (torch.bmm(wb, g_ab.transpose(1, 2)) + g_a.unsqueeze(1))
+                grad_a[:, sl] = (k * dwa).sum(-1)
+            if need_b:  # dMI/dwb_nj = w_n (sum_i wa_ni g_ab[i, j] + g_b[j])
+                k = wn * (torch.bmm(wa, g_ab) + g_b.unsqueeze(1))
+                grad_b[:, sl] = (k * dwb).sum(-1)
+        return grad_a, grad_b, None, None, None, None, None, None, None
 
 
 def mutual_information(
@@ -194,39 +254,38 @@ def mutual_information(
     samples: int | None = None,
     generator: torch.Generator | None = None,
     eps: float = 1e-10,
+    chunk: int = 2**16,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """``-MI`` (nats) from a differentiable Gaussian Parzen-window joint histogram.
 
-    Intensities are expected in ``value_range`` (normalise first; values outside are clipped).
-    ``mask`` restricts (weights) the voxels; ``samples`` draws that many voxels at random per
-    call (``generator`` for repeatability), as ANTs' MI sampling does, to bound memory.
-    Single-channel images only (``C == 1``).
+    ``bins`` bin centres are evenly spaced over ``value_range`` and the kernel's standard
+    deviation is ``sigma_ratio`` bin widths (each voxel's weights are normalised over the
+    bins, as MONAI's ``GlobalMutualInformationLoss`` does). Intensities are expected in
+    ``value_range`` (normalise first; values outside are clipped). ``mask`` restricts (weights)
+    the voxels; ``samples`` draws that many voxels at random per call (``generator`` for
+    repeatability), as ANTs' MI sampling does. Voxels are processed ``chunk`` at a time in both
+    passes, so memory stays small at any image size. Single-channel images only (``C == 1``).
     """
     _check_pair(a, b)
     if a.shape[1] != 1:
         raise ValueError("mutual_information takes single-channel images")
+    if bins < 2:
+        raise ValueError("mutual_information needs at least 2 bins")
     batch = a.shape[0]
     xa, xb = a.reshape(batch, -1), b.reshape(batch, -1)
-    w = None if mask is None else mask.to(a.dtype).expand_as(a).reshape(batch, -1)
+    w = torch.ones_like(xa) if mask is None else mask.to(a.dtype).expand_as(a).reshape(batch, -1)
     if samples is not None and samples < xa.shape[1]:
         idx = torch.randperm(xa.shape[1], generator=generator, device="cpu")[:samples]
         idx = idx.to(a.device)
-        xa, xb = xa[:, idx], xb[:, idx]
-        w = None if w is None else w[:, idx]
-    wa = parzen_weights(xa, bins, sigma_ratio, value_range)
-    wb = parzen_weights(xb, bins, sigma_ratio, value_range)
-    if w is None:
-        w = torch.ones_like(xa)
+        xa, xb, w = xa[:, idx], xb[:, idx], w[:, idx]
     total = w.sum(1, keepdim=True)
     if bool((total <= 0).any()):
         raise ValueError("the mask selects no voxel for at least one batch element")
-    wn = (w / total).unsqueeze(-1)  # (B, N, 1)
-    pab = torch.bmm((wa * wn).transpose(1, 2), wb)  # (B, bins, bins)
-    pa = (wa * wn).sum(1)
-    pb = (wb * wn).sum(1)
-    papb = pa.unsqueeze(2) * pb.unsqueeze(1)
-    mi = (pab * torch.log((pab + eps) / (papb + eps))).sum((1, 2))
+    lo, hi = (float(v) for v in value_range)
+    mi = _ParzenMutualInformation.apply(
+        xa, xb, (w / total).detach(), bins, sigma_ratio, lo, hi, eps, int(chunk)
+    )
     return _reduce(-mi, reduction)
 
 
