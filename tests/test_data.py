@@ -280,3 +280,27 @@ def test_synthesis_on_a_real_label_map():
     assert len(medians) > 15
     rho = stats.spearmanr(medians, drawn).statistic
     assert rho > 0.9, rho
+
+
+def test_cli_synthesize(tmp_path, capsys):
+    import pickle
+
+    from unireg.cli import main
+    from unireg.io.image import load_image, load_labels
+
+    affine = oblique_affine((1.0, 1.2, 1.5), (5, 0, -5), (3, 2, 1))
+    _, lab = _volume(tmp_path, "s", affine)
+    out, out_lab = tmp_path / "synth.nii.gz", tmp_path / "synth_labels.nii.gz"
+    args = ["synthesize", str(lab), "-o", str(out), "--labels-output", str(out_lab), "--seed", "3"]
+    assert main(args) == 0
+    image, labels = load_image(out), load_labels(out_lab)
+    assert np.allclose(image.affine, affine, atol=1e-5) and image.shape == (30, 26, 22)
+    assert set(labels.data.unique().tolist()) <= {0, 3, 8}
+    assert main([*args[:3], str(tmp_path / "again.nii.gz"), "--seed", "3", "-q"]) == 0
+    assert torch.equal(load_image(tmp_path / "again.nii.gz").data, image.data)
+    assert main(["synthesize", str(tmp_path / "none.nii.gz"), "-o", str(out)]) == 1
+    assert "none.nii.gz" in capsys.readouterr().err
+    # datasets pickle (DataLoader workers)
+    (tmp_path / "m.csv").write_text(HEADER + f"d,s,T1,,{lab.name},train\n")
+    ds = VolumeDataset(Manifest.read(tmp_path / "m.csv"), Preprocessing(shape=(8, 8, 8)))
+    assert pickle.loads(pickle.dumps(ds))[0]["labels"].shape == (1, 8, 8, 8)
