@@ -105,6 +105,10 @@ def test_multi_kernel_lncc():
     single = float(L.multi_kernel_lncc(a, b, windows=(5,), weights=(1.0,), dilation=1))
     ref = L.lncc_map(a, b, 5, stride=(5 + 1) // 4, padding="valid").mean()
     assert single == pytest.approx(1 - float(ref), abs=1e-10)
+    # a window larger than the image shrinks to the image: one whole-image window = NCC^2
+    tiny_a, tiny_b = a[..., :9, :9, :9], b[..., :9, :9, :9]
+    whole = float(L.multi_kernel_lncc(tiny_a, tiny_b, (15,), (1.0,), eps=1e-12))
+    assert whole == pytest.approx(1 - (1 - float(L.ncc(tiny_a, tiny_b))) ** 2, abs=1e-6)
 
 
 def _ixi_slice() -> torch.Tensor:

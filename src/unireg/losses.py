@@ -160,6 +160,7 @@ def multi_kernel_lncc(
     for window, weight in zip(windows, weights, strict=True):
         size = int(window * side) if isinstance(window, float) and window < 1 else int(window)
         size = max(3, size + (1 - size % 2))
+        size = min(size, side - (1 - side % 2))  # a whole window must fit in the image
         reach = dilation * (size - 1) + 1
         dil = dilation if reach <= side else 1
         cc = lncc_map(

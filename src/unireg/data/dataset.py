@@ -46,7 +46,8 @@ class Preprocessing:
         spacing: output voxel size in mm (one value or one per axis).
         shape: output grid shape; ``None`` covers the whole input field of view.
         center: ``"fov"`` centres the grid on the input's field of view, ``"mass"`` on the
-            intensity centre of mass (of the label map's foreground for label-only volumes).
+            centre of mass of the intensity above the image's minimum (of the label map's
+            foreground for label-only volumes).
         normalize: rescale intensities to [0, 1] by the 0.5/99.5 percentiles.
         ndim: 2 or 3.
     """
@@ -70,8 +71,11 @@ class Preprocessing:
         d = self.ndim
         spacing = np.array(self.spacing_tuple())
         if self.center == "mass":
-            weights = source.data.float().sum(0) if not source.is_label else (source.data[0] > 0)
-            weights = weights.double().clamp_min(0)
+            if source.is_label:
+                weights = (source.data[0] > 0).double()
+            else:  # intensity above the image minimum (air in MRI and in CT alike)
+                weights = source.data.double().sum(0)
+                weights = weights - weights.min()
             total = float(weights.sum())
             if total <= 0:
                 center = geom.center_world
