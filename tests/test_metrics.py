@@ -174,6 +174,12 @@ def test_registration_metrics_for_a_result():
     assert out["folding_percent"] == 0.0 and out["jacobian_std"] < 1e-9
     assert out["inverse_consistency_max_mm"] < 1e-9
     assert out["time_s"] == 1.25
+    # a reverse registration that is off by 1 mm along axis 1: cycle error 1 mm everywhere
+    back = np.linalg.inv(shift)
+    back[1, 3] += 1.0
+    cyc = M.registration_metrics(result, reverse=AffineTransform(back))
+    assert cyc["cycle_consistency_mean_mm"] == pytest.approx(1.0)
+    assert "dice_mean" not in cyc
     identity = M.registration_metrics(
         transform=AffineTransform.identity(3),
         fixed=fixed.geometry,

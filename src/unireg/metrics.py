@@ -244,6 +244,7 @@ def registration_metrics(
     transform: Transform | None = None,
     fixed: Geometry | Image | None = None,
     inverse: Transform | None = None,
+    reverse: Transform | None = None,
     moving: Geometry | Image | None = None,
     fixed_labels: LabelMap | None = None,
     moving_labels: LabelMap | None = None,
@@ -260,8 +261,10 @@ def registration_metrics(
     ``inverse`` + ``moving`` grid when there is one). With both label maps: Dice and HD95 of
     the moving labels warped onto the fixed labels' grid with ``label_interpolation`` (stated
     in the output). Always: Jacobian statistics of the transform on the fixed grid (within
-    ``mask``). With an inverse: inverse consistency in mm on the fixed grid. With landmarks:
-    TRE. With a result: its wall time and peak memory.
+    ``mask``). With an inverse: inverse consistency in mm on the fixed grid. With ``reverse``
+    (the transform of the registration run the other way, moving onto fixed): cycle
+    consistency in mm on the fixed grid. With landmarks: TRE. With a result: its wall time and
+    peak memory.
     """
     if result is not None:
         transform = transform or result.transform
@@ -283,6 +286,9 @@ def registration_metrics(
     if inverse is not None:
         ic = consistency_error([transform, inverse], geom, mask=mask)
         out.update({f"inverse_consistency_{k}": v for k, v in ic.items()})
+    if reverse is not None:
+        cc = consistency_error([transform, reverse], geom, mask=mask)
+        out.update({f"cycle_consistency_{k}": v for k, v in cc.items()})
     if (fixed_landmarks is None) != (moving_landmarks is None):
         raise ValueError("give both fixed_landmarks and moving_landmarks, or neither")
     if fixed_landmarks is not None:
