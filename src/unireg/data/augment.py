@@ -22,7 +22,9 @@ from unireg.spatial.grid import affine_grid
 from unireg.spatial.warp import sample
 
 
-def make_generator(seed: int | None = None, generator: torch.Generator | None = None):
+def make_generator(
+    seed: int | None = None, generator: torch.Generator | None = None
+) -> torch.Generator:
     """A CPU generator: ``generator`` if given, else one seeded with ``seed`` (or from torch's
     global RNG when ``seed`` is None, so ``torch.manual_seed`` makes runs repeatable)."""
     if generator is not None:
@@ -128,7 +130,9 @@ def random_bias_field(
     return image * torch.exp(field * scale.view(b, *[1] * (image.ndim - 1)))
 
 
-def random_noise(image: torch.Tensor, generator: torch.Generator, *, std: float = 0.05):
+def random_noise(
+    image: torch.Tensor, generator: torch.Generator, *, std: float = 0.05
+) -> torch.Tensor:
     """Add Gaussian noise with a standard deviation drawn uniformly in ``[0, std]`` per sample."""
     b = image.shape[0]
     sigma = (_rand(generator, b) * std).view(b, *[1] * (image.ndim - 1))
@@ -136,7 +140,9 @@ def random_noise(image: torch.Tensor, generator: torch.Generator, *, std: float 
     return image + noise.to(image.device, image.dtype)
 
 
-def random_gamma(image: torch.Tensor, generator: torch.Generator, *, log_std: float = 0.3):
+def random_gamma(
+    image: torch.Tensor, generator: torch.Generator, *, log_std: float = 0.3
+) -> torch.Tensor:
     """Gamma ``exp(N(0, log_std))`` per sample, applied to the per-sample [0, 1] rescaled image
     and mapped back to its original range."""
     b = image.shape[0]
