@@ -7,7 +7,6 @@ nearest neighbour) and returns the matrix it used, for methods that need the kno
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -220,8 +219,3 @@ class Augmentation:
             if self.noise and float(_rand(g, 1)) < self.probability:
                 image = random_noise(image, g, std=self.noise)
         return {"image": image, "labels": labels, "matrix": matrix}
-
-
-def log_uniform(generator: torch.Generator, low: float, high: float) -> float:
-    """One draw, log-uniform in ``[low, high]`` (both > 0)."""
-    return math.exp(math.log(low) + float(_rand(generator, 1)) * (math.log(high) - math.log(low)))
