@@ -70,12 +70,27 @@ def dice(
     neither map gets NaN; a label in only one gets 0.
     """
     f, w = _pair(fixed, warped)
+    chosen = _select(f, labels, background)
+    if not chosen:
+        return {}
+    # one pass: map each voxel's value to its label's position (or "other"), then count
+    values = np.asarray(chosen, dtype=np.int64)
+    order = np.argsort(values)
+    sorted_values = values[order]
+
+    def index(x: np.ndarray) -> np.ndarray:
+        pos = np.clip(np.searchsorted(sorted_values, x.ravel()), 0, len(values) - 1)
+        return np.where(sorted_values[pos] == x.ravel(), order[pos], len(values))
+
+    fi, wi = index(f), index(w)
+    n = len(values) + 1
+    count_f = np.bincount(fi, minlength=n)
+    count_w = np.bincount(wi, minlength=n)
+    inter = np.bincount(fi[fi == wi], minlength=n)
     out: dict[int, float] = {}
-    same = f == w
-    for k in _select(f, labels, background):
-        fk, wk = f == k, w == k
-        denom = int(fk.sum()) + int(wk.sum())
-        out[k] = float("nan") if denom == 0 else 2.0 * int((fk & same).sum()) / denom
+    for i, k in enumerate(chosen):
+        denom = int(count_f[i] + count_w[i])
+        out[k] = float("nan") if denom == 0 else 2.0 * int(inter[i]) / denom
     return out
 
 
