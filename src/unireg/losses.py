@@ -290,21 +290,29 @@ def mutual_information(
     return _reduce(-mi, reduction)
 
 
+def label_indices(labels: torch.Tensor, values: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Position of each voxel's label in ``values`` (any shape, int64); ``len(values)`` for a
+    value that is not listed. Maps any label numbering to compact indices ``0..K``."""
+    vals = torch.as_tensor(values, device=labels.device).long()
+    k = vals.numel()
+    if k == 0:
+        return torch.zeros_like(labels, dtype=torch.long)
+    sorted_vals, order = torch.sort(vals)
+    lab = labels.long()
+    pos = torch.searchsorted(sorted_vals, lab).clamp_max(k - 1)
+    return torch.where(sorted_vals[pos] == lab, order[pos], torch.full_like(pos, k))
+
+
 def one_hot(labels: torch.Tensor, values: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """One-hot ``(B, K, *spatial)`` float of an integer label map ``(B, 1, *spatial)``.
 
     Channel ``k`` is ``labels == values[k]``; voxels whose value is not listed are all-zero, so
     any label numbering (e.g. FreeSurfer's or DLMUSE's) maps to compact channels.
     """
-    vals = torch.as_tensor(values, device=labels.device).long()
     if labels.ndim < 3 or labels.shape[1] != 1:
         raise ValueError(f"labels must be (B, 1, *spatial), got {tuple(labels.shape)}")
-    sorted_vals, order = torch.sort(vals)
-    lab = labels[:, 0].long()
-    pos = torch.searchsorted(sorted_vals, lab).clamp_max(len(vals) - 1)
-    found = sorted_vals[pos] == lab
-    channel = torch.where(found, order[pos], torch.full_like(pos, len(vals)))
-    out = torch.nn.functional.one_hot(channel, len(vals) + 1)[..., : len(vals)]
+    k = len(values)
+    out = torch.nn.functional.one_hot(label_indices(labels[:, 0], values), k + 1)[..., :k]
     return out.movedim(-1, 1).float()
 
 

@@ -22,6 +22,7 @@ import torch
 from scipy import ndimage
 
 from unireg.io.image import Image, LabelMap, resample
+from unireg.losses import label_indices
 from unireg.spatial.field import point_map_jacobian_determinant, world_points
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import CompositeTransform, Transform
@@ -73,17 +74,10 @@ def dice(
     chosen = _select(f, labels, background)
     if not chosen:
         return {}
-    # one pass: map each voxel's value to its label's position (or "other"), then count
-    values = np.asarray(chosen, dtype=np.int64)
-    order = np.argsort(values)
-    sorted_values = values[order]
-
-    def index(x: np.ndarray) -> np.ndarray:
-        pos = np.clip(np.searchsorted(sorted_values, x.ravel()), 0, len(values) - 1)
-        return np.where(sorted_values[pos] == x.ravel(), order[pos], len(values))
-
-    fi, wi = index(f), index(w)
-    n = len(values) + 1
+    # one pass: each voxel's label position (or "other"), then counts
+    fi = label_indices(torch.as_tensor(f.astype(np.int64).ravel()), chosen).numpy()
+    wi = label_indices(torch.as_tensor(w.astype(np.int64).ravel()), chosen).numpy()
+    n = len(chosen) + 1
     count_f = np.bincount(fi, minlength=n)
     count_w = np.bincount(wi, minlength=n)
     inter = np.bincount(fi[fi == wi], minlength=n)

@@ -28,6 +28,7 @@ from unireg.data.augment import (
     random_noise,
     smooth_random_field,
 )
+from unireg.losses import label_indices
 from unireg.spatial.field import resize_displacement, scaling_and_squaring
 from unireg.spatial.filters import gaussian_blur
 from unireg.spatial.warp import warp
@@ -104,10 +105,9 @@ class LabelSynthesis:
         means = lo + (hi - lo) * _rand(g, b, k)
         slo, shi = self.std_range
         stds = slo + (shi - slo) * _rand(g, b, k)
-        sorted_vals, order = torch.sort(values)
-        pos = torch.searchsorted(sorted_vals, labels[:, 0].long()).clamp_max(k - 1)
-        known = sorted_vals[pos] == labels[:, 0]
-        index = order[pos]  # (B, *S) channel of each voxel
+        index = label_indices(labels[:, 0], values)  # (B, *S); k for unlisted values
+        known = index < k
+        index = index.clamp_max(k - 1)
         m = means.to(device, torch.float32)
         s = stds.to(device, torch.float32)
         batch_idx = torch.arange(b, device=device).view(b, *[1] * d)
