@@ -171,14 +171,21 @@ def multi_kernel_lncc(
 
 
 def _parzen(
-    x: torch.Tensor, centers: torch.Tensor, sigma: float, lo: float, hi: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised Gaussian Parzen weights ``(B, n, bins)`` of ``x`` ``(B, n)`` and their
-    derivative with respect to ``x`` (zero where ``x`` is clipped to the range)."""
-    inside = ((x >= lo) & (x <= hi)).unsqueeze(-1)
+    x: torch.Tensor,
+    centers: torch.Tensor,
+    sigma: float,
+    lo: float,
+    hi: float,
+    derivative: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Normalised Gaussian Parzen weights ``(B, n, bins)`` of ``x`` ``(B, n)`` and (when
+    ``derivative``) their derivative with respect to ``x`` (zero where ``x`` is clipped)."""
     z = (x.clamp(lo, hi).unsqueeze(-1) - centers) / sigma
     w = torch.exp(-0.5 * z * z)
     w = w / w.sum(-1, keepdim=True)
+    if not derivative:
+        return w, None
+    inside = ((x >= lo) & (x <= hi)).unsqueeze(-1)
     g = -z / sigma  # d log(unnormalised w_j) / dx
     dw = w * (g - (w * g).sum(-1, keepdim=True)) * inside
     return w, dw
@@ -198,9 +205,15 @@ class _ParzenMutualInformation(torch.autograd.Function):
         pab = torch.zeros(batch, bins, bins, device=xa.device, dtype=acc)
         pa = torch.zeros(batch, bins, device=xa.device, dtype=acc)
         pb = torch.zeros(batch, bins, device=xa.device, dtype=acc)
+        # one chunk: keep the weights (and derivatives) for the backward pass
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        keep = n <= chunk and (need_a or need_b)
+        ctx.kept = None
         for s in range(0, n, chunk):
-            wa, _ = _parzen(xa[:, s : s + chunk], centers, sigma, lo, hi)
-            wb, _ = _parzen(xb[:, s : s + chunk], centers, sigma, lo, hi)
+            wa, dwa = _parzen(xa[:, s : s + chunk], centers, sigma, lo, hi, keep and need_a)
+            wb, dwb = _parzen(xb[:, s : s + chunk], centers, sigma, lo, hi, keep and need_b)
+            if keep:
+                ctx.kept = (wa, dwa, wb, dwb)
             wa = wa * weights[:, s : s + chunk, None]
             pab += torch.bmm(wa.transpose(1, 2), wb).to(acc)
             pa += wa.sum(1).to(acc)
@@ -232,8 +245,11 @@ class _ParzenMutualInformation(torch.autograd.Function):
         grad_b = torch.zeros_like(xb) if need_b else None
         for s in range(0, xa.shape[1], chunk):
             sl = slice(s, s + chunk)
-            wa, dwa = _parzen(xa[:, sl], centers, sigma, lo, hi)
-            wb, dwb = _parzen(xb[:, sl], centers, sigma, lo, hi)
+            if ctx.kept is not None:
+                wa, dwa, wb, dwb = ctx.kept
+            else:
+                wa, dwa = _parzen(xa[:, sl], centers, sigma, lo, hi, need_a)
+                wb, dwb = _parzen(xb[:, sl], centers, sigma, lo, hi, need_b)
             wn = weights[:, sl, None]
             if need_a:  # dMI/dwa_ni = w_n (sum_j g_ab[i, j] wb_nj + g_a[i])
                 k = wn * (torch.bmm(wb, g_ab.transpose(1, 2)) + g_a.unsqueeze(1))

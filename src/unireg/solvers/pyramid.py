@@ -1,0 +1,52 @@
+"""Image pyramids for coarse-to-fine solvers.
+
+Level ``f`` of an image of ``n`` voxels per axis has ``round((n - 1) / f) + 1`` voxels: its first
+and last voxel centres are the original ones, so normalised coordinates (``align_corners=True``)
+mean the same point at every level and transforms move between levels unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unireg.spatial.filters import gaussian_blur
+from unireg.spatial.geometry import Geometry
+
+
+def level_shape(shape: Sequence[int], factor: float) -> tuple[int, ...]:
+    """Spatial shape of the pyramid level ``factor`` (1 = full resolution), at least 4 voxels
+    per axis (or the full size when that is smaller)."""
+    if factor < 1:
+        raise ValueError(f"pyramid factors are >= 1, got {factor}")
+    return tuple(min(n, max(round((n - 1) / factor) + 1, 4)) for n in shape)
+
+
+def downsample(x: torch.Tensor, factor: float, *, smooth: bool = True) -> torch.Tensor:
+    """Level ``factor`` of ``x`` ``(B, C, *spatial)``: Gaussian anti-aliasing with sigma
+    ``factor / 2`` voxels (as ANTs' default smoothing schedule), then linear resampling."""
+    if factor == 1:
+        return x
+    shape = level_shape(x.shape[2:], factor)
+    if smooth:
+        x = gaussian_blur(x, factor / 2.0)
+    mode = "bilinear" if x.ndim == 4 else "trilinear"
+    return F.interpolate(x, size=shape, mode=mode, align_corners=True)
+
+
+def pyramid(x: torch.Tensor, factors: Sequence[float]) -> list[torch.Tensor]:
+    """``[downsample(x, f) for f in factors]`` (each level from the full-resolution input)."""
+    return [downsample(x, f) for f in factors]
+
+
+def level_geometry(geometry: Geometry, shape: Sequence[int]) -> Geometry:
+    """The world placement of a pyramid level of ``shape`` over the same extent: voxel centres
+    ``i * (n - 1) / (m - 1)`` of the full grid, so the first and last ones coincide."""
+    d = geometry.ndim
+    scale = np.eye(d + 1)
+    for a, (n, m) in enumerate(zip(geometry.shape, shape, strict=True)):
+        scale[a, a] = (n - 1) / (m - 1) if m > 1 else 1.0
+    return Geometry(tuple(shape), geometry.voxel_to_world @ scale)
