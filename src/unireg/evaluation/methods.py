@@ -1,0 +1,196 @@
+"""Registration methods behind one interface, unireg's own and peers' (adapters).
+
+A method is named by a spec string ``family[:name][:key=value]...``:
+
+- ``none``: no registration (the identity in world space);
+- ``unireg:<method>[:preset=accurate][:deformable=svf][:init=search]...``: the training-free
+  solvers (:mod:`unireg.solvers`; methods rigid, affine, syn, bspline, ffd);
+- ``ants:<type>[:init=search]``: ANTsPy's ``ants.registration`` with ``type_of_transform``
+  (Rigid, Affine, SyN, ...); ``init=search`` first runs ANTs' affine initializer over the whole
+  sphere of rotations (``antsAffineInitializer``, for large misalignment), as in the KeyMorph
+  papers' robustness experiments. Needs the ``peers`` extra (``pip install unireg[peers]``).
+
+Every method returns a :class:`~unireg.result.RegistrationResult` with its wall time and
+peak memory measured the same way (:class:`unireg.profiling.Measure`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unireg.errors import UniregError
+from unireg.io.image import Image, LabelMap, resample, save_image
+from unireg.profiling import Measure
+from unireg.result import RegistrationResult
+from unireg.spatial.transform import AffineTransform
+
+
+class MissingPeerError(UniregError):
+    """A peer method's package is not installed."""
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+@dataclass
+class MethodSpec:
+    """A parsed method spec: ``family``, ``name`` and ``options``; ``label`` is the spec as
+    written (the name used in tables)."""
+
+    family: str
+    name: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    @classmethod
+    def parse(cls, spec: str) -> MethodSpec:
+        parts = [p for p in spec.strip().split(":") if p]
+        if not parts:
+            raise UniregError(f"empty method spec {spec!r}")
+        family, rest = parts[0].lower(), parts[1:]
+        name = ""
+        if rest and "=" not in rest[0]:
+            name, rest = rest[0], rest[1:]
+        options = {}
+        for item in rest:
+            if "=" not in item:
+                raise UniregError(f"method option {item!r} in {spec!r} is not key=value")
+            k, v = item.split("=", 1)
+            options[k.strip().replace("-", "_")] = _parse_value(v.strip())
+        return cls(family, name, options, spec.strip())
+
+
+class Method:
+    """Base class: ``register(fixed, moving, seed=...)`` -> :class:`RegistrationResult`."""
+
+    label = "method"
+
+    def register(self, fixed: Image, moving: Image, *, seed: int = 0) -> RegistrationResult:
+        raise NotImplementedError
+
+    @staticmethod
+    def available() -> bool:
+        return True
+
+
+class NoRegistration(Method):
+    """The identity map in world space (how far apart the images start)."""
+
+    def __init__(self, spec: MethodSpec) -> None:
+        self.label = spec.label
+
+    def register(self, fixed: Image, moving: Image, *, seed: int = 0) -> RegistrationResult:
+        with Measure() as m:
+            transform = AffineTransform.identity(fixed.ndim)
+            warped = resample(moving, fixed.geometry, transform)
+        return RegistrationResult(
+            transform, fixed.geometry, moving.geometry, inverse=transform, warped=warped,
+            extras={"matrix": transform.matrix.numpy()}, elapsed=m.seconds,
+            peak_memory=m.peak_bytes,
+        )  # fmt: skip
+
+
+class UniregSolverMethod(Method):
+    """unireg's training-free solvers (:func:`unireg.solvers.register`)."""
+
+    def __init__(self, spec: MethodSpec) -> None:
+        from unireg.solvers.api import METHODS
+
+        self.method = spec.name or "syn"
+        if self.method not in METHODS:
+            raise UniregError(f"unknown unireg method {self.method!r}; choose from {METHODS}")
+        self.options = dict(spec.options)
+        self.label = spec.label
+
+    def register(self, fixed: Image, moving: Image, *, seed: int = 0) -> RegistrationResult:
+        from unireg.solvers import register
+
+        return register(fixed, moving, self.method, seed=seed, **self.options)
+
+
+class AntsMethod(Method):
+    """ANTsPy's ``ants.registration`` as a peer (world space through NIfTI files)."""
+
+    def __init__(self, spec: MethodSpec) -> None:
+        if not self.available():
+            raise MissingPeerError(
+                "the ANTs peer needs antspyx: pip install 'unireg[peers]' (or antspyx)"
+            )
+        self.type = spec.name or "SyN"
+        self.options = dict(spec.options)
+        self.init = self.options.pop("init", None)
+        self.label = spec.label
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import ants  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def register(self, fixed: Image, moving: Image, *, seed: int = 0) -> RegistrationResult:
+        import ants
+
+        from unireg.io.transforms import load_transforms
+
+        with tempfile.TemporaryDirectory(prefix="unireg-ants-") as tmp:
+            fpath, mpath = Path(tmp) / "fixed.nii.gz", Path(tmp) / "moving.nii.gz"
+            save_image(fixed, fpath)
+            save_image(moving, mpath)
+            fa, ma = ants.image_read(str(fpath)), ants.image_read(str(mpath))
+            os.environ.setdefault("ANTS_RANDOM_SEED", str(seed))
+            with Measure() as m:
+                kwargs = dict(self.options)
+                if self.init == "search":
+                    kwargs["initial_transform"] = ants.affine_initializer(
+                        fa, ma, search_factor=20, radian_fraction=1.0,
+                        local_search_iterations=10, txfn=str(Path(tmp) / "init.mat"),
+                    )  # fmt: skip
+                out = ants.registration(
+                    fa, ma, type_of_transform=self.type, outprefix=str(Path(tmp) / "ants_"),
+                    random_seed=seed, **kwargs,
+                )  # fmt: skip
+                transform = load_transforms(out["fwdtransforms"])
+                inv_specs = [(p, True) if p.endswith(".mat") else p for p in out["invtransforms"]]
+                inverse = load_transforms(inv_specs)
+                # bring the fields into memory before the folder goes
+                transform.displacement(fixed.geometry)
+            warped = resample(moving, fixed.geometry, transform)
+        return RegistrationResult(
+            transform, fixed.geometry, moving.geometry, inverse=inverse, warped=warped,
+            extras={"ants_type": self.type}, elapsed=m.seconds, peak_memory=m.peak_bytes,
+        )  # fmt: skip
+
+
+FAMILIES: dict[str, type[Method]] = {
+    "none": NoRegistration,
+    "unireg": UniregSolverMethod,
+    "ants": AntsMethod,
+}
+
+
+def make_method(spec: str | MethodSpec) -> Method:
+    """The method of a spec string (see the module docstring)."""
+    parsed = MethodSpec.parse(spec) if isinstance(spec, str) else spec
+    if parsed.family not in FAMILIES:
+        raise UniregError(
+            f"unknown method family {parsed.family!r} in {parsed.label!r}; "
+            f"choose from {sorted(FAMILIES)}"
+        )
+    return FAMILIES[parsed.family](parsed)
+
+
+def warp_labels_of(result: RegistrationResult, labels: LabelMap) -> LabelMap:
+    """The moving label map on the fixed grid (nearest neighbour)."""
+    return result.warp(labels, mode="nearest")
