@@ -149,3 +149,36 @@ def test_demo_runs_on_the_shipped_brains(tmp_path, capsys):
     dice = {line.split("|")[1].strip(): float(line.split("|")[4].split("±")[0])
             for line in table.splitlines()[2:]}  # fmt: skip
     assert dice["unireg:affine"] > dice["none"] + 0.2
+
+
+def test_report_draws_every_panel_with_keypoints(tmp_path):
+    import matplotlib.image as mpimg
+    import torch
+
+    from unireg.io.image import Image
+    from unireg.report import registration_report
+    from unireg.solvers import register
+
+    vol, _ = _head((24, 26, 22), seed=2)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    fixed = Image(torch.from_numpy(vol)[None], aff)
+    result = register(fixed, fixed, "affine")
+    result.extras["keypoints_fixed"] = np.array([[24.0, 26.0, 22.0], [10.0, 12.0, 20.0]])
+    path = registration_report(result, fixed, fixed, tmp_path / "r.png", metrics={"dice_mean": 1})
+    img = mpimg.imread(path)
+    assert img.shape[0] > 300 and img.shape[1] > 1000  # 3 rows x 7 panels
+    assert not list(tmp_path.glob(".r.png.*"))  # written atomically, no temporary left
+
+
+def test_measure_reports_time_and_memory_growth():
+    import time
+
+    from unireg.profiling import Measure
+
+    with Measure() as m:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB touched
+        time.sleep(0.01)
+    assert m.seconds >= 0.01
+    if m.peak_bytes is not None:  # Linux: growth of the peak resident set
+        assert m.peak_bytes >= 48 * 2**20
+    del block

@@ -203,6 +203,23 @@ def test_dense_models_recover_a_known_deformation(model):
     assert float(epe.mean()) < 0.25, float(epe.mean())  # voxels
 
 
+@pytest.mark.parametrize("model", ["greedy", "bspline"])
+def test_dense_models_recover_a_known_deformation_in_3d(model):
+    shape = (24, 24, 24)
+    image = _texture(shape, seed=4)
+    truth = smooth_field(shape, 0.25, seed=4).float()  # up to 2.9 voxels
+    fixed = warp(image, truth, padding="border")
+    stage = Stage(model, [Level(2, 80), Level(1, 60)], loss="mse", lr=0.2, tolerance=0,
+                  smooth_gradient=1.0, smooth_field=0.5 if model == "greedy" else 0.0)  # fmt: skip
+    out = solve(fixed, image, [stage])
+    inner = (slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+    epe = ((out.displacement - truth) * 11.5).norm(dim=1)[inner]
+    before = (truth * 11.5).norm(dim=1)[inner]
+    assert float(before.mean()) > 0.5
+    # measured: greedy 0.15, bspline 0.09 voxel (from 0.70)
+    assert float(epe.mean()) < 0.25, (float(epe.mean()), float(before.mean()))
+
+
 @pytest.mark.parametrize("model", ["greedy", "svf"])
 def test_diffeomorphic_models_do_not_fold_on_a_large_deformation(model):
     shape = (64, 64)

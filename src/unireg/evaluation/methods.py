@@ -5,10 +5,12 @@ A method is named by a spec string ``family[:name][:key=value]...``:
 - ``none``: no registration (the identity in world space);
 - ``unireg:<method>[:preset=accurate][:deformable=svf][:init=search]...``: the training-free
   solvers (:mod:`unireg.solvers`; methods rigid, affine, syn, bspline, ffd);
-- ``ants:<type>[:init=search]``: ANTsPy's ``ants.registration`` with ``type_of_transform``
-  (Rigid, Affine, SyN, ...); ``init=search`` first runs ANTs' affine initializer over the whole
-  sphere of rotations (``antsAffineInitializer``, for large misalignment), as in the KeyMorph
-  papers' robustness experiments. Needs the ``peers`` extra (``pip install unireg[peers]``).
+- ``ants:<type>[:init=search][:search_factor=30][:search_iterations=10]``: ANTsPy's
+  ``ants.registration`` with ``type_of_transform`` (Rigid, Affine, SyN, ...); ``init=search``
+  first runs ANTs' affine initializer over the whole sphere of rotations
+  (``antsAffineInitializer``: starts every ``search_factor`` degrees, each refined by
+  ``search_iterations`` steps), for large misalignment, as in the KeyMorph papers' robustness
+  experiments. Needs the ``peers`` extra (``pip install unireg[peers]``).
 
 Every method returns a :class:`~unireg.result.RegistrationResult` with its wall time and
 peak memory measured the same way (:class:`unireg.profiling.Measure`).
@@ -129,6 +131,8 @@ class AntsMethod(Method):
         self.type = spec.name or "SyN"
         self.options = dict(spec.options)
         self.init = self.options.pop("init", None)
+        self.search_factor = float(self.options.pop("search_factor", 30))
+        self.search_iterations = int(self.options.pop("search_iterations", 10))
         self.label = spec.label
 
     @staticmethod
@@ -154,8 +158,9 @@ class AntsMethod(Method):
                 kwargs = dict(self.options)
                 if self.init == "search":
                     kwargs["initial_transform"] = ants.affine_initializer(
-                        fa, ma, search_factor=20, radian_fraction=1.0,
-                        local_search_iterations=10, txfn=str(Path(tmp) / "init.mat"),
+                        fa, ma, search_factor=self.search_factor, radian_fraction=1.0,
+                        local_search_iterations=self.search_iterations,
+                        txfn=str(Path(tmp) / "init.mat"),
                     )  # fmt: skip
                 out = ants.registration(
                     fa, ma, type_of_transform=self.type, outprefix=str(Path(tmp) / "ants_"),
