@@ -20,7 +20,7 @@ from unireg.evaluation import (
     pairs_from_csv,
     summarize,
 )
-from unireg.evaluation.methods import AntsMethod, MissingPeerError
+from unireg.evaluation.methods import AntsMethod, MissingPeerError, SimpleITKMethod
 from unireg.spatial import Geometry
 
 
@@ -57,6 +57,8 @@ def test_evaluate_end_to_end_with_a_peer(tmp_path, shape, capsys):
     methods = ["none", "unireg:rigid"]
     if AntsMethod.available():
         methods.append("ants:Rigid")
+    if SimpleITKMethod.available():
+        methods.append("sitk:rigid")
     out = tmp_path / "eval"
     rc = main(["evaluate", "--pairs", str(pairs), "--methods", *methods, "--angles", "0", "40",
                "-o", str(out), "-q", "--no-hd95"])  # fmt: skip
