@@ -203,21 +203,27 @@ def test_dense_models_recover_a_known_deformation(model):
     assert float(epe.mean()) < 0.25, float(epe.mean())  # voxels
 
 
-@pytest.mark.parametrize("model", ["greedy", "bspline"])
+@pytest.mark.parametrize("model", ["greedy", "bspline", "greedy-sgd"])
 def test_dense_models_recover_a_known_deformation_in_3d(model):
+    optimizer = "sgd" if model.endswith("sgd") else "adam"
+    model = model.split("-")[0]
     shape = (24, 24, 24)
     image = _texture(shape, seed=4)
     truth = smooth_field(shape, 0.25, seed=4).float()  # up to 2.9 voxels
     fixed = warp(image, truth, padding="border")
-    stage = Stage(model, [Level(2, 80), Level(1, 60)], loss="mse", lr=0.2, tolerance=0,
-                  smooth_gradient=1.0, smooth_field=0.5 if model == "greedy" else 0.0)  # fmt: skip
+    lr = 2.0 if optimizer == "sgd" else 0.2  # sgd: the largest step of a level, in voxels
+    stage = Stage(model, [Level(2, 80), Level(1, 60)], loss="mse", lr=lr, tolerance=0,
+                  smooth_gradient=1.0, smooth_field=0.5 if model == "greedy" else 0.0,
+                  optimizer=optimizer)  # fmt: skip
     out = solve(fixed, image, [stage])
     inner = (slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
     epe = ((out.displacement - truth) * 11.5).norm(dim=1)[inner]
     before = (truth * 11.5).norm(dim=1)[inner]
     assert float(before.mean()) > 0.5
-    # measured: greedy 0.15, bspline 0.09 voxel (from 0.70)
-    assert float(epe.mean()) < 0.25, (float(epe.mean()), float(before.mean()))
+    # measured: greedy 0.15, bspline 0.09, greedy with SyN-style normalised SGD steps 0.28
+    # voxel (slower where gradients are weak), from 0.70
+    bound = 0.35 if optimizer == "sgd" else 0.25
+    assert float(epe.mean()) < bound, (float(epe.mean()), float(before.mean()))
 
 
 @pytest.mark.parametrize("model", ["greedy", "svf"])

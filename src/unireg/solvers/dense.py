@@ -171,9 +171,11 @@ class GreedyModel(DenseModel):
         return super().map_points(moved)
 
     def make_optimizer(self, kind: str, lr: float) -> None:
-        if kind != "adam":
-            raise ValueError("the greedy diffeomorphic model uses its own compositive Adam")
-        self.lr, self.t = float(lr), 0
+        """Its own compositive optimiser: ``adam`` (FireANTs-style), or ``sgd``: the smoothed
+        gradient scaled so its largest vector is ``lr`` voxels (SyN-style gradient step)."""
+        if kind not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {kind!r}")
+        self.kind, self.lr, self.t = kind, float(lr), 0
         self.m = torch.zeros_like(self.field)
         self.v = torch.zeros_like(self.field)
         return None
@@ -187,11 +189,15 @@ class GreedyModel(DenseModel):
         b1, b2, eps = 0.9, 0.999, 1e-8
         self.t += 1
         with torch.no_grad():
-            self.m.mul_(b1).add_(g, alpha=1 - b1)
-            self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            mhat = self.m / (1 - b1**self.t)
-            vhat = self.v / (1 - b2**self.t)
-            s = -self.lr * mhat / (vhat.sqrt() + eps)
+            if self.kind == "sgd":
+                peak = g.norm(dim=1).max().clamp_min(1e-12)
+                s = -self.lr * g / peak
+            else:
+                self.m.mul_(b1).add_(g, alpha=1 - b1)
+                self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                mhat = self.m / (1 - b1**self.t)
+                vhat = self.v / (1 - b2**self.t)
+                s = -self.lr * mhat / (vhat.sqrt() + eps)
             if self.smooth_gradient > 0:  # smooth the Adam direction (one blur per step)
                 s = gaussian_blur(s, self.smooth_gradient)
             # keep id + s a diffeomorphism: every row of its Jacobian's off-identity part sums

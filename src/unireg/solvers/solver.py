@@ -228,6 +228,8 @@ class _Objective:
     def _sim(self, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is None:
             return self.sim(a, b, reduction="none")
+        if self.stage.loss == "mk-lncc":
+            raise ValueError("mk-lncc takes no mask; use lncc, ncc, mse or mi with a mask")
         return self.sim(a, b, mask=mask, reduction="none")
 
     def _landmark_term(self, moving_norm: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
