@@ -103,8 +103,12 @@ def preset_stages(
     affine = Stage("affine", fit(lin["affine"]), loss="mi", loss_options=mi, samples=4096, lr=0.01)
     if method == "affine":
         return [rigid, affine]
-    sim = ("mi", {"bins": 32}) if multimodal else ("lncc", {"window": window})
-    levels = fit(_DENSE_LEVELS[preset])
+    # dense MI: 16 bins (half the Parzen work of 32; the affine stages keep 32)
+    sim = ("mi", {"bins": 16}) if multimodal else ("lncc", {"window": window})
+    dense_levels = _DENSE_LEVELS[preset]
+    if multimodal and preset == "fast":  # dense MI costs ~5x LNCC per voxel: fewer fine steps
+        dense_levels = [(4, 80), (2, 15)]
+    levels = fit(dense_levels)
     if method == "syn":
         if deformable not in ("svf", "greedy"):
             raise ValueError(f"syn's deformable model is svf or greedy, got {deformable!r}")
