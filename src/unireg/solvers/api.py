@@ -191,6 +191,7 @@ def register(
     if fixed.data.shape[0] != moving.data.shape[0]:
         raise ValueError("fixed and moving images need the same number of channels")
     dev = torch.device(device)
+    name = method if stages is None else "custom stages"
     if stages is None:
         window = 5 if min(fixed.spacing) >= 1.5 else 7
         stages = preset_stages(
@@ -229,7 +230,7 @@ def register(
         inverse=inverse,
         warped=warped,
         extras={
-            "method": method if stages is None else method,
+            "method": name,
             "stages": [replace(s, levels=list(s.levels)) for s in stages],
             "trace": out.trace,
             "matrix": out.matrix,
