@@ -173,11 +173,10 @@ def test_report_draws_every_panel_with_keypoints(tmp_path):
 
 
 def test_measure_reports_time_and_memory_growth():
+    import mmap
     import time
 
     from unireg.profiling import Measure
-
-    import mmap
 
     size = 64 * 2**20
     with Measure() as m:
