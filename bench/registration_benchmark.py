@@ -29,13 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("UNIREG_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-def ixi_pairs() -> list[dict]:
+def ixi_pairs(split: str = "test", limit: int | None = None) -> list[dict]:
     from unireg.evaluation import pairs_from_manifest
 
     return [
         {"fixed": str(p.fixed), "moving": str(p.moving), "fixed_labels": str(p.fixed_labels),
          "moving_labels": str(p.moving_labels), "name": f"{p.moving_id}->{p.fixed_id}"}
-        for p in pairs_from_manifest(DATA / "manifest.csv", "ixi", "test")
+        for p in pairs_from_manifest(DATA / "manifest.csv", "ixi", split)[:limit]
     ]  # fmt: skip
 
 
@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--compare", nargs="*",
                     default=["unireg:affine=ants:Affine", "unireg:syn=ants:SyN"])  # fmt: skip
     ap.add_argument("--t1t2", action="store_true", help="also IXI002 T2 onto T1 with MI")
+    ap.add_argument("--split", default="test", help="IXI split (train pairs check tuning)")
+    ap.add_argument("--max-pairs", type=int, default=None, help="only the first N IXI pairs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write all results to this file")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "PAIRS_JSON"), help=argparse.SUPPRESS)
@@ -91,7 +93,8 @@ def main() -> None:
         return
     if not (DATA / "manifest.csv").exists():
         sys.exit(f"shared data not found at {DATA} (set UNIREG_SHARED_DATA)")
-    suites = {"IXI test pairs, T1 with skull, 2 mm": (ixi_pairs(), args.methods)}
+    pairs = ixi_pairs(args.split, args.max_pairs)
+    suites = {f"IXI {args.split} pairs, T1 with skull, 2 mm": (pairs, args.methods)}
     if args.t1t2:
         mm = [m + (":multimodal=true" if m.startswith("unireg:syn") else "") for m in args.methods]
         suites["IXI002 T2 onto T1 (separate oblique grids), MI"] = ([t1t2_pair()], mm)
