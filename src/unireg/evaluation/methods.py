@@ -21,6 +21,7 @@ peak memory measured the same way (:class:`unireg.profiling.Measure`).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from unireg.errors import UniregError
-from unireg.io.image import Image, LabelMap, resample, save_image
+from unireg.io.image import Image, resample, save_image
 from unireg.profiling import Measure
 from unireg.result import RegistrationResult
 from unireg.spatial.transform import AffineTransform
@@ -76,16 +77,28 @@ class MethodSpec:
 
 
 class Method:
-    """Base class: ``register(fixed, moving, seed=...)`` -> :class:`RegistrationResult`."""
+    """Base class: ``register(fixed, moving, seed=...)`` -> :class:`RegistrationResult`.
+
+    A peer names the package it imports (``requires``) and its pip name (``package``)."""
 
     label = "method"
+    requires: str | None = None
+    package: str = ""
 
     def register(self, fixed: Image, moving: Image, *, seed: int = 0) -> RegistrationResult:
         raise NotImplementedError
 
-    @staticmethod
-    def available() -> bool:
-        return True
+    @classmethod
+    def available(cls) -> bool:
+        """Whether the package this method needs is installed."""
+        return cls.requires is None or importlib.util.find_spec(cls.requires) is not None
+
+    def _require(self) -> None:
+        if not self.available():
+            raise MissingPeerError(
+                f"the {type(self).__name__} peer needs {self.package}: "
+                f"pip install 'unireg[peers]' (or {self.package})"
+            )
 
 
 class NoRegistration(Method):
@@ -126,25 +139,16 @@ class UniregSolverMethod(Method):
 class AntsMethod(Method):
     """ANTsPy's ``ants.registration`` as a peer (world space through NIfTI files)."""
 
+    requires, package = "ants", "antspyx"
+
     def __init__(self, spec: MethodSpec) -> None:
-        if not self.available():
-            raise MissingPeerError(
-                "the ANTs peer needs antspyx: pip install 'unireg[peers]' (or antspyx)"
-            )
+        self._require()
         self.type = spec.name or "SyN"
         self.options = dict(spec.options)
         self.init = self.options.pop("init", None)
         self.search_factor = float(self.options.pop("search_factor", 30))
         self.search_iterations = int(self.options.pop("search_iterations", 10))
         self.label = spec.label
-
-    @staticmethod
-    def available() -> bool:
-        try:
-            import ants  # noqa: F401
-        except ImportError:
-            return False
-        return True
 
     def register(self, fixed: Image, moving: Image, *, seed: int = 0) -> RegistrationResult:
         import ants
@@ -187,25 +191,16 @@ class SimpleITKMethod(Method):
     with smoothing sigmas 2-1-0 voxels, gradient descent with physical-shift scales; options
     ``iterations`` (per level, default 200) and ``lr`` (default 1.0)."""
 
+    requires, package = "SimpleITK", "SimpleITK"
+
     def __init__(self, spec: MethodSpec) -> None:
-        if not self.available():
-            raise MissingPeerError(
-                "the SimpleITK peer needs SimpleITK: pip install 'unireg[peers]' (or SimpleITK)"
-            )
+        self._require()
         self.kind = (spec.name or "affine").lower()
         if self.kind not in ("rigid", "affine"):
             raise UniregError(f"sitk methods are rigid or affine, got {self.kind!r}")
         self.iterations = int(spec.options.get("iterations", 200))
         self.lr = float(spec.options.get("lr", 1.0))
         self.label = spec.label
-
-    @staticmethod
-    def available() -> bool:
-        try:
-            import SimpleITK  # noqa: F401
-        except ImportError:
-            return False
-        return True
 
     @staticmethod
     def _to_sitk(image: Image):  # noqa: ANN205 - SimpleITK image
@@ -284,8 +279,3 @@ def make_method(spec: str | MethodSpec) -> Method:
             f"choose from {sorted(FAMILIES)}"
         )
     return FAMILIES[parsed.family](parsed)
-
-
-def warp_labels_of(result: RegistrationResult, labels: LabelMap) -> LabelMap:
-    """The moving label map on the fixed grid (nearest neighbour)."""
-    return result.warp(labels, mode="nearest")
