@@ -165,19 +165,17 @@ def _write_json(path: Path, data: dict) -> None:
 
 def cmd_register(args: argparse.Namespace) -> int:
     """Register MOVING onto FIXED and write the contract's files into OUTDIR."""
+    from unireg.evaluation.harness import Pair, load_pair
     from unireg.io.image import check_same_grid, load_labels
     from unireg.metrics import json_ready, registration_metrics
     from unireg.solvers import register
 
     device = _device(args.device)
-    fixed = load_image(args.fixed, channels=True)
-    moving = load_image(args.moving, channels=True)
-    fixed_labels = None if args.fixed_labels is None else load_labels(args.fixed_labels)
-    moving_labels = None if args.moving_labels is None else load_labels(args.moving_labels)
-    if fixed_labels is not None:
-        check_same_grid(fixed, fixed_labels)
-    if moving_labels is not None:
-        check_same_grid(moving, moving_labels)
+    case = load_pair(
+        Pair(args.fixed, args.moving, args.fixed_labels, args.moving_labels), channels=True
+    )
+    fixed, moving = case.fixed, case.moving
+    fixed_labels, moving_labels = case.fixed_labels, case.moving_labels
     mask = None if args.fixed_mask is None else load_labels(args.fixed_mask)
     if mask is not None:
         check_same_grid(fixed, mask)

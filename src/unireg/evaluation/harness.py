@@ -164,9 +164,11 @@ class Case:
     moving_labels: LabelMap | None
 
 
-def load_pair(pair: Pair) -> Case:
-    """Read a pair's files, checking each label map against its image's grid."""
-    fixed, moving = load_image(pair.fixed), load_image(pair.moving)
+def load_pair(pair: Pair, *, channels: bool = False) -> Case:
+    """Read a pair's files, checking each label map against its image's grid (``channels``:
+    keep every channel of multi-channel images)."""
+    fixed = load_image(pair.fixed, channels=channels)
+    moving = load_image(pair.moving, channels=channels)
     if fixed.ndim != moving.ndim:
         raise UniregError(f"{pair.fixed} is {fixed.ndim}D but {pair.moving} is {moving.ndim}D")
     fl = None if pair.fixed_labels is None else load_labels(pair.fixed_labels)

@@ -28,7 +28,7 @@ from unireg.losses import get_loss, one_hot, soft_dice
 from unireg.solvers.dense import DenseModel, dense_model, make_optimizer
 from unireg.solvers.linear import LinearModel, moments_candidates, search_candidates
 from unireg.solvers.pyramid import downsample, level_geometry
-from unireg.spatial.geometry import Geometry
+from unireg.spatial.geometry import Geometry, normalized_map_matrix
 from unireg.spatial.grid import affine_grid, identity_grid, transform_points
 from unireg.spatial.warp import sample
 
@@ -436,7 +436,7 @@ def solve(
                 )  # fmt: skip
                 dense.set_level(obj.shape, ff.full)
                 norm = torch.as_tensor(
-                    moving_geom.world_to_normalized @ matrix @ fixed_geom.normalized_to_world,
+                    normalized_map_matrix(matrix, fixed_geom, moving_geom),
                     dtype=ff.full.dtype, device=ff.full.device,
                 )  # fmt: skip
                 lr = stage.lr if lv.lr is None else lv.lr
