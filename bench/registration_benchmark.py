@@ -56,22 +56,36 @@ def run_method(spec: str, pairs: list[dict], threads: int) -> list[dict]:
 
     from unireg.evaluation import make_method
     from unireg.io import load_image, load_labels
-    from unireg.metrics import registration_metrics
+    from unireg.metrics import consistency_error, registration_metrics
 
     torch.set_num_threads(threads)
     method = make_method(spec)
-    out = []
+    out, transforms = [], {}
     for p in pairs:
         fixed, moving = load_image(p["fixed"]), load_image(p["moving"])
         fl, ml = load_labels(p["fixed_labels"]), load_labels(p["moving_labels"])
         result = method.register(fixed, moving, seed=0)
         m = registration_metrics(result, fixed_labels=fl, moving_labels=ml)
+        transforms[(p["fixed"], p["moving"])] = (result.transform, fixed.geometry)
         out.append({
             "pair": p["name"], "dice": m["dice_mean"], "hd95": m.get("hd95_mean"),
-            "folding": m["folding_percent"], "time": result.elapsed,
-            "memory_mb": (result.peak_memory or 0) / 2**20,
+            "folding": m["folding_percent"], "jacobian_std": m["jacobian_std"],
+            "inverse_consistency_mm": m.get("inverse_consistency_mean_mm"),
+            "time": result.elapsed, "memory_mb": (result.peak_memory or 0) / 2**20,
+            "stage_seconds": result.extras.get("stage_seconds"),
         })  # fmt: skip
+    # cycle consistency: T_ab then T_ba (the pair run the other way), on a's grid, when both ran
+    for p, row in zip(pairs, out, strict=True):
+        reverse = transforms.get((p["moving"], p["fixed"]))
+        if reverse is not None:
+            forward, geom = transforms[(p["fixed"], p["moving"])]
+            row["cycle_consistency_mm"] = consistency_error([forward, reverse[0]], geom)["mean_mm"]
     return out
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.mean(values) if values else None
 
 
 def main() -> None:
@@ -115,20 +129,34 @@ def main() -> None:
             results[spec] = json.loads(proc.stdout.strip().splitlines()[-1])
         report[title] = results
         print(f"\n## {title} ({len(pairs)} pair(s), {args.threads} threads)\n")
-        print("| method | Dice | HD95 (mm) | folding % | time (s, median) | peak memory (MiB) |")
-        print("|---|---|---|---|---|---|")
+        print("| method | Dice | HD95 (mm) | folding % | Jacobian std | inverse consistency (mm) "
+              "| cycle consistency (mm) | time (s, median) | peak memory (MiB) |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
         summary = {}
+
+        def fmt(v: float | None, digits: int) -> str:
+            return "-" if v is None else f"{v:.{digits}f}"
+
         for spec, rows in results.items():
             s = {
                 "dice": statistics.mean(r["dice"] for r in rows),
                 "hd95": statistics.mean(r["hd95"] for r in rows),
                 "folding": max(r["folding"] for r in rows),
+                "jacobian_std": _mean(rows, "jacobian_std"),
+                "ic": _mean(rows, "inverse_consistency_mm"),
+                "cycle": _mean(rows, "cycle_consistency_mm"),
                 "time": statistics.median(r["time"] for r in rows),
                 "memory": max(r["memory_mb"] for r in rows),
             }
             summary[spec] = s
             print(f"| {spec} | {s['dice']:.4f} | {s['hd95']:.2f} | {s['folding']:.4f} | "
+                  f"{fmt(s['jacobian_std'], 3)} | {fmt(s['ic'], 4)} | {fmt(s['cycle'], 3)} | "
                   f"{s['time']:.2f} | {s['memory']:.0f} |")  # fmt: skip
+            stages = [r["stage_seconds"] for r in rows if r.get("stage_seconds")]
+            if stages:
+                parts = ", ".join(f"{k} {statistics.median(x[k] for x in stages):.2f} s"
+                                  for k in stages[0])  # fmt: skip
+                print(f"|  ({spec} stages, median: {parts}) | | | | | | | | |")
         for pair in args.compare:
             ours, peer = pair.split("=")
             ours = next((k for k in summary if k.startswith(ours)), None)

@@ -197,6 +197,19 @@ def cmd_register(args: argparse.Namespace) -> int:
         setting = {"transform": args.transform}
         if args.transform == "tps":
             setting["tps_lambda"] = args.tps_lambda
+    elif args.method == "sitreg":
+        from unireg.methods.sitreg import register_sitreg
+        from unireg.training.checkpoint import load_sitreg
+
+        try:
+            model, payload = load_sitreg(args.model, device=device)
+        except (FileNotFoundError, ValueError) as err:
+            raise UniregError(str(err)) from err
+        result = register_sitreg(
+            fixed, moving, model=model, payload=payload, affine=args.affine_stage,
+            preset=args.preset, complete=args.inference == "complete", device=device,
+        )  # fmt: skip
+        setting = {"affine_stage": args.affine_stage, "inference": args.inference}
     else:
         result = register(
             fixed, moving, args.method, preset=args.preset, multimodal=args.multimodal,
@@ -458,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
             "metrics.json (Dice/HD95 with both label maps; folding and Jacobian always) and "
             "report.png (with --report). Methods: rigid, affine (rigid then affine, MI), syn "
             "(affine then diffeomorphic, LNCC; MI with --multimodal), bspline, ffd, keymorph "
-            "(learned keypoints, closed-form rigid/affine/TPS; writes keypoints.csv)."
+            "(learned keypoints, closed-form rigid/affine/TPS; writes keypoints.csv), sitreg "
+            "(learned symmetric, inverse-consistent deformation after an affine stage; writes "
+            "inverse_transform.nii.gz)."
         ),
     )
     p.add_argument("fixed", metavar="FIXED", help="fixed (target) image")
@@ -466,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="output folder")
     from unireg.solvers.api import METHODS, PRESETS
 
-    p.add_argument("--method", choices=[*METHODS, "keymorph"], default="syn")
+    p.add_argument("--method", choices=[*METHODS, "keymorph", "sitreg"], default="syn")
     p.add_argument("--preset", choices=PRESETS, default="fast")
     p.add_argument(
         "--transform",
@@ -475,7 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="keymorph: the closed form from the keypoints (default affine)",
     )
     p.add_argument("--tps-lambda", type=float, default=0.1, help="keymorph: TPS lambda")
-    p.add_argument("--model", default=None, help="keymorph: checkpoint (default: shipped)")
+    p.add_argument(
+        "--model", default=None, help="keymorph, sitreg: checkpoint (default: the shipped one)"
+    )
+    p.add_argument(
+        "--affine-stage",
+        choices=["affine", "rigid", "none"],
+        default="affine",
+        help="sitreg: the unireg linear method run first ('none' for pre-aligned pairs)",
+    )
+    p.add_argument(
+        "--inference",
+        choices=["standard", "complete"],
+        default="standard",
+        help="sitreg: 'complete' evaluates every update on the full grid (slower, closer inverse)",
+    )
     p.add_argument(
         "--deformable",
         choices=["greedy", "svf"],

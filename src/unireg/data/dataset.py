@@ -58,6 +58,15 @@ class Preprocessing:
     normalize: bool = True
     ndim: int = 3
 
+    @classmethod
+    def from_checkpoint(cls, payload: dict[str, Any], ndim: int = 3) -> Preprocessing:
+        """The grid a checkpointed network was trained on (its payload's ``preprocessing``)."""
+        pre = payload.get("preprocessing", {})
+        return cls(
+            spacing=float(pre.get("spacing_mm", 2.0)), shape=tuple(pre.get("shape", (96, 112, 96))),
+            center=pre.get("center", "mass"), ndim=ndim,
+        )  # fmt: skip
+
     def spacing_tuple(self) -> tuple[float, ...]:
         sp = self.spacing
         out = (float(sp),) * self.ndim if isinstance(sp, int | float) else tuple(map(float, sp))

@@ -169,6 +169,40 @@ class KeyMorphMethod(Method):
         )  # fmt: skip
 
 
+class SITRegMethod(Method):
+    """SITReg (``sitreg``, ``sitreg:complete``, ``sitreg:standard:affine=rigid:model=PATH``):
+    the shipped model by default, after unireg's affine stage; kept loaded between pairs."""
+
+    def __init__(self, spec: MethodSpec) -> None:
+        from unireg.methods.sitreg import AFFINE_STAGES
+        from unireg.training.checkpoint import load_sitreg
+
+        self.variant = spec.name or "standard"
+        if self.variant not in ("standard", "complete"):
+            raise UniregError(f"unknown sitreg inference {self.variant!r}: standard, complete")
+        options = dict(spec.options)
+        self.affine = str(options.pop("affine", "affine"))
+        self.preset = str(options.pop("preset", "fast"))
+        path = options.pop("model", None)
+        if options:
+            raise UniregError(f"unknown sitreg option(s) {sorted(options)}")
+        if self.affine not in AFFINE_STAGES:
+            raise UniregError(f"unknown sitreg affine stage {self.affine!r}; {AFFINE_STAGES}")
+        try:
+            self.model, self.payload = load_sitreg(path)
+        except (FileNotFoundError, ValueError) as err:
+            raise UniregError(str(err)) from err
+        self.label = spec.label
+
+    def register(self, fixed: Image, moving: Image, *, seed: int = 0) -> RegistrationResult:
+        from unireg.methods.sitreg import register_sitreg
+
+        return register_sitreg(
+            fixed, moving, model=self.model, payload=self.payload, affine=self.affine,
+            preset=self.preset, complete=self.variant == "complete",
+        )  # fmt: skip
+
+
 class AntsMethod(Method):
     """ANTsPy's ``ants.registration`` as a peer (world space through NIfTI files)."""
 
@@ -299,6 +333,7 @@ FAMILIES: dict[str, type[Method]] = {
     "none": NoRegistration,
     "unireg": UniregSolverMethod,
     "keymorph": KeyMorphMethod,
+    "sitreg": SITRegMethod,
     "ants": AntsMethod,
     "sitk": SimpleITKMethod,
 }

@@ -174,11 +174,7 @@ def _detector_input(image: Image, payload: dict) -> tuple[torch.Tensor, Geometry
     """Resample an image onto the grid the detector was trained on (spacing, shape, centred on
     the centre of mass, RAS axes) and normalise it: the detector sees what it was trained on
     whatever the input grid; keypoints are mapped back through the world."""
-    pre = payload.get("preprocessing", {})
-    prep = Preprocessing(
-        spacing=float(pre.get("spacing_mm", 2.0)), shape=tuple(pre.get("shape", (96, 112, 96))),
-        center=pre.get("center", "mass"), ndim=image.ndim,
-    )  # fmt: skip
+    prep = Preprocessing.from_checkpoint(payload, image.ndim)
     out, _ = prep(image.with_data(image.data[:1].float()))
     assert out is not None
     return out.data.unsqueeze(0), out.geometry

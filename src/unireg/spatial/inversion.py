@@ -33,6 +33,12 @@ class InversionInfo:
     converged: bool
 
 
+def _max_norm(r: torch.Tensor, scale: torch.Tensor) -> float:
+    """``max_x |r(x)|`` in voxels for a normalised channel-first field (a sum of squares over
+    channels: ``norm(dim=1)`` reduces across a strided axis and is ~20x slower on CPU)."""
+    return float((r * scale).square().sum(1).amax().sqrt())
+
+
 def _apply(u: torch.Tensor, v: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """``F(v) = -u(x + v(x))`` for normalised channel-first fields."""
     return -sample(u, grid + channels_last(v), padding="border")
@@ -52,7 +58,7 @@ def _anderson(
     for it in range(1, max_iter + 1):
         fv = _apply(u, v, grid)
         r = fv - v
-        residual = float((r * scale).norm(dim=1).amax())
+        residual = _max_norm(r, scale)
         if residual < tol:
             return fv, InversionInfo(it, residual, True)
         xs.append(v.reshape(b, -1))
@@ -75,7 +81,7 @@ def _anderson(
         new = xs[-1].unsqueeze(2) + beta * rhs - (dx + beta * df) @ gamma
         v = new.squeeze(2).reshape(v.shape)
     fv = _apply(u, v, grid)
-    residual = float(((fv - v) * scale).norm(dim=1).amax())
+    residual = _max_norm(fv - v, scale)
     return fv, InversionInfo(max_iter, residual, residual < tol)
 
 
@@ -101,12 +107,12 @@ class _InvertDisplacement(torch.autograd.Function):
             v_ = v.detach().requires_grad_(True)
             f = _apply(u_, v_, grid)
             lam = grad_v
+            norm = _max_norm(grad_v, scale) + 1e-30
             for _ in range(max_iter):  # lambda = g + J_v^T lambda
                 (jt,) = torch.autograd.grad(f, v_, lam, retain_graph=True)
                 new = grad_v + jt
-                change = float(((new - lam) * scale).norm(dim=1).amax())
+                change = _max_norm(new - lam, scale)
                 lam = new
-                norm = float((grad_v * scale).norm(dim=1).amax()) + 1e-30
                 if change < tol * norm:
                     break
             else:

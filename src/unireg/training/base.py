@@ -10,12 +10,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from unireg.data import Augmentation, LabelSynthesis, Manifest, Preprocessing, VolumeDataset
 from unireg.data.augment import apply_affine, random_affine_matrix
+from unireg.losses import one_hot
 from unireg.spatial.geometry import Geometry
 from unireg.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -205,6 +207,19 @@ class Trainer:
         idx = self.volumes.by_dataset[name]
         a, b = torch.randperm(len(idx), generator=g)[:2].tolist()
         return self.volumes.items[idx[a]], self.volumes.items[idx[b]]
+
+    def _label_one_hots(
+        self, la: torch.Tensor, lb: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One-hot maps of a random subset (``max_labels``) of the non-zero labels both maps
+        share, or None when they share none."""
+        values = np.intersect1d(torch.unique(la).cpu().numpy(), torch.unique(lb).cpu().numpy())
+        values = values[values != 0]
+        if values.size == 0:
+            return None
+        if values.size > self.cfg.max_labels:
+            values = values[torch.randperm(values.size, generator=g)[: self.cfg.max_labels]]
+        return one_hot(la, values.tolist()), one_hot(lb, values.tolist())
 
     # -- loop ------------------------------------------------------------------------------
     def total_steps(self) -> int:

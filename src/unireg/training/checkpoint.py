@@ -14,6 +14,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from unireg.methods.keymorph import KeyMorph
+    from unireg.methods.sitreg import SITReg
 
 FORMAT = "unireg-checkpoint-1"
 
@@ -96,29 +97,45 @@ def load_checkpoint(
     return model.to(device).eval(), payload
 
 
-# -- the KeyMorph model a user runs ----------------------------------------------------------
+# -- the models a user runs -------------------------------------------------------------------
 
-DEFAULT_MODEL = "keymorph_ixi_2mm.pt"
+DEFAULT_MODELS = {"keymorph": "keymorph_ixi_2mm.pt", "sitreg": "sitreg_ixi_2mm.pt"}
+_NAMES = {"keymorph": "KeyMorph", "sitreg": "SITReg"}
 
 
-def default_model_path() -> Path:
-    """The KeyMorph model shipped inside the package (``unireg/models/``)."""
-    return Path(__file__).resolve().parents[1] / "models" / DEFAULT_MODEL
+def default_model_path(method: str = "keymorph") -> Path:
+    """The model of ``method`` shipped inside the package (``unireg/models/``)."""
+    return Path(__file__).resolve().parents[1] / "models" / DEFAULT_MODELS[method]
+
+
+def load_model(
+    method: str, path: str | Path | None = None, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict]:
+    """A ``method`` network and its checkpoint payload (the shipped default when ``path`` is
+    None); the payload's ``preprocessing`` says the grid the network expects. Errors name the
+    file: missing, unreadable, or a checkpoint of another method."""
+    path = default_model_path(method) if path is None else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no {_NAMES[method]} model (train one: unireg train {method} --config ...)"
+        )
+    model, payload = load_checkpoint(path, device=device)
+    if payload["method"] != method:
+        raise ValueError(f"{path}: a {payload['method']} checkpoint, not a {_NAMES[method]} one")
+    return model, payload
 
 
 def load_keymorph(
     path: str | Path | None = None, device: torch.device | str = "cpu"
 ) -> tuple[KeyMorph, dict]:
-    """A KeyMorph model and its checkpoint payload (the shipped default when ``path`` is
-    None); the payload's ``preprocessing`` says the grid the detector expects."""
-    from unireg.methods.keymorph import KeyMorph
+    """:func:`load_model` for KeyMorph."""
+    model, payload = load_model("keymorph", path, device)
+    return model, payload  # type: ignore[return-value]
 
-    path = default_model_path() if path is None else Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no KeyMorph model (train one: unireg train keymorph --config ...)"
-        )
-    model, payload = load_checkpoint(path, device=device)
-    if not isinstance(model, KeyMorph):
-        raise ValueError(f"{path}: not a KeyMorph checkpoint")
-    return model, payload
+
+def load_sitreg(
+    path: str | Path | None = None, device: torch.device | str = "cpu"
+) -> tuple[SITReg, dict]:
+    """:func:`load_model` for SITReg."""
+    model, payload = load_model("sitreg", path, device)
+    return model, payload  # type: ignore[return-value]

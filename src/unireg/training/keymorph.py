@@ -31,11 +31,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from unireg.data.augment import smooth_random_field
-from unireg.losses import mse, one_hot, soft_dice
+from unireg.losses import mse, soft_dice
 from unireg.methods.keymorph import TRANSFORMS, KeyMorph
 from unireg.nets.keypoints import KeypointDetector
 from unireg.spatial.field import scaling_and_squaring
@@ -141,16 +140,11 @@ class KeyMorphTrainer(Trainer):
     def _supervised_loss(self, g: torch.Generator) -> torch.Tensor:
         fi, mi = self._pair_items(g)
         fixed, moving = self._view(fi, g), self._view(mi, g)
-        values = np.intersect1d(
-            torch.unique(fixed["labels"]).cpu().numpy(),
-            torch.unique(moving["labels"]).cpu().numpy(),
-        )
-        values = values[values != 0]
-        if values.size > self.cfg.max_labels:
-            values = values[torch.randperm(values.size, generator=g)[: self.cfg.max_labels]]
+        hots = self._label_one_hots(fixed["labels"], moving["labels"], g)
         grid, _, _ = self._warp_grid(fixed, moving, self._lambda(g))
-        fo = one_hot(fixed["labels"], values.tolist())
-        mo = one_hot(moving["labels"], values.tolist())
+        if hots is None:
+            raise ValueError(f"{fi['subject']} and {mi['subject']} share no labels")
+        fo, mo = hots
         return soft_dice(sample(mo, grid), fo)
 
     def _unsupervised_loss(self, g: torch.Generator) -> torch.Tensor:

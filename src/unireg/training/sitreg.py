@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from unireg.losses import diffusion, lncc, one_hot, soft_dice
+from unireg.losses import diffusion, lncc, soft_dice
 from unireg.methods.sitreg import SITReg
 from unireg.spatial.grid import voxel_to_normalized_scale
 from unireg.spatial.warp import warp
@@ -39,10 +38,16 @@ class SITRegConfig(TrainConfig):
     translation: float = 4.0
     scale: list[float] = field(default_factory=lambda: [0.97, 1.03])
     shear: float = 0.0
+    crop: list[int] = field(default_factory=list)  # train on random crops of this shape
 
     def check(self) -> None:
         if self.lncc_window < 1 or self.lncc_window % 2 == 0:
             raise ValueError(f"lncc_window must be odd and positive, got {self.lncc_window}")
+        if self.crop and (
+            len(self.crop) != len(self.shape)
+            or any(c < 8 or c > s for c, s in zip(self.crop, self.shape, strict=True))
+        ):
+            raise ValueError(f"crop {self.crop} must have 3 sizes in [8, shape {self.shape}]")
 
     def model(self) -> SITReg:
         return SITReg(3, 1, self.channels, self.hidden, self.tol)
@@ -58,6 +63,12 @@ class SITRegTrainer(Trainer):
         cfg = self.cfg
         ia, ib = self._pair_items(g)
         a, b = self._view(ia, g), self._view(ib, g)
+        if cfg.crop:  # the same random box of both views (they share the grid frame)
+            start = [int(torch.randint(s - c + 1, (1,), generator=g))
+                     for s, c in zip(cfg.shape, cfg.crop, strict=True)]  # fmt: skip
+            box = (...,) + tuple(slice(o, o + c) for o, c in zip(start, cfg.crop, strict=True))
+            for view in (a, b):
+                view["image"], view["labels"] = view["image"][box], view["labels"][box]
         fwd, inv = self.model(a["image"], b["image"])  # fwd: b's space -> a's
         a_on_b = warp(a["image"], fwd, padding="border")
         b_on_a = warp(b["image"], inv, padding="border")
@@ -68,11 +79,9 @@ class SITRegTrainer(Trainer):
         reg = diffusion(fwd * vox) + diffusion(inv * vox)
         total = total + cfg.diffusion_weight * reg
         if cfg.dice_weight > 0:
-            values = np.intersect1d(torch.unique(a["labels"]).cpu().numpy(),
-                                    torch.unique(b["labels"]).cpu().numpy())  # fmt: skip
-            values = values[values != 0][: cfg.max_labels].tolist()
-            if values:
-                la, lb = one_hot(a["labels"], values), one_hot(b["labels"], values)
+            hots = self._label_one_hots(a["labels"], b["labels"], g)
+            if hots is not None:
+                la, lb = hots
                 dice = soft_dice(warp(la, fwd), lb) + soft_dice(warp(lb, inv), la)
                 total = total + cfg.dice_weight * dice
         return total
