@@ -70,7 +70,7 @@ class BoundedBSplineUpdate(nn.Module):
     def control_points(self, a: torch.Tensor, b: torch.Tensor, out_shape: Sequence[int]):
         """Bounded control points (output voxels) and the control spacing (output voxels)."""
         feat = tuple(a.shape[2:])
-        spacing = min((n - 1) / max(m - 1, 1) for n, m in zip(out_shape, feat, strict=True))
+        spacing = tuple((n - 1) / max(m - 1, 1) for n, m in zip(out_shape, feat, strict=True))
         bound = self.fraction * invertibility_bound(self.ndim, spacing)
         raw = self.net(torch.cat([a, b], dim=1))
         return bound * torch.tanh(raw), spacing, bound
