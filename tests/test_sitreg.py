@@ -22,7 +22,7 @@ from unireg.training.checkpoint import save_checkpoint
 PREP = {"spacing_mm": 2.0, "shape": [24, 24, 24], "center": "mass"}
 
 
-def _model(seed: int = 0, std: float = 0.1) -> SITReg:
+def _model(seed: int = 0, std: float = 0.05) -> SITReg:
     torch.manual_seed(seed)
     net = SITReg(3, channels=(4, 8, 8), hidden=8, tol=1e-4)
     for upd in net.updates:  # leave the identity initialisation: a real deformation
@@ -45,10 +45,10 @@ def test_register_sitreg_composes_the_affine_stage_and_gives_both_directions(tmp
     world = (world.T + torch.as_tensor(fixed.geometry.voxel_to_world[:3, 3])).float()
     moved, lin = res.transform.map_points(world), affine.map_points(world)
     assert 0.05 < float((moved - lin).norm(dim=1).max()) < 24.0
-    # forward then inverse is the identity up to interpolation: measured 0.017 mean, 0.053 p95
-    # (mm, on the fixed grid, 2 mm voxels) for this random ~2 mm deformation
+    # forward then inverse is the identity up to interpolation: measured 0.0022 mean, 0.0056
+    # p95 (mm, on the fixed grid, 2 mm voxels) for this random ~1 mm deformation
     err = consistency_error([res.transform, res.inverse], fixed.geometry)
-    assert err["mean_mm"] < 0.03 and err["p95_mm"] < 0.1
+    assert err["mean_mm"] < 0.01 and err["p95_mm"] < 0.02
     assert res.extras["stage_seconds"]["affine"] > 0
     # "complete" inference: the same deformation up to the resampling it avoids; measured in
     # world space the interpolation of the final fields dominates, so it is as consistent
@@ -57,7 +57,7 @@ def test_register_sitreg_composes_the_affine_stage_and_gives_both_directions(tmp
     diff = (comp.transform.map_points(world) - moved).norm(dim=1)
     assert float(diff.mean()) < 0.3
     err_c = consistency_error([comp.transform, comp.inverse], fixed.geometry)
-    assert err_c["mean_mm"] < 0.03 and err_c["p95_mm"] < 0.1
+    assert err_c["mean_mm"] < 0.01 and err_c["p95_mm"] < 0.02
 
 
 def test_sitreg_swapped_images_give_the_swapped_deformations_on_the_network_grid(tmp_path):

@@ -72,7 +72,9 @@ class BoundedBSplineUpdate(nn.Module):
         feat = tuple(a.shape[2:])
         spacing = tuple((n - 1) / max(m - 1, 1) for n, m in zip(out_shape, feat, strict=True))
         bound = self.fraction * invertibility_bound(self.ndim, spacing)
-        raw = self.net(torch.cat([a, b], dim=1))
+        # the paper's feature reparametrisation: the difference and the sum of the two feature
+        # volumes (swapping the inputs flips the first half only; a + b == b + a exactly)
+        raw = self.net(torch.cat([a - b, a + b], dim=1))
         return bound * torch.tanh(raw), spacing, bound
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, out_shape: Sequence[int]) -> torch.Tensor:
