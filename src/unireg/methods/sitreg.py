@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,11 +40,17 @@ from unireg.profiling import Measure
 from unireg.result import RegistrationResult
 from unireg.solvers import register
 from unireg.spatial.bspline import bspline_field, invertibility_bound
-from unireg.spatial.field import compose_displacements, displacement_to_world, resize_displacement
-from unireg.spatial.grid import voxel_to_normalized_scale
+from unireg.spatial.field import (
+    compose_displacements,
+    displacement_to_world,
+    resize_displacement,
+    world_points,
+)
+from unireg.spatial.geometry import Geometry
+from unireg.spatial.grid import transform_points, voxel_to_normalized_scale
 from unireg.spatial.inversion import invert_displacement
 from unireg.spatial.transform import AffineTransform, CompositeTransform, DisplacementFieldTransform
-from unireg.spatial.warp import warp
+from unireg.spatial.warp import sample, warp
 
 
 class BoundedBSplineUpdate(nn.Module):
@@ -237,9 +244,11 @@ def register_sitreg(
        resampled through ``A``; intensities rescaled to [0, 1].
     3. One network pass gives both directions on ``G`` (``complete`` picks the variant).
 
-    The result's ``transform`` is ``x -> A(x + u(x))`` (``u`` the forward field on ``G`` in
-    world mm, 0 outside ``G``), its ``inverse`` ``y -> z + v(z)``, ``z = A^-1(y)``; both are
-    written by :meth:`RegistrationResult.save` as one displacement field each.
+    The result's ``transform`` is ``x -> A(x + u(x))`` (``u`` the forward field in world mm,
+    carried from ``G`` onto the fixed grid with its values at ``G``'s faces held beyond them),
+    its ``inverse`` ``y -> z + v(z)``, ``z = A^-1(y)``; both are written by
+    :meth:`RegistrationResult.save` as one displacement field each. ``extras`` hold the
+    matrix of ``A``, ``G``, the network's own fields and the time of each stage (seconds).
     """
     if affine not in AFFINE_STAGES:
         raise ValueError(f"unknown affine stage {affine!r}; choose from {AFFINE_STAGES}")
@@ -273,12 +282,21 @@ def register_sitreg(
                 complete=complete,
             )  # fmt: skip
 
-        def field(u: torch.Tensor) -> DisplacementFieldTransform:
-            world = displacement_to_world(u.double(), grid, grid)[0].float().cpu()
-            return DisplacementFieldTransform(world, grid)
+        def field(u: torch.Tensor, target: Geometry) -> DisplacementFieldTransform:
+            # world mm on G, carried onto ``target`` with the values at G's faces held
+            # beyond them: no jump to 0 where G ends (which would fold there)
+            world = displacement_to_world(u.double(), grid, grid)
+            pts = world_points(target, device=world.device, dtype=world.dtype).reshape(1, -1, 3)
+            local = transform_points(torch.as_tensor(grid.world_to_normalized).to(pts), pts)
+            out = sample(world, local, padding="border").reshape(1, 3, *target.shape)
+            return DisplacementFieldTransform(out[0].float().cpu(), target)
 
-        transform = CompositeTransform([field(fwd), linear])
-        inverse = CompositeTransform([linear.inverse(), field(inv)])
+        transform = CompositeTransform([field(fwd, fixed.geometry), linear])
+        # the inverse field lives in the fixed frame too; held on a grid covering the fixed
+        # field of view and G
+        inverse = CompositeTransform(
+            [linear.inverse(), field(inv, _covering(fixed.geometry, grid))]
+        )
         t2 = time.perf_counter()
     warped = resample(moving, fixed.geometry, transform)
     return RegistrationResult(
@@ -288,5 +306,20 @@ def register_sitreg(
             "method": f"sitreg ({'complete' if complete else 'standard'}, affine stage {affine})",
             "matrix": linear.matrix, "network_grid": grid,
             "stage_seconds": {"affine": t1 - t0, "network": t2 - t1},
+            "network_fields": (fwd.cpu(), inv.cpu()),  # normalised, on network_grid
         },
     )  # fmt: skip
+
+
+def _covering(a: Geometry, b: Geometry) -> Geometry:
+    """A grid with ``b``'s axes and spacing covering both grids' fields of view (+1 voxel)."""
+    corners = []
+    for g in (a, b):
+        idx = np.array(np.meshgrid(*[[0, n - 1] for n in g.shape], indexing="ij")).reshape(3, -1)
+        corners.append(g.voxel_to_world[:3, :3] @ idx + g.voxel_to_world[:3, 3:4])
+    world = np.concatenate(corners, axis=1)
+    vox = b.world_to_voxel[:3, :3] @ world + b.world_to_voxel[:3, 3:4]
+    lo, hi = np.floor(vox.min(1)) - 1, np.ceil(vox.max(1)) + 1
+    affine = b.voxel_to_world.copy()
+    affine[:3, 3] = b.voxel_to_world[:3, :3] @ lo + b.voxel_to_world[:3, 3]
+    return Geometry(tuple(int(n) for n in hi - lo + 1), affine)
