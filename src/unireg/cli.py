@@ -182,14 +182,13 @@ def cmd_register(args: argparse.Namespace) -> int:
     if args.label_prompt > 0 and (fixed_labels is None or moving_labels is None):
         raise UniregError("--label-prompt needs --fixed-labels and --moving-labels")
     progress = None if args.quiet else (lambda line: print(line, flush=True))
+    if args.method in ("keymorph", "sitreg"):
+        from unireg.training.checkpoint import load_user_model
+
+        model, payload = load_user_model(args.method, args.model, device=device)
     if args.method == "keymorph":
         from unireg.methods.keymorph import register_keymorph
-        from unireg.training.checkpoint import load_keymorph
 
-        try:
-            model, payload = load_keymorph(args.model, device=device)
-        except (FileNotFoundError, ValueError) as err:
-            raise UniregError(str(err)) from err
         result = register_keymorph(
             fixed, moving, model=model, payload=payload, transform=args.transform,
             lam=args.tps_lambda, device=device,
@@ -199,12 +198,7 @@ def cmd_register(args: argparse.Namespace) -> int:
             setting["tps_lambda"] = args.tps_lambda
     elif args.method == "sitreg":
         from unireg.methods.sitreg import register_sitreg
-        from unireg.training.checkpoint import load_sitreg
 
-        try:
-            model, payload = load_sitreg(args.model, device=device)
-        except (FileNotFoundError, ValueError) as err:
-            raise UniregError(str(err)) from err
         result = register_sitreg(
             fixed, moving, model=model, payload=payload, affine=args.affine_stage,
             preset=args.preset, complete=args.inference == "complete", device=device,

@@ -144,7 +144,7 @@ class KeyMorphMethod(Method):
 
     def __init__(self, spec: MethodSpec) -> None:
         from unireg.methods.keymorph import TRANSFORMS
-        from unireg.training.checkpoint import load_keymorph
+        from unireg.training.checkpoint import load_user_model
 
         self.transform = spec.name or "affine"
         if self.transform not in TRANSFORMS:
@@ -154,10 +154,7 @@ class KeyMorphMethod(Method):
         path = options.pop("model", None)
         if options:
             raise UniregError(f"unknown keymorph option(s) {sorted(options)}")
-        try:
-            self.model, self.payload = load_keymorph(path)
-        except (FileNotFoundError, ValueError) as err:
-            raise UniregError(str(err)) from err
+        self.model, self.payload = load_user_model("keymorph", path)
         self.label = spec.label
 
     def register(self, fixed: Image, moving: Image, *, seed: int = 0) -> RegistrationResult:
@@ -175,7 +172,7 @@ class SITRegMethod(Method):
 
     def __init__(self, spec: MethodSpec) -> None:
         from unireg.methods.sitreg import AFFINE_STAGES
-        from unireg.training.checkpoint import load_sitreg
+        from unireg.training.checkpoint import load_user_model
 
         self.variant = spec.name or "standard"
         if self.variant not in ("standard", "complete"):
@@ -188,10 +185,7 @@ class SITRegMethod(Method):
             raise UniregError(f"unknown sitreg option(s) {sorted(options)}")
         if self.affine not in AFFINE_STAGES:
             raise UniregError(f"unknown sitreg affine stage {self.affine!r}; {AFFINE_STAGES}")
-        try:
-            self.model, self.payload = load_sitreg(path)
-        except (FileNotFoundError, ValueError) as err:
-            raise UniregError(str(err)) from err
+        self.model, self.payload = load_user_model("sitreg", path)
         self.label = spec.label
 
     def register(self, fixed: Image, moving: Image, *, seed: int = 0) -> RegistrationResult:

@@ -125,6 +125,19 @@ def load_model(
     return model, payload
 
 
+def load_user_model(
+    method: str, path: str | Path | None = None, device: torch.device | str = "cpu"
+) -> tuple[Any, dict]:
+    """:func:`load_model` for a user's request (command line, evaluation spec): a missing,
+    unreadable or wrong-method file is a :class:`~unireg.errors.UniregError` naming it."""
+    from unireg.errors import UniregError
+
+    try:
+        return load_model(method, path, device)
+    except (FileNotFoundError, ValueError) as err:
+        raise UniregError(str(err)) from err
+
+
 def load_keymorph(
     path: str | Path | None = None, device: torch.device | str = "cpu"
 ) -> tuple[KeyMorph, dict]:
