@@ -287,9 +287,10 @@ def register_sitreg(
             # world mm on G, carried onto ``target`` with the values at G's faces held
             # beyond them: no jump to 0 where G ends (which would fold there)
             world = displacement_to_world(u.double(), grid, grid)
-            pts = world_points(target, device=world.device, dtype=world.dtype).reshape(1, -1, 3)
+            d = target.ndim
+            pts = world_points(target, device=world.device, dtype=world.dtype).reshape(1, -1, d)
             local = transform_points(torch.as_tensor(grid.world_to_normalized).to(pts), pts)
-            out = sample(world, local, padding="border").reshape(1, 3, *target.shape)
+            out = sample(world, local, padding="border").reshape(1, d, *target.shape)
             return DisplacementFieldTransform(out[0].float().cpu(), target)
 
         transform = CompositeTransform([field(fwd, fixed.geometry), linear])
@@ -314,13 +315,14 @@ def register_sitreg(
 
 def _covering(a: Geometry, b: Geometry) -> Geometry:
     """A grid with ``b``'s axes and spacing covering both grids' fields of view (+1 voxel)."""
+    d = b.ndim
     corners = []
     for g in (a, b):
-        idx = np.array(np.meshgrid(*[[0, n - 1] for n in g.shape], indexing="ij")).reshape(3, -1)
-        corners.append(g.voxel_to_world[:3, :3] @ idx + g.voxel_to_world[:3, 3:4])
+        idx = np.array(np.meshgrid(*[[0, n - 1] for n in g.shape], indexing="ij")).reshape(d, -1)
+        corners.append(g.voxel_to_world[:d, :d] @ idx + g.voxel_to_world[:d, d:])
     world = np.concatenate(corners, axis=1)
-    vox = b.world_to_voxel[:3, :3] @ world + b.world_to_voxel[:3, 3:4]
+    vox = b.world_to_voxel[:d, :d] @ world + b.world_to_voxel[:d, d:]
     lo, hi = np.floor(vox.min(1)) - 1, np.ceil(vox.max(1)) + 1
     affine = b.voxel_to_world.copy()
-    affine[:3, 3] = b.voxel_to_world[:3, :3] @ lo + b.voxel_to_world[:3, 3]
+    affine[:d, d] = b.voxel_to_world[:d, :d] @ lo + b.voxel_to_world[:d, d]
     return Geometry(tuple(int(n) for n in hi - lo + 1), affine)
