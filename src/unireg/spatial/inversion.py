@@ -45,15 +45,31 @@ def _apply(u: torch.Tensor, v: torch.Tensor, grid: torch.Tensor) -> torch.Tensor
 
 
 def _anderson(
-    u: torch.Tensor, tol: float, max_iter: int, memory: int, beta: float = 1.0
+    u: torch.Tensor,
+    tol: float,
+    max_iter: int,
+    memory: int,
+    beta: float = 1.0,
 ) -> tuple[torch.Tensor, InversionInfo]:
-    """Anderson-accelerated fixed-point iteration of ``F`` (no gradient tracking)."""
+    """Anderson-accelerated fixed-point iteration of ``F`` (no gradient tracking) from the
+    first-order guess ``-u``.
+
+    The last ``memory`` differences of iterates and residuals live in ring buffers and their
+    Gram matrix is updated one row per iteration, so an iteration costs ``O(memory * N)``
+    besides the evaluation of ``F``."""
     shape = tuple(u.shape[2:])
     b = u.shape[0]
     grid = identity_grid(shape, device=u.device, dtype=u.dtype)
     scale = 1.0 / voxel_to_normalized_scale(shape, u)
-    v = -u.clone()  # first-order guess
-    xs, fs = [], []  # past iterates and their residuals, flattened per batch element
+    v = -u.clone()
+    m = max(int(memory), 0)
+    n = v[0].numel()
+    dx = u.new_empty(b, m, n) if m else None  # x_{k+1} - x_k
+    df = u.new_empty(b, m, n) if m else None  # r_{k+1} - r_k
+    gram = u.new_zeros(b, m, m)
+    prev_x = prev_r = None
+    stored = 0  # differences held (<= m); the newest sits at slot (stored_total - 1) % m
+    total = 0
     residual = float("inf")
     for it in range(1, max_iter + 1):
         fv = _apply(u, v, grid)
@@ -61,25 +77,28 @@ def _anderson(
         residual = _max_norm(r, scale)
         if residual < tol:
             return fv, InversionInfo(it, residual, True)
-        xs.append(v.reshape(b, -1))
-        fs.append(r.reshape(b, -1))
-        if len(xs) > memory + 1:
-            xs.pop(0)
-            fs.pop(0)
-        if len(xs) == 1:
+        x_flat, r_flat = v.reshape(b, n), r.reshape(b, n)
+        if m == 0 or prev_x is None:
+            prev_x, prev_r = x_flat, r_flat
             v = v + beta * r
             continue
-        # minimise |sum_i a_i r_i| with sum a_i = 1 through differences (least squares)
-        df = torch.stack([fs[i + 1] - fs[i] for i in range(len(fs) - 1)], dim=2)  # (B, N, m)
-        dx = torch.stack([xs[i + 1] - xs[i] for i in range(len(xs) - 1)], dim=2)
-        rhs = fs[-1].unsqueeze(2)
-        gram = df.transpose(1, 2) @ df
-        gram = gram + 1e-10 * torch.eye(gram.shape[-1], dtype=u.dtype, device=u.device) * (
-            gram.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True).unsqueeze(-1) + 1e-30
-        )
-        gamma = torch.linalg.solve(gram, df.transpose(1, 2) @ rhs)  # (B, m, 1)
-        new = xs[-1].unsqueeze(2) + beta * rhs - (dx + beta * df) @ gamma
-        v = new.squeeze(2).reshape(v.shape)
+        slot = total % m
+        torch.sub(x_flat, prev_x, out=dx[:, slot])
+        torch.sub(r_flat, prev_r, out=df[:, slot])
+        total += 1
+        stored = min(total, m)
+        row = torch.bmm(df[:, :stored], df[:, slot].unsqueeze(2)).squeeze(2)  # (B, stored)
+        gram[:, slot, :stored] = row
+        gram[:, :stored, slot] = row
+        prev_x, prev_r = x_flat, r_flat
+        # minimise |r - dF gamma| (the constrained Anderson problem through differences)
+        g = gram[:, :stored, :stored]
+        reg = 1e-10 * (g.diagonal(dim1=1, dim2=2).mean(-1) + 1e-30)
+        g = g + reg[:, None, None] * torch.eye(stored, dtype=u.dtype, device=u.device)
+        rhs = torch.bmm(df[:, :stored], r_flat.unsqueeze(2))  # (B, stored, 1)
+        gamma = torch.linalg.solve(g, rhs).transpose(1, 2)  # (B, 1, stored)
+        step = torch.bmm(gamma, dx[:, :stored]) + beta * torch.bmm(gamma, df[:, :stored])
+        v = (x_flat + beta * r_flat - step.squeeze(1)).reshape(v.shape)
     fv = _apply(u, v, grid)
     residual = _max_norm(fv - v, scale)
     return fv, InversionInfo(max_iter, residual, residual < tol)
