@@ -152,12 +152,26 @@ def test_sitreg_is_symmetric_inverse_consistent_and_does_not_fold():
     # "complete" inference: also exactly symmetric and fold-free, and closer to inverse
     # consistency on average (measured 0.040 vs 0.045 mean voxel) without coarse resampling
     with torch.no_grad():
-        cf, ci = net(a, b, complete=True)
-        cf2, ci2 = net(b, a, complete=True)
+        cf, ci = net(a, b, inference="complete")
+        cf2, ci2 = net(b, a, inference="complete")
     assert torch.equal(cf, ci2) and torch.equal(ci, cf2)
     assert float(jacobian_determinant(cf).min()) > 0 and float(jacobian_determinant(ci).min()) > 0
     err_c = _voxels(compose_displacements(cf, ci))[:, 4:-4, 4:-4]
     assert float(err_c.mean()) < float(err.mean())
+    # "fast" inference (the finest update on its own half-resolution grid, the results
+    # upsampled): exactly symmetric and fold-free as well; near the standard deformation
+    # (measured 0.11 mean voxel apart, of 1.8) and a little less inverse consistent (0.060 vs
+    # 0.045 mean voxel, as the upsampled pair is no longer inverted on the output grid)
+    with torch.no_grad():
+        ff, fi = net(a, b, inference="fast")
+        ff2, fi2 = net(b, a, inference="fast")
+    assert torch.equal(ff, fi2) and torch.equal(fi, ff2)
+    assert float(jacobian_determinant(ff).min()) > 0 and float(jacobian_determinant(fi).min()) > 0
+    assert float(_voxels(ff - fwd).mean()) < 0.15
+    err_f = _voxels(compose_displacements(ff, fi))[:, 4:-4, 4:-4]
+    assert float(err_f.mean()) < 0.08
+    with pytest.raises(ValueError, match="inference"):
+        net(a, b, inference="quick")
 
 
 def test_sitreg_training_lowers_its_loss_resumes_exactly_and_reloads(tmp_path):

@@ -53,7 +53,7 @@ def test_register_sitreg_composes_the_affine_stage_and_gives_both_directions(tmp
     # "complete" inference: the same deformation up to the resampling it avoids; measured in
     # world space the interpolation of the final fields dominates, so it is as consistent
     comp = register_sitreg(fixed, moving, model=net, payload={"preprocessing": PREP},
-                           complete=True)  # fmt: skip
+                           inference="complete")  # fmt: skip
     diff = (comp.transform.map_points(world) - moved).norm(dim=1)
     assert float(diff.mean()) < 0.3
     err_c = consistency_error([comp.transform, comp.inverse], fixed.geometry)
@@ -171,7 +171,9 @@ def test_sitreg_in_the_evaluation_harness(tmp_path):
     res = method.register(fixed, moving)
     assert res.inverse is not None and "complete" in res.extras["method"]
     assert np.allclose(res.extras["matrix"], np.eye(4))  # no affine stage
-    for bad in ("sitreg:fast", f"sitreg:affine=similarity:model={ckpt}",
+    fast = make_method(f"sitreg:fast:affine=none:model={ckpt}").register(fixed, moving)
+    assert "fast" in fast.extras["method"] and fast.inverse is not None
+    for bad in ("sitreg:quick", f"sitreg:affine=similarity:model={ckpt}",
                 f"sitreg:model={ckpt}:tol=1"):  # fmt: skip
         with pytest.raises(UniregError):
             make_method(bad)

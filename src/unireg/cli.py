@@ -201,7 +201,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
         result = register_sitreg(
             fixed, moving, model=model, payload=payload, affine=args.affine_stage,
-            preset=args.preset, complete=args.inference == "complete", device=device,
+            preset=args.preset, inference=args.inference, device=device,
         )  # fmt: skip
         setting = {"affine_stage": args.affine_stage, "inference": args.inference}
     else:
@@ -495,9 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--inference",
-        choices=["standard", "complete"],
+        choices=["standard", "complete", "fast"],
         default="standard",
-        help="sitreg: 'complete' evaluates every update on the full grid (slower, closer inverse)",
+        help="sitreg: 'complete' evaluates every update on the full grid (slower, closer "
+        "inverse); 'fast' keeps the finest update on its own half-resolution grid",
     )
     p.add_argument(
         "--deformable",

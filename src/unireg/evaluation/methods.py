@@ -167,16 +167,17 @@ class KeyMorphMethod(Method):
 
 
 class SITRegMethod(Method):
-    """SITReg (``sitreg``, ``sitreg:complete``, ``sitreg:standard:affine=rigid:model=PATH``):
+    """SITReg (``sitreg``, ``sitreg:complete``, ``sitreg:fast``,
+    ``sitreg:standard:affine=rigid:model=PATH``):
     the shipped model by default, after unireg's affine stage; kept loaded between pairs."""
 
     def __init__(self, spec: MethodSpec) -> None:
-        from unireg.methods.sitreg import AFFINE_STAGES
+        from unireg.methods.sitreg import AFFINE_STAGES, INFERENCE
         from unireg.training.checkpoint import load_user_model
 
         self.variant = spec.name or "standard"
-        if self.variant not in ("standard", "complete"):
-            raise UniregError(f"unknown sitreg inference {self.variant!r}: standard, complete")
+        if self.variant not in INFERENCE:
+            raise UniregError(f"unknown sitreg inference {self.variant!r}: {INFERENCE}")
         options = dict(spec.options)
         self.affine = str(options.pop("affine", "affine"))
         self.preset = str(options.pop("preset", "fast"))
@@ -193,7 +194,7 @@ class SITRegMethod(Method):
 
         return register_sitreg(
             fixed, moving, model=self.model, payload=self.payload, affine=self.affine,
-            preset=self.preset, complete=self.variant == "complete",
+            preset=self.preset, inference=self.variant,
         )  # fmt: skip
 
 

@@ -7,7 +7,7 @@ topology-preserving registration by construction.
   every update is invertible by construction.
 - :func:`symmetric_update`: ``f(a, b) o f(b, a)^-1`` and its inverse ``f(b, a) o f(a, b)^-1``
   from the same two network outputs, so swapping the inputs swaps the two exactly.
-- :class:`SITReg`: the multi-resolution architecture. Two inference variants:
+- :class:`SITReg`: the multi-resolution architecture. Three inference variants:
 
   - "standard" (training and default): the update predicted at a level is upsampled onto the
     next finer grid and the half-way deformations are composed there, so they are resampled
@@ -16,7 +16,13 @@ topology-preserving registration by construction.
     and composed there: the same function without the resampling of coarse fields, for a
     slower pass. On random networks forward and inverse agree more closely (tests); with the
     shipped model, whose coarsest update is almost the identity, both variants give the same
-    deformation to 1e-6 mm (README).
+    deformation to 1e-6 mm (README);
+  - "fast" (not in the paper): as "standard", but the finest update is evaluated, inverted
+    and composed on its own control grid (half the input resolution) and only the final
+    forward and inverse fields are upsampled (linearly) to the input grid. No inversion runs
+    at the input resolution. Still exactly symmetric and fold-free (tests); with the shipped
+    model the same Dice as "standard" on the IXI test pairs for about half the network time,
+    and a little less inverse consistent (README).
 
 - :func:`register_sitreg`: world-space registration of raw images: an affine stage (any unireg
   affine method) then the network on its training grid, composed into one transform, with
@@ -128,6 +134,9 @@ class _ResidualStage(nn.Module):
         return F.leaky_relu(x + self.res(x), 0.2)
 
 
+INFERENCE = ("standard", "complete", "fast")
+
+
 class SITReg(nn.Module):
     """The multi-resolution architecture: a ResNet-style feature pyramid shared by both
     images; from the coarsest level to the finest, both feature volumes are deformed half-way
@@ -172,13 +181,17 @@ class SITReg(nn.Module):
         return out
 
     def forward(
-        self, a: torch.Tensor, b: torch.Tensor, *, complete: bool = False
+        self, a: torch.Tensor, b: torch.Tensor, *, inference: str = "standard"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(forward, inverse)``; ``complete=True`` is the "complete" inference variant (see
-        the module docstring): every update is evaluated, inverted and composed on the input
-        grid, so no deformation is resampled from a coarser grid."""
+        """``(forward, inverse)`` by one of the :data:`INFERENCE` variants (see the module
+        docstring): "standard"; "complete", every update evaluated, inverted and composed on
+        the input grid; "fast", the finest update kept on its own control grid and the two
+        results upsampled (linearly) to the input grid."""
+        if inference not in INFERENCE:
+            raise ValueError(f"unknown SITReg inference {inference!r}; choose from {INFERENCE}")
         if a.shape != b.shape:
             raise ValueError("SITReg takes two images on the same grid (resample first)")
+        complete = inference == "complete"
         # both images through the pyramid in one batch (instance norm: no coupling between
         # batch elements, and each element's arithmetic does not depend on its position)
         n = a.shape[0]
@@ -190,8 +203,11 @@ class SITReg(nn.Module):
         phi_a = phi_b = inv_a = inv_b = zero
         for level in range(len(self.stages) - 1, 0, -1):
             grid = tuple(fa[level].shape[2:])
-            # standard: the update lands on the next finer grid; complete: on the input grid
+            # standard: the update lands on the next finer grid; complete: on the input grid;
+            # fast: as standard, but the finest update stays on its own grid
             target = shape if complete else tuple(fa[level - 1].shape[2:])
+            if inference == "fast" and level == 1:
+                target = grid
             # deform both feature volumes half-way towards each other
             wa = warp(fa[level], _resized(phi_a, grid), padding="border")
             wb = warp(fb[level], _resized(phi_b, grid), padding="border")
@@ -232,7 +248,7 @@ def register_sitreg(
     payload: dict,
     affine: str = "affine",
     preset: str = "fast",
-    complete: bool = False,
+    inference: str = "standard",
     device: torch.device | str = "cpu",
 ) -> RegistrationResult:
     """Register raw ``moving`` onto ``fixed`` with a trained ``model`` and its checkpoint
@@ -243,7 +259,8 @@ def register_sitreg(
     2. Both images on the network's training grid ``G`` (its spacing and shape, centred on the
        fixed image's centre of mass, RAS axes): the fixed image resampled, the moving one
        resampled through ``A``; intensities rescaled to [0, 1].
-    3. One network pass gives both directions on ``G`` (``complete`` picks the variant).
+    3. One network pass gives both directions on ``G`` (``inference``: one of
+       :data:`INFERENCE`).
 
     The result's ``transform`` is ``x -> A(x + u(x))`` (``u`` the forward field in world mm,
     carried from ``G`` onto the fixed grid with its values at ``G``'s faces held beyond them),
@@ -280,13 +297,13 @@ def register_sitreg(
             # a = moving, b = fixed: forward maps fixed's space to moving's
             fwd, inv = model(
                 moving_g.data.unsqueeze(0).to(dev), fixed_g.data.unsqueeze(0).to(dev),
-                complete=complete,
+                inference=inference,
             )  # fmt: skip
 
         def field(u: torch.Tensor, target: Geometry) -> DisplacementFieldTransform:
             # world mm on G, carried onto ``target`` with the values at G's faces held
             # beyond them: no jump to 0 where G ends (which would fold there)
-            world = displacement_to_world(u.double(), grid, grid)
+            world = displacement_to_world(u.float(), grid, grid)  # float32: ~2e-5 mm
             d = target.ndim
             pts = world_points(target, device=world.device, dtype=world.dtype).reshape(1, -1, d)
             local = transform_points(torch.as_tensor(grid.world_to_normalized).to(pts), pts)
@@ -305,7 +322,7 @@ def register_sitreg(
         transform=transform, fixed=fixed.geometry, moving=moving.geometry, inverse=inverse,
         warped=warped, elapsed=measured.seconds, peak_memory=measured.peak_bytes,
         extras={
-            "method": f"sitreg ({'complete' if complete else 'standard'}, affine stage {affine})",
+            "method": f"sitreg ({inference}, affine stage {affine})",
             "matrix": linear.matrix, "network_grid": grid,
             "stage_seconds": {"affine": t1 - t0, "network": t2 - t1},
             "network_fields": (fwd.cpu(), inv.cpu()),  # normalised, on network_grid
