@@ -68,8 +68,7 @@ def _anderson(
     df = u.new_empty(b, m, n) if m else None  # r_{k+1} - r_k
     gram = u.new_zeros(b, m, m)
     prev_x = prev_r = None
-    stored = 0  # differences held (<= m); the newest sits at slot (stored_total - 1) % m
-    total = 0
+    total = 0  # differences written so far; the newest sits at slot (total - 1) % m
     residual = float("inf")
     for it in range(1, max_iter + 1):
         fv = _apply(u, v, grid)
