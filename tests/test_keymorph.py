@@ -177,6 +177,25 @@ def test_training_resumes_to_exactly_the_same_model(tmp_path, mode):
     assert payload["train_config"]["mode"] == mode and payload["step"] == 4
 
 
+def test_supervised_training_with_keypoint_consistency_steps(tmp_path):
+    from unireg.training.keymorph import KeyMorphConfig, KeyMorphTrainer
+
+    cfg, _ = _tiny_config(tmp_path, "consistency", consistency_every=2, pretrain_steps=0)
+    trainer = KeyMorphTrainer(cfg)
+    # step 0 is a consistency step (same subject, known relative affine), step 1 soft Dice
+    g0 = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    assert torch.equal(trainer.loss(g0()), trainer._consistency_loss(g0()))
+    trainer.step = 1
+    assert torch.equal(trainer.loss(g0()), trainer._supervised_loss(g0()))
+    trainer.step = 0
+    losses = trainer.run(progress=False)
+    assert len(losses) == 2 and all(np.isfinite(losses)) and losses[0] != losses[1]
+    bad = tmp_path / "neg.toml"
+    bad.write_text("consistency_every = -1\n")
+    with pytest.raises(ValueError, match="consistency_every"):
+        KeyMorphConfig.from_file(bad)
+
+
 def test_training_config_errors_name_the_file_and_setting(tmp_path):
     from unireg.cli import main
     from unireg.training.keymorph import KeyMorphConfig
