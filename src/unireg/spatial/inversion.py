@@ -45,11 +45,7 @@ def _apply(u: torch.Tensor, v: torch.Tensor, grid: torch.Tensor) -> torch.Tensor
 
 
 def _anderson(
-    u: torch.Tensor,
-    tol: float,
-    max_iter: int,
-    memory: int,
-    beta: float = 1.0,
+    u: torch.Tensor, tol: float, max_iter: int, memory: int, beta: float = 1.0
 ) -> tuple[torch.Tensor, InversionInfo]:
     """Anderson-accelerated fixed-point iteration of ``F`` (no gradient tracking) from the
     first-order guess ``-u``.
