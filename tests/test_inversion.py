@@ -174,6 +174,40 @@ def test_sitreg_is_symmetric_inverse_consistent_and_does_not_fold():
         net(a, b, inference="quick")
 
 
+def test_sitreg_with_a_strided_stem_is_symmetric_and_does_not_fold():
+    # stem_stride 2 (the "lite" network): the finest features are at half resolution and
+    # predict the last update themselves; every level has an update
+    from unireg.methods.sitreg import SITReg
+    from unireg.spatial.field import jacobian_determinant, resize_displacement
+
+    torch.manual_seed(3)
+    net = SITReg(2, channels=(4, 8, 8), hidden=8, tol=1e-5, stem_stride=2).double()
+    assert len(net.updates) == 3 and net.config["stem_stride"] == 2
+    for upd in net.updates:
+        for p in upd.parameters():
+            torch.nn.init.normal_(p, std=0.15)
+    a = torch.rand(1, 1, 33, 29, dtype=torch.float64)
+    b = torch.rand(1, 1, 33, 29, dtype=torch.float64)
+    for inference in ("standard", "fast"):
+        with torch.no_grad():
+            fwd, inv = net(a, b, inference=inference)
+            fwd2, inv2 = net(b, a, inference=inference)
+        assert fwd.shape[2:] == a.shape[2:]
+        assert torch.equal(fwd, inv2) and torch.equal(inv, fwd2)
+        assert float(_voxels(fwd).max()) > 1.0
+        assert float(jacobian_determinant(fwd).min()) > 0
+        assert float(jacobian_determinant(inv).min()) > 0
+        err = _voxels(compose_displacements(fwd, inv))[:, 4:-4, 4:-4]
+        assert float(err.mean()) < 0.1, (inference, float(err.mean()))
+    # "fast" without resizing: the same two fields on the half-resolution grid
+    with torch.no_grad():
+        small, small_inv = net(a, b, inference="fast", resize=False)
+    assert small.shape[2:] == (17, 15)
+    assert torch.allclose(resize_displacement(small, (33, 29)), fwd)
+    with pytest.raises(ValueError, match="stem_stride"):
+        SITReg(2, stem_stride=3)
+
+
 def test_sitreg_training_lowers_its_loss_resumes_exactly_and_reloads(tmp_path):
     from test_keymorph import _tiny_manifest
 
@@ -212,3 +246,13 @@ def test_sitreg_training_lowers_its_loss_resumes_exactly_and_reloads(tmp_path):
     with torch.no_grad():
         after = float(trainer.loss(trainer._generator()))
     assert after < before
+    # the strided-stem network trained as used ("fast"): it reloads with its stem
+    lite = config("lite", 3)
+    lite.stem_stride, lite.inference = 2, "fast"
+    assert all(np.isfinite(SITRegTrainer(lite).run(progress=False)))
+    model, _ = load_checkpoint(tmp_path / "lite" / "last.pt")
+    assert model.config["stem_stride"] == 2 and len(model.updates) == 3
+    bad = tmp_path / "bad.toml"
+    bad.write_text('inference = "quick"\n')
+    with pytest.raises(ValueError, match=r"bad.toml.*inference"):
+        SITRegConfig.from_file(bad)

@@ -473,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("fixed", metavar="FIXED", help="fixed (target) image")
     p.add_argument("moving", metavar="MOVING", help="moving (source) image")
     p.add_argument("--output", "-o", required=True, help="output folder")
+    from unireg.methods.sitreg import AFFINE_STAGES, INFERENCE
     from unireg.solvers.api import METHODS, PRESETS
 
     p.add_argument("--method", choices=[*METHODS, "keymorph", "sitreg"], default="syn")
@@ -489,13 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--affine-stage",
-        choices=["affine", "rigid", "none"],
+        choices=list(AFFINE_STAGES),
         default="affine",
-        help="sitreg: the unireg linear method run first ('none' for pre-aligned pairs)",
+        help="sitreg: the unireg linear method run first ('affine-gn': Gauss-Newton, about 5x "
+        "faster; 'none' for pre-aligned pairs)",
     )
     p.add_argument(
         "--inference",
-        choices=["standard", "complete", "fast"],
+        choices=list(INFERENCE),
         default="standard",
         help="sitreg: 'complete' evaluates every update on the full grid (slower, closer "
         "inverse); 'fast' keeps the finest update on its own half-resolution grid",

@@ -46,15 +46,14 @@ from unireg.nets.blocks import ConvBlock, conv_nd
 from unireg.profiling import Measure
 from unireg.result import RegistrationResult
 from unireg.solvers import register
+from unireg.solvers.gauss_newton import GN_LEVELS, affine_gauss_newton
 from unireg.spatial.bspline import bspline_field, invertibility_bound
 from unireg.spatial.field import (
     compose_displacements,
-    displacement_to_world,
     resize_displacement,
-    world_points,
 )
 from unireg.spatial.geometry import Geometry
-from unireg.spatial.grid import transform_points, voxel_to_normalized_scale
+from unireg.spatial.grid import voxel_to_normalized_scale
 from unireg.spatial.inversion import invert_displacement
 from unireg.spatial.transform import AffineTransform, CompositeTransform, DisplacementFieldTransform
 from unireg.spatial.warp import sample, warp
@@ -157,20 +156,26 @@ class SITReg(nn.Module):
         channels: Sequence[int] = (8, 16, 32, 32),
         hidden: int = 16,
         tol: float = 1e-3,
+        stem_stride: int = 1,
     ):
         super().__init__()
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         self.config = {"ndim": ndim, "in_channels": in_channels, "channels": list(channels),
-                       "hidden": hidden, "tol": tol}  # fmt: skip
+                       "hidden": hidden, "tol": tol, "stem_stride": stem_stride}  # fmt: skip
         self.tol = tol
         stages, cin = [], in_channels
         for i, c in enumerate(channels):
-            stages.append(_ResidualStage(ndim, cin, c, stride=1 if i == 0 else 2))
+            stages.append(_ResidualStage(ndim, cin, c, stride=stem_stride if i == 0 else 2))
             cin = c
         self.stages = nn.ModuleList(stages)
-        # an update per level except the finest (features there are at image resolution and
-        # the last update's B-spline is upsampled onto it)
+        # an update per level except one at image resolution (stem_stride 1: the features
+        # there only feed the next level, and the last update's B-spline is upsampled onto
+        # the input grid); with stem_stride 2 the finest features are at half resolution and
+        # predict the last update themselves
+        self.first_level = 1 if stem_stride == 1 else 0
         self.updates = nn.ModuleList(
-            [BoundedBSplineUpdate(ndim, c, hidden) for c in list(channels)[1:]]
+            [BoundedBSplineUpdate(ndim, c, hidden) for c in list(channels)[self.first_level :]]
         )
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -181,12 +186,19 @@ class SITReg(nn.Module):
         return out
 
     def forward(
-        self, a: torch.Tensor, b: torch.Tensor, *, inference: str = "standard"
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        *,
+        inference: str = "standard",
+        resize: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(forward, inverse)`` by one of the :data:`INFERENCE` variants (see the module
         docstring): "standard"; "complete", every update evaluated, inverted and composed on
-        the input grid; "fast", the finest update kept on its own control grid and the two
-        results upsampled (linearly) to the input grid."""
+        the input grid; "fast", the finest update kept on its own control grid, the two
+        results composed there and upsampled (linearly) to the input grid, or, with
+        ``resize=False``, returned on that coarser grid (normalised displacements are
+        resolution-free: for callers that resample them anyway)."""
         if inference not in INFERENCE:
             raise ValueError(f"unknown SITReg inference {inference!r}; choose from {INFERENCE}")
         if a.shape != b.shape:
@@ -201,18 +213,21 @@ class SITReg(nn.Module):
         d = a.ndim - 2
         zero = a.new_zeros(a.shape[0], d, *(shape if complete else fa[-1].shape[2:]))
         phi_a = phi_b = inv_a = inv_b = zero
-        for level in range(len(self.stages) - 1, 0, -1):
+        first = self.first_level
+        for level in range(len(self.stages) - 1, first - 1, -1):
             grid = tuple(fa[level].shape[2:])
-            # standard: the update lands on the next finer grid; complete: on the input grid;
-            # fast: as standard, but the finest update stays on its own grid
-            target = shape if complete else tuple(fa[level - 1].shape[2:])
-            if inference == "fast" and level == 1:
+            # standard: the update lands on the next finer grid (the input grid below level
+            # 0); complete: on the input grid; fast: as standard, but the finest update stays
+            # on its own grid
+            finer = tuple(fa[level - 1].shape[2:]) if level > 0 else shape
+            target = shape if complete else finer
+            if inference == "fast" and level == first:
                 target = grid
             # deform both feature volumes half-way towards each other
             wa = warp(fa[level], _resized(phi_a, grid), padding="border")
             wb = warp(fb[level], _resized(phi_b, grid), padding="border")
             delta, delta_inv = symmetric_update(
-                self.updates[level - 1], wa, wb, target, tol=self.tol
+                self.updates[level - first], wa, wb, target, tol=self.tol
             )
             phi_a, phi_b, inv_a, inv_b = (_resized(x, target) for x in (phi_a, phi_b, inv_a, inv_b))
             # phi_a <- phi_a o delta, phi_b <- phi_b o delta^-1, and their inverses
@@ -224,10 +239,12 @@ class SITReg(nn.Module):
                 compose_displacements(phi_b, delta_inv),
                 compose_displacements(delta, inv_b),
             )
-        phi_a, phi_b, inv_a, inv_b = (_resized(x, shape) for x in (phi_a, phi_b, inv_a, inv_b))
+        # composed where the last update landed (the input grid, but for "fast")
         forward = compose_displacements(phi_a, inv_b)  # b's space -> midpoint -> a's space
         inverse = compose_displacements(phi_b, inv_a)
-        return forward, inverse
+        if not resize:
+            return forward, inverse
+        return _resized(forward, shape), _resized(inverse, shape)
 
 
 def _resized(u: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -237,7 +254,7 @@ def _resized(u: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 # -- inference on images (world space in, RegistrationResult out) ------------------------------
 
-AFFINE_STAGES = ("affine", "rigid", "none")
+AFFINE_STAGES = ("affine", "affine-gn", "rigid", "none")
 
 
 def register_sitreg(
@@ -280,6 +297,8 @@ def register_sitreg(
         t0 = time.perf_counter()
         if affine == "none":
             linear = AffineTransform.identity(fixed.ndim)
+        elif affine == "affine-gn":
+            linear, _ = affine_gauss_newton(fixed, moving, levels=GN_LEVELS[preset])
         else:
             stage = register(fixed, moving, affine, preset=preset, device=dev)
             assert isinstance(stage.transform, AffineTransform)
@@ -295,20 +314,23 @@ def register_sitreg(
         model = model.to(dev).eval()
         with torch.no_grad():
             # a = moving, b = fixed: forward maps fixed's space to moving's
+            # "fast": the fields stay on their coarser grid; they are resampled below anyway
             fwd, inv = model(
                 moving_g.data.unsqueeze(0).to(dev), fixed_g.data.unsqueeze(0).to(dev),
-                inference=inference,
+                inference=inference, resize=False,
             )  # fmt: skip
+        d = fixed.ndim
+        # normalised -> world mm displacements: the linear part of G's normalised -> world map
+        to_mm = torch.from_numpy(grid.normalized_to_world[:d, :d]).float().to(dev)
 
         def field(u: torch.Tensor, target: Geometry) -> DisplacementFieldTransform:
-            # world mm on G, carried onto ``target`` with the values at G's faces held
-            # beyond them: no jump to 0 where G ends (which would fold there)
-            world = displacement_to_world(u.float(), grid, grid)  # float32: ~2e-5 mm
-            d = target.ndim
-            pts = world_points(target, device=world.device, dtype=world.dtype).reshape(1, -1, d)
-            local = transform_points(torch.as_tensor(grid.world_to_normalized).to(pts), pts)
-            out = sample(world, local, padding="border").reshape(1, d, *target.shape)
-            return DisplacementFieldTransform(out[0].float().cpu(), target)
+            # sampled at ``target``'s voxels (G-normalised coordinates: resolution-free, so
+            # ``u`` may be on any grid over G's extent) with the values at G's faces held
+            # beyond them (no jump to 0 where G ends, which would fold there); then mm
+            pts = AffineTransform.identity(d).moving_points(target, grid, device=u.device)
+            local = sample(u.float(), pts, padding="border")[0]  # (d, *target.shape)
+            world = torch.einsum("ij,j...->i...", to_mm, local)
+            return DisplacementFieldTransform(world.contiguous().cpu(), target)
 
         transform = CompositeTransform([field(fwd, fixed.geometry), linear])
         # the inverse field lives in the fixed frame too; held on a grid covering the fixed
@@ -325,7 +347,8 @@ def register_sitreg(
             "method": f"sitreg ({inference}, affine stage {affine})",
             "matrix": linear.matrix, "network_grid": grid,
             "stage_seconds": {"affine": t1 - t0, "network": t2 - t1},
-            "network_fields": (fwd.cpu(), inv.cpu()),  # normalised, on network_grid
+            # normalised, over network_grid's extent (on a coarser grid for "fast")
+            "network_fields": (fwd.cpu(), inv.cpu()),
         },
     )  # fmt: skip
 

@@ -74,7 +74,10 @@ class TrainConfig:
             value = getattr(cfg, key)
             if value and not Path(value).is_absolute():
                 setattr(cfg, key, str((base / value).resolve()))
-        cfg.check()
+        try:
+            cfg.check()
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
         return cfg
 
     def check(self) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from unireg.losses import diffusion, lncc, soft_dice
-from unireg.methods.sitreg import SITReg
+from unireg.methods.sitreg import INFERENCE, SITReg
 from unireg.spatial.grid import voxel_to_normalized_scale
 from unireg.spatial.warp import warp
 from unireg.training.base import TrainConfig, Trainer
@@ -31,6 +31,8 @@ class SITRegConfig(TrainConfig):
     channels: list[int] = field(default_factory=lambda: [8, 16, 32, 32])
     hidden: int = 16
     tol: float = 1e-3
+    stem_stride: int = 1  # 2: the finest features (and the last update) at half resolution
+    inference: str = "standard"  # the SITReg inference variant the loss sees
     lncc_window: int = 7
     diffusion_weight: float = 1.0
     dice_weight: float = 0.0
@@ -41,6 +43,10 @@ class SITRegConfig(TrainConfig):
     crop: list[int] = field(default_factory=list)  # train on random crops of this shape
 
     def check(self) -> None:
+        if self.inference not in INFERENCE:
+            raise ValueError(f"inference must be one of {INFERENCE}, got {self.inference!r}")
+        if self.stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
         if self.lncc_window < 1 or self.lncc_window % 2 == 0:
             raise ValueError(f"lncc_window must be odd and positive, got {self.lncc_window}")
         if self.crop and (
@@ -50,7 +56,7 @@ class SITRegConfig(TrainConfig):
             raise ValueError(f"crop {self.crop} must have 3 sizes in [8, shape {self.shape}]")
 
     def model(self) -> SITReg:
-        return SITReg(3, 1, self.channels, self.hidden, self.tol)
+        return SITReg(3, 1, self.channels, self.hidden, self.tol, self.stem_stride)
 
 
 class SITRegTrainer(Trainer):
@@ -69,7 +75,7 @@ class SITRegTrainer(Trainer):
             box = (...,) + tuple(slice(o, o + c) for o, c in zip(start, cfg.crop, strict=True))
             for view in (a, b):
                 view["image"], view["labels"] = view["image"][box], view["labels"][box]
-        fwd, inv = self.model(a["image"], b["image"])  # fwd: b's space -> a's
+        fwd, inv = self.model(a["image"], b["image"], inference=cfg.inference)  # b -> a
         a_on_b = warp(a["image"], fwd, padding="border")
         b_on_a = warp(b["image"], inv, padding="border")
         total = lncc(a_on_b, b["image"], cfg.lncc_window) + lncc(

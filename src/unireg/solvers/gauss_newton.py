@@ -1,0 +1,132 @@
+"""Affine registration by damped Gauss-Newton on locally normalised intensities (``affine-gn``).
+
+A fast same-modality affine stage (about 0.15 s for a 2 mm head on two CPU cores, against
+0.8 s for the ``affine`` preset's MI + LNCC Adam stages), used by learned methods whose own
+time budget is a fraction of a second (SITReg's affine stage).
+
+Each image is first rescaled to [0, 1] and locally normalised at every pyramid level:
+``n(x) = (I(x) - mean_w(x)) / sqrt(var_w(x) + eps)`` over a ``window``-voxel box (the
+ingredient of LNCC), which removes slow intensity changes (bias field, scanner contrast
+scaling). The sum of squared differences between the fixed normalised image and the moving
+one sampled through ``y = A (x - c) + c + t`` is then minimised over ``A`` and ``t`` (12
+parameters in 3D, world mm, ``c`` the fixed centre of mass) by Gauss-Newton steps
+``(J^T J + mu diag(J^T J)) delta = -J^T r``, with the moving image's gradient sampled
+alongside it, coarse to fine. The start is the centres of mass matched (translation only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from unireg.io.image import Image, normalize_intensity
+from unireg.solvers.linear import moments
+from unireg.solvers.pyramid import downsample, level_geometry
+from unireg.spatial.field import world_points
+from unireg.spatial.filters import box_sum
+from unireg.spatial.grid import transform_points
+from unireg.spatial.transform import AffineTransform
+from unireg.spatial.warp import sample
+
+# (pyramid factor, Gauss-Newton iterations) per level
+GN_LEVELS = {
+    "fast": ((8.0, 10), (4.0, 8), (2.0, 5)),
+    "accurate": ((8.0, 15), (4.0, 10), (2.0, 10), (1.0, 5)),
+}
+
+
+def local_normalize(x: torch.Tensor, window: int, eps: float) -> torch.Tensor:
+    """``(x - local mean) / sqrt(local variance + eps)`` over a ``window``-voxel box
+    (replicate padding); ``x`` is ``(B, C, *spatial)``."""
+    n = window ** (x.ndim - 2)
+    mean = box_sum(x, window, padding="replicate") / n
+    var = (box_sum(x * x, window, padding="replicate") / n - mean * mean).clamp_min(0)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def _voxel_gradient(x: torch.Tensor) -> torch.Tensor:
+    """Central differences of ``(1, 1, *spatial)`` along every axis (voxel units, replicate
+    padding at the faces): ``(1, d, *spatial)``."""
+    d = x.ndim - 2
+    padded = F.pad(x, [1, 1] * d, mode="replicate")
+    out = []
+    for axis in range(d):
+        dim = axis + 2
+        n = padded.shape[dim]
+        g = (padded.narrow(dim, 2, n - 2) - padded.narrow(dim, 0, n - 2)) / 2
+        for other in range(d):
+            if other != axis:
+                g = g.narrow(other + 2, 1, padded.shape[other + 2] - 2)
+        out.append(g)
+    return torch.cat(out, 1)
+
+
+def affine_gauss_newton(
+    fixed: Image,
+    moving: Image,
+    *,
+    levels: Sequence[tuple[float, int]] = GN_LEVELS["fast"],
+    window: int = 5,
+    eps: float = 1e-3,
+    damping: float = 1e-3,
+    scale_mm: float = 50.0,
+) -> tuple[AffineTransform, list[tuple[float, int, float]]]:
+    """The affine map fixed world -> moving world (mm) minimising the SSD of the locally
+    normalised images (module docstring), and a trace ``(factor, iteration, mean squared
+    residual)`` per step. Same modality only; the first channel of each image is used.
+
+    ``levels``: ``(factor, iterations)`` coarse to fine (factors of the fixed and the moving
+    grid, as in :mod:`unireg.solvers.pyramid`); ``window`` (odd, voxels of each level) and
+    ``eps`` (intensity^2 on the [0, 1] scale) of the local normalisation; ``damping``: the
+    Levenberg-Marquardt ``mu``; ``scale_mm``: the lever arm scaling the linear part's
+    parameters (conditioning only).
+    """
+    if fixed.ndim != moving.ndim:
+        raise ValueError(f"fixed is {fixed.ndim}D and moving {moving.ndim}D")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be odd and positive, got {window}")
+    d = fixed.ndim
+    f = normalize_intensity(fixed).data[:1].float().unsqueeze(0)
+    m = normalize_intensity(moving).data[:1].float().unsqueeze(0)
+    # start: centres of mass matched (moments of a 4x-coarser copy: as good, 64x less work)
+    centres = []
+    for img, geom in ((f, fixed.geometry), (m, moving.geometry)):
+        small = downsample(img, 4.0)
+        centres.append(moments(small, level_geometry(geom, small.shape[2:]))[0].float())
+    c, t = centres[0], centres[1] - centres[0]
+    a = torch.eye(d)
+    trace: list[tuple[float, int, float]] = []
+    for factor, iterations in levels:
+        fl, ml = downsample(f, factor), downsample(m, factor)
+        gf = level_geometry(fixed.geometry, fl.shape[2:])
+        gm = level_geometry(moving.geometry, ml.shape[2:])
+        fn, mn = local_normalize(fl, window, eps), local_normalize(ml, window, eps)
+        # the moving image and its world-mm gradient, sampled together: dM/dy = W2V^T dM/dv
+        w2v = torch.from_numpy(gm.world_to_voxel[:d, :d]).float()
+        grad = torch.einsum("ji,bj...->bi...", w2v, _voxel_gradient(mn))
+        stack = torch.cat([mn, grad], 1)
+        x = world_points(gf, dtype=torch.float32).reshape(-1, d)
+        target = fn.reshape(-1)
+        lever = (x - c) / scale_mm
+        to_moving = torch.from_numpy(gm.world_to_normalized).float()
+        for it in range(int(iterations)):
+            y = (x - c) @ a.T + c + t
+            pts = transform_points(to_moving, y).reshape(1, -1, d)
+            s = sample(stack, pts, padding="zeros")[0]  # (1 + d, N)
+            inside = (pts[0].abs() <= 1).all(-1).to(s.dtype)
+            r = (s[0] - target) * inside
+            g = s[1:].T * inside[:, None]  # (N, d): dr/dy
+            # dy_i/dA_ij = lever_j * scale_mm, dy_i/dt_i = 1
+            jac = torch.cat([(g[:, :, None] * lever[:, None, :]).reshape(-1, d * d), g], 1)
+            h = jac.T @ jac
+            h = h + damping * torch.diag(torch.diag(h)) + 1e-6 * torch.eye(h.shape[0])
+            delta = -torch.linalg.solve(h, jac.T @ r)
+            a = a + delta[: d * d].reshape(d, d) / scale_mm
+            t = t + delta[d * d :]
+            trace.append((float(factor), it, float((r * r).sum() / inside.sum().clamp_min(1))))
+    matrix = torch.eye(d + 1, dtype=torch.float64)
+    matrix[:d, :d] = a.double()
+    matrix[:d, d] = (c + t - a @ c).double()
+    return AffineTransform(matrix), trace
