@@ -158,7 +158,7 @@ def main() -> None:
                                   for k in stages[0])  # fmt: skip
                 print(f"|  ({spec} stages, median: {parts}) | | | | | | | | |")
         for pair in args.compare:
-            ours, peer = pair.split("=")
+            ours, peer = pair.rsplit("=", 1)  # specs may hold "=" (options), peers do not
             ours = next((k for k in summary if k.startswith(ours)), None)
             if ours is None or peer not in summary:
                 continue

@@ -14,6 +14,7 @@ from unireg.io import load_image, load_labels
 from unireg.io.transforms import load_transforms
 from unireg.methods.sitreg import SITReg, register_sitreg
 from unireg.metrics import consistency_error
+from unireg.solvers import register
 from unireg.spatial.field import world_points
 from unireg.spatial.grid import transform_points
 from unireg.spatial.transform import AffineTransform
@@ -173,6 +174,19 @@ def test_sitreg_in_the_evaluation_harness(tmp_path):
     assert np.allclose(res.extras["matrix"], np.eye(4))  # no affine stage
     fast = make_method(f"sitreg:fast:affine=none:model={ckpt}").register(fixed, moving)
     assert "fast" in fast.extras["method"] and fast.inverse is not None
+    # a model trained with "fast" runs "fast" unless told otherwise; the Gauss-Newton affine
+    # stage is composed into the written transform like any other
+    torch.manual_seed(4)
+    lite = SITReg(3, channels=(4, 8, 8), hidden=8, tol=1e-4, stem_stride=2)
+    lite_ckpt = save_checkpoint(tmp_path / "lite.pt", "sitreg", lite, preprocessing=PREP,
+                                train_config={"inference": "fast"})  # fmt: skip
+    res = make_method(f"sitreg:affine=affine-gn:model={lite_ckpt}").register(fixed, moving)
+    assert res.extras["inference"] == "fast" and "affine-gn" in res.extras["method"]
+    gn = register(fixed, moving, "affine-gn")
+    assert np.allclose(res.extras["matrix"], gn.transform.matrix.numpy(), atol=1e-6)
+    assert make_method(f"sitreg:model={ckpt}").register(fixed, moving).extras["inference"] == (
+        "standard"
+    )
     for bad in ("sitreg:quick", f"sitreg:affine=similarity:model={ckpt}",
                 f"sitreg:model={ckpt}:tol=1"):  # fmt: skip
         with pytest.raises(UniregError):

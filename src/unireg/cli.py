@@ -203,7 +203,7 @@ def cmd_register(args: argparse.Namespace) -> int:
             fixed, moving, model=model, payload=payload, affine=args.affine_stage,
             preset=args.preset, inference=args.inference, device=device,
         )  # fmt: skip
-        setting = {"affine_stage": args.affine_stage, "inference": args.inference}
+        setting = {"affine_stage": args.affine_stage, "inference": result.extras["inference"]}
     else:
         result = register(
             fixed, moving, args.method, preset=args.preset, multimodal=args.multimodal,
@@ -486,7 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tps-lambda", type=float, default=0.1, help="keymorph: TPS lambda")
     p.add_argument(
-        "--model", default=None, help="keymorph, sitreg: checkpoint (default: the shipped one)"
+        "--model",
+        default=None,
+        help="keymorph, sitreg: checkpoint (default: the shipped one; 'lite': SITReg's shipped "
+        "lite model)",
     )
     p.add_argument(
         "--affine-stage",
@@ -498,9 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--inference",
         choices=list(INFERENCE),
-        default="standard",
+        default=None,
         help="sitreg: 'complete' evaluates every update on the full grid (slower, closer "
-        "inverse); 'fast' keeps the finest update on its own half-resolution grid",
+        "inverse); 'fast' keeps the finest update on its own half-resolution grid (default: "
+        "the one the model was trained with: standard, or fast for --model lite)",
     )
     p.add_argument(
         "--deformable",

@@ -168,15 +168,17 @@ class KeyMorphMethod(Method):
 
 class SITRegMethod(Method):
     """SITReg (``sitreg``, ``sitreg:complete``, ``sitreg:fast``,
-    ``sitreg:standard:affine=rigid:model=PATH``):
-    the shipped model by default, after unireg's affine stage; kept loaded between pairs."""
+    ``sitreg:standard:affine=rigid:model=PATH``, ``sitreg:affine=affine-gn:model=lite``):
+    the shipped model by default (``model=lite``: the shipped lite one), after unireg's
+    affine stage, with the inference it was trained with unless one is named; kept loaded
+    between pairs."""
 
     def __init__(self, spec: MethodSpec) -> None:
         from unireg.methods.sitreg import AFFINE_STAGES, INFERENCE
         from unireg.training.checkpoint import load_user_model
 
-        self.variant = spec.name or "standard"
-        if self.variant not in INFERENCE:
+        self.variant = spec.name or None  # None: the inference the model was trained with
+        if self.variant is not None and self.variant not in INFERENCE:
             raise UniregError(f"unknown sitreg inference {self.variant!r}: {INFERENCE}")
         options = dict(spec.options)
         self.affine = str(options.pop("affine", "affine"))

@@ -265,7 +265,7 @@ def register_sitreg(
     payload: dict,
     affine: str = "affine",
     preset: str = "fast",
-    inference: str = "standard",
+    inference: str | None = None,
     device: torch.device | str = "cpu",
 ) -> RegistrationResult:
     """Register raw ``moving`` onto ``fixed`` with a trained ``model`` and its checkpoint
@@ -277,7 +277,7 @@ def register_sitreg(
        fixed image's centre of mass, RAS axes): the fixed image resampled, the moving one
        resampled through ``A``; intensities rescaled to [0, 1].
     3. One network pass gives both directions on ``G`` (``inference``: one of
-       :data:`INFERENCE`).
+       :data:`INFERENCE`; by default the one the model was trained with).
 
     The result's ``transform`` is ``x -> A(x + u(x))`` (``u`` the forward field in world mm,
     carried from ``G`` onto the fixed grid with its values at ``G``'s faces held beyond them),
@@ -287,6 +287,10 @@ def register_sitreg(
     """
     if affine not in AFFINE_STAGES:
         raise ValueError(f"unknown affine stage {affine!r}; choose from {AFFINE_STAGES}")
+    if inference is None:
+        inference = str(payload.get("train_config", {}).get("inference", "standard"))
+    if inference not in INFERENCE:
+        raise ValueError(f"unknown SITReg inference {inference!r}; choose from {INFERENCE}")
     if fixed.ndim != moving.ndim or fixed.ndim != model.config["ndim"]:
         raise DimensionalityError(
             f"is {moving.ndim}D and the fixed image {fixed.ndim}D; the model is "
@@ -344,7 +348,7 @@ def register_sitreg(
         transform=transform, fixed=fixed.geometry, moving=moving.geometry, inverse=inverse,
         warped=warped, elapsed=measured.seconds, peak_memory=measured.peak_bytes,
         extras={
-            "method": f"sitreg ({inference}, affine stage {affine})",
+            "method": f"sitreg ({inference}, affine stage {affine})", "inference": inference,
             "matrix": linear.matrix, "network_grid": grid,
             "stage_seconds": {"affine": t1 - t0, "network": t2 - t1},
             # normalised, over network_grid's extent (on a coarser grid for "fast")

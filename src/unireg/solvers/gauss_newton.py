@@ -25,7 +25,7 @@ from unireg.io.image import Image, normalize_intensity
 from unireg.solvers.linear import moments
 from unireg.solvers.pyramid import downsample, level_geometry
 from unireg.spatial.field import world_points
-from unireg.spatial.filters import box_sum
+from unireg.spatial.filters import box_sum, central_difference
 from unireg.spatial.grid import transform_points
 from unireg.spatial.transform import AffineTransform
 from unireg.spatial.warp import sample
@@ -53,9 +53,7 @@ def _voxel_gradient(x: torch.Tensor) -> torch.Tensor:
     padded = F.pad(x, [1, 1] * d, mode="replicate")
     out = []
     for axis in range(d):
-        dim = axis + 2
-        n = padded.shape[dim]
-        g = (padded.narrow(dim, 2, n - 2) - padded.narrow(dim, 0, n - 2)) / 2
+        g = central_difference(padded, axis)
         for other in range(d):
             if other != axis:
                 g = g.narrow(other + 2, 1, padded.shape[other + 2] - 2)

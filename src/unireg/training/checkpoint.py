@@ -100,12 +100,16 @@ def load_checkpoint(
 # -- the models a user runs -------------------------------------------------------------------
 
 DEFAULT_MODELS = {"keymorph": "keymorph_ixi_2mm.pt", "sitreg": "sitreg_ixi_2mm.pt"}
+# other shipped models, asked for by name (``--model lite``, ``sitreg:fast:model=lite``)
+SHIPPED_VARIANTS = {"sitreg": {"lite": "sitreg_lite_ixi_2mm.pt"}}
 _NAMES = {"keymorph": "KeyMorph", "sitreg": "SITReg"}
 
 
-def default_model_path(method: str = "keymorph") -> Path:
-    """The model of ``method`` shipped inside the package (``unireg/models/``)."""
-    return Path(__file__).resolve().parents[1] / "models" / DEFAULT_MODELS[method]
+def default_model_path(method: str = "keymorph", variant: str | None = None) -> Path:
+    """The model of ``method`` shipped inside the package (``unireg/models/``): the default,
+    or the named ``variant`` (:data:`SHIPPED_VARIANTS`)."""
+    name = DEFAULT_MODELS[method] if variant is None else SHIPPED_VARIANTS[method][variant]
+    return Path(__file__).resolve().parents[1] / "models" / name
 
 
 def load_model(
@@ -113,8 +117,14 @@ def load_model(
 ) -> tuple[nn.Module, dict]:
     """A ``method`` network and its checkpoint payload (the shipped default when ``path`` is
     None); the payload's ``preprocessing`` says the grid the network expects. Errors name the
-    file: missing, unreadable, or a checkpoint of another method."""
-    path = default_model_path(method) if path is None else Path(path)
+    file: missing, unreadable, or a checkpoint of another method. ``path`` may also name a
+    shipped variant (:data:`SHIPPED_VARIANTS`, e.g. ``"lite"`` for SITReg)."""
+    if path is None:
+        path = default_model_path(method)
+    elif str(path) in SHIPPED_VARIANTS.get(method, {}):
+        path = default_model_path(method, str(path))
+    else:
+        path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no {_NAMES[method]} model (train one: unireg train {method} --config ...)"
