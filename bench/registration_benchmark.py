@@ -159,7 +159,9 @@ def main() -> None:
                 print(f"|  ({spec} stages, median: {parts}) | | | | | | | | |")
         for pair in args.compare:
             ours, peer = pair.rsplit("=", 1)  # specs may hold "=" (options), peers do not
-            ours = next((k for k in summary if k.startswith(ours)), None)
+            ours = (
+                ours if ours in summary else next((k for k in summary if k.startswith(ours)), None)
+            )
             if ours is None or peer not in summary:
                 continue
             a, b = summary[ours], summary[peer]

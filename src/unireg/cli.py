@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--affine-stage",
         choices=list(AFFINE_STAGES),
         default="affine",
-        help="sitreg: the unireg linear method run first ('affine-gn': Gauss-Newton, about 5x "
+        help="sitreg: the unireg linear method run first ('affine-gn': Gauss-Newton, 3.5x "
         "faster; 'none' for pre-aligned pairs)",
     )
     p.add_argument(

@@ -1,8 +1,9 @@
 """Affine registration by damped Gauss-Newton on locally normalised intensities (``affine-gn``).
 
-A fast same-modality affine stage (about 0.15 s for a 2 mm head on two CPU cores, against
-0.8 s for the ``affine`` preset's MI + LNCC Adam stages), used by learned methods whose own
-time budget is a fraction of a second (SITReg's affine stage).
+A fast same-modality affine stage (0.2 s for a 2 mm head on two CPU cores, against 0.8 s for
+the ``affine`` preset's MI + LNCC Adam stages; on the IXI test pairs as accurate as ANTs
+Affine, 0.007 Dice below ``affine``), used by learned methods whose own time budget is a
+fraction of a second (SITReg's affine stage).
 
 Each image is first rescaled to [0, 1] and locally normalised at every pyramid level:
 ``n(x) = (I(x) - mean_w(x)) / sqrt(var_w(x) + eps)`` over a ``window``-voxel box (the
