@@ -302,7 +302,7 @@ def register_sitreg(
         if affine == "none":
             linear = AffineTransform.identity(fixed.ndim)
         elif affine == "affine-gn":
-            linear, _ = affine_gauss_newton(fixed, moving, levels=GN_LEVELS[preset])
+            linear, _ = affine_gauss_newton(fixed, moving, levels=GN_LEVELS[preset], device=dev)
         else:
             stage = register(fixed, moving, affine, preset=preset, device=dev)
             assert isinstance(stage.transform, AffineTransform)

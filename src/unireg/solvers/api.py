@@ -229,7 +229,7 @@ def register(
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
         with Measure(dev) as measured:
-            affine, trace = affine_gauss_newton(fixed, moving, levels=GN_LEVELS[preset])
+            affine, trace = affine_gauss_newton(fixed, moving, levels=GN_LEVELS[preset], device=dev)
         return RegistrationResult(
             transform=affine, fixed=fixed.geometry, moving=moving.geometry,
             inverse=affine.inverse(), warped=resample(moving, fixed.geometry, affine),

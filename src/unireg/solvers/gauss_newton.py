@@ -71,6 +71,7 @@ def affine_gauss_newton(
     eps: float = 1e-3,
     damping: float = 1e-3,
     scale_mm: float = 50.0,
+    device: torch.device | str = "cpu",
 ) -> tuple[AffineTransform, list[tuple[float, int, float]]]:
     """The affine map fixed world -> moving world (mm) minimising the SSD of the locally
     normalised images (module docstring), and a trace ``(factor, iteration, mean squared
@@ -80,22 +81,23 @@ def affine_gauss_newton(
     grid, as in :mod:`unireg.solvers.pyramid`); ``window`` (odd, voxels of each level) and
     ``eps`` (intensity^2 on the [0, 1] scale) of the local normalisation; ``damping``: the
     Levenberg-Marquardt ``mu``; ``scale_mm``: the lever arm scaling the linear part's
-    parameters (conditioning only).
+    parameters (conditioning only); ``device``: where the work runs.
     """
     if fixed.ndim != moving.ndim:
         raise ValueError(f"fixed is {fixed.ndim}D and moving {moving.ndim}D")
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be odd and positive, got {window}")
     d = fixed.ndim
-    f = normalize_intensity(fixed).data[:1].float().unsqueeze(0)
-    m = normalize_intensity(moving).data[:1].float().unsqueeze(0)
+    dev = torch.device(device)
+    f = normalize_intensity(fixed).data[:1].float().unsqueeze(0).to(dev)
+    m = normalize_intensity(moving).data[:1].float().unsqueeze(0).to(dev)
     # start: centres of mass matched (moments of a 4x-coarser copy: as good, 64x less work)
     centres = []
     for img, geom in ((f, fixed.geometry), (m, moving.geometry)):
         small = downsample(img, 4.0)
         centres.append(moments(small, level_geometry(geom, small.shape[2:]))[0].float())
     c, t = centres[0], centres[1] - centres[0]
-    a = torch.eye(d)
+    a = torch.eye(d, device=dev)
     trace: list[tuple[float, int, float]] = []
     for factor, iterations in levels:
         fl, ml = downsample(f, factor), downsample(m, factor)
@@ -103,13 +105,13 @@ def affine_gauss_newton(
         gm = level_geometry(moving.geometry, ml.shape[2:])
         fn, mn = local_normalize(fl, window, eps), local_normalize(ml, window, eps)
         # the moving image and its world-mm gradient, sampled together: dM/dy = W2V^T dM/dv
-        w2v = torch.from_numpy(gm.world_to_voxel[:d, :d]).float()
+        w2v = torch.from_numpy(gm.world_to_voxel[:d, :d]).float().to(dev)
         grad = torch.einsum("ji,bj...->bi...", w2v, _voxel_gradient(mn))
         stack = torch.cat([mn, grad], 1)
-        x = world_points(gf, dtype=torch.float32).reshape(-1, d)
+        x = world_points(gf, device=dev, dtype=torch.float32).reshape(-1, d)
         target = fn.reshape(-1)
         lever = (x - c) / scale_mm
-        to_moving = torch.from_numpy(gm.world_to_normalized).float()
+        to_moving = torch.from_numpy(gm.world_to_normalized).float().to(dev)
         for it in range(int(iterations)):
             y = (x - c) @ a.T + c + t
             pts = transform_points(to_moving, y).reshape(1, -1, d)
@@ -120,12 +122,12 @@ def affine_gauss_newton(
             # dy_i/dA_ij = lever_j * scale_mm, dy_i/dt_i = 1
             jac = torch.cat([(g[:, :, None] * lever[:, None, :]).reshape(-1, d * d), g], 1)
             h = jac.T @ jac
-            h = h + damping * torch.diag(torch.diag(h)) + 1e-6 * torch.eye(h.shape[0])
+            h = h + damping * torch.diag(torch.diag(h)) + 1e-6 * torch.eye(h.shape[0], device=dev)
             delta = -torch.linalg.solve(h, jac.T @ r)
             a = a + delta[: d * d].reshape(d, d) / scale_mm
             t = t + delta[d * d :]
             trace.append((float(factor), it, float((r * r).sum() / inside.sum().clamp_min(1))))
     matrix = torch.eye(d + 1, dtype=torch.float64)
-    matrix[:d, :d] = a.double()
-    matrix[:d, d] = (c + t - a @ c).double()
+    matrix[:d, :d] = a.double().cpu()
+    matrix[:d, d] = (c + t - a @ c).double().cpu()
     return AffineTransform(matrix), trace
