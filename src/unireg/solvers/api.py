@@ -224,7 +224,8 @@ def register(
         raise ValueError("fixed and moving images need the same number of channels")
     dev = torch.device(device)
     if method == "affine-gn" and stages is None:
-        if multimodal or label_weight > 0 or fixed_landmarks is not None or mask is not None:
+        landmarks = fixed_landmarks is not None or moving_landmarks is not None
+        if multimodal or label_weight > 0 or landmarks or mask is not None:
             raise ValueError("affine-gn is same-modality and takes no prompts or mask")
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
