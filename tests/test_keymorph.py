@@ -3,6 +3,8 @@ training through the closed forms, checkpoints that rebuild their network."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -175,6 +177,11 @@ def test_training_resumes_to_exactly_the_same_model(tmp_path, mode):
     # the checkpoint rebuilds the model from the file alone, config and all
     loaded, payload = load_checkpoint(tmp_path / "straight" / "last.pt")
     assert payload["train_config"]["mode"] == mode and payload["step"] == 4
+    # the loss log holds every step once, across the resume, with the same losses
+    logs = [(tmp_path / n / "losses.csv").read_text().splitlines() for n in ("straight", "resumed")]
+    assert logs[0][0] == logs[1][0] == "step,phase,loss,seconds"
+    assert [r.split(",")[:3] for r in logs[0][1:]] == [r.split(",")[:3] for r in logs[1][1:]]
+    assert [r.split(",")[0] for r in logs[0][1:]] == ["1", "2", "3", "4"]
 
 
 def test_supervised_training_with_keypoint_consistency_steps(tmp_path):
@@ -194,6 +201,27 @@ def test_supervised_training_with_keypoint_consistency_steps(tmp_path):
     bad.write_text("consistency_every = -1\n")
     with pytest.raises(ValueError, match="consistency_every"):
         KeyMorphConfig.from_file(bad)
+
+
+@pytest.mark.parametrize("phase", ["_pretrain_loss", "_supervised_loss", "_consistency_loss"])
+def test_a_batched_step_is_the_mean_of_its_samples_drawn_in_turn(tmp_path, phase):
+    """batch_size n draws n samples one after the other from the step's generator and runs
+    the detector once on all of them: the same loss as n single-sample losses in a row."""
+    from unireg.training.keymorph import KeyMorphTrainer
+
+    cfg, _ = _tiny_config(tmp_path, "batch", batch_size=3)
+    batched = KeyMorphTrainer(cfg)
+    single = KeyMorphTrainer(cfg, volumes=batched.volumes)
+    single.cfg = replace(cfg, batch_size=1)
+    single.model.load_state_dict(batched.model.state_dict())
+    g = torch.Generator().manual_seed(11)
+    one = [getattr(single, phase)(g) for _ in range(3)]
+    both = getattr(batched, phase)(torch.Generator().manual_seed(11))
+    assert len({float(v.detach()) for v in one}) == 3  # three different samples
+    assert torch.allclose(both, torch.stack(one).mean(), rtol=1e-5, atol=1e-7)
+    both.backward()
+    grads = [p.grad for p in batched.model.parameters()]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
 
 
 def test_training_config_errors_name_the_file_and_setting(tmp_path):

@@ -92,7 +92,12 @@ class KeyMorph(nn.Module):
         """Keypoints ``(B, K, d)`` of ``image`` ``(B, C, *shape)`` in world mm."""
         if tuple(image.shape[2:]) != tuple(geometry.shape):
             raise ValueError("the geometry does not match the image's shape")
-        normalized = self.detector(image)
+        return self.to_world(self.detector(image), geometry)
+
+    @staticmethod
+    def to_world(normalized: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """Detector keypoints ``(B, K, d)`` (normalised coordinates of ``geometry``'s grid) in
+        world mm."""
         return transform_points(as_matrix(geometry.normalized_to_world, normalized), normalized)
 
     def align(
@@ -162,9 +167,22 @@ class KeyMorph(nn.Module):
         keypoints in world mm ``(B, K, d)``."""
         fk = self.keypoints_world(fixed, fixed_geometry)
         mk = self.keypoints_world(moving, moving_geometry)
-        alignment = self.align(fk, mk, fixed_geometry, transform, lam)
+        return self.solve_grid(fk, mk, fixed_geometry, moving_geometry, transform, lam), fk, mk
+
+    def solve_grid(
+        self,
+        fixed_kp: torch.Tensor,
+        moving_kp: torch.Tensor,
+        fixed_geometry: Geometry,
+        moving_geometry: Geometry,
+        transform: str = "affine",
+        lam: float = 0.0,
+    ) -> torch.Tensor:
+        """The moving image's sampling grid ``(B, *fixed_shape, d)`` from world keypoints
+        ``(B, K, d)`` (mm) already detected: the closed form, then :meth:`grid`."""
+        alignment = self.align(fixed_kp, moving_kp, fixed_geometry, transform, lam)
         assert isinstance(alignment, KeypointAlignment)
-        return self.grid(alignment, fixed_geometry, moving_geometry), fk, mk
+        return self.grid(alignment, fixed_geometry, moving_geometry)
 
 
 # -- inference on images (world space in, RegistrationResult out) ------------------------------

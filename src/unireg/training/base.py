@@ -129,6 +129,14 @@ class TrainingVolumes:
         for i, it in enumerate(self.items):
             self.by_dataset.setdefault(it["dataset"], []).append(i)
 
+    def to(self, device: torch.device | str) -> TrainingVolumes:
+        """Move the volumes' tensors to ``device`` (in place; a no-op where they already are)."""
+        for item in self.items:
+            for key in ("image", "labels", "brain"):
+                if item[key] is not None:
+                    item[key] = item[key].to(device)
+        return self
+
 
 class Trainer:
     """The loop: ``train_step`` draws everything from a generator seeded by the step (so a
@@ -145,6 +153,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same seed builds the same initial network
         self.model = cfg.model().to(self.device)
         self.volumes = volumes or TrainingVolumes(cfg)
+        self.volumes.to(self.device)  # synthesis and augmentation run where the network does
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.step = 0
         self.out = Path(cfg.output)
@@ -253,17 +262,30 @@ class Trainer:
         )  # fmt: skip
 
     def run(self, progress: bool = True) -> list[float]:
+        """Train to ``total_steps()``; every step's loss is also appended to
+        ``output/losses.csv`` (step, phase, loss, seconds since this run started), written
+        out at each checkpoint."""
         total = self.total_steps()
         losses: list[float] = []
+        pending: list[str] = []
         t0 = time.perf_counter()
+        log = self.out / "losses.csv"
         bar = tqdm(total=total, initial=self.step, disable=not progress, desc=self.method)
         while self.step < total:
+            phase = self.phase()
             loss = self.train_step()
             losses.append(loss)
-            rate = len(losses) / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(phase=self.phase(), loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}")
+            elapsed = time.perf_counter() - t0
+            pending.append(f"{self.step},{phase},{loss:.6g},{elapsed:.1f}\n")
+            rate = len(losses) / max(elapsed, 1e-9)
+            bar.set_postfix(phase=phase, loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}")
             bar.update(1)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == total:
                 self.save()
+                self.out.mkdir(parents=True, exist_ok=True)
+                new_log = not log.exists()
+                with log.open("a") as fh:
+                    fh.write(("step,phase,loss,seconds\n" if new_log else "") + "".join(pending))
+                pending.clear()
         bar.close()
         return losses

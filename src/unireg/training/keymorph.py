@@ -65,6 +65,7 @@ class KeyMorphConfig(TrainConfig):
     lambda_range: list[float] = field(default_factory=lambda: [1e-3, 10.0])
     pretrain_deformation: float = 0.03  # std of the pretraining SVF (normalised units); 0: off
     consistency_every: int = 0  # supervised: every n-th step a keypoint-consistency step; 0: off
+    batch_size: int = 1  # samples (pairs, views) per step, the detector run once on all
 
     def check(self) -> None:
         if self.transform not in TRANSFORMS:
@@ -73,6 +74,8 @@ class KeyMorphConfig(TrainConfig):
             raise ValueError(f"mode must be supervised or unsupervised, got {self.mode!r}")
         if isinstance(self.tps_lambda, str) and self.tps_lambda != "logunif":
             raise ValueError("tps_lambda is a number or 'logunif'")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.consistency_every < 0:
             raise ValueError(f"consistency_every must be >= 0, got {self.consistency_every}")
 
@@ -92,7 +95,7 @@ class KeyMorphTrainer(Trainer):
         self.cfg: KeyMorphConfig = cfg
         g = torch.Generator().manual_seed(cfg.seed)
         ref = self.volumes.items[0]
-        fg = torch.nonzero(ref["labels"][0] > 0).double()
+        fg = torch.nonzero(ref["labels"][0].cpu() > 0).double()
         pick = fg[torch.randperm(fg.shape[0], generator=g)[: cfg.num_keypoints]]
         shape = torch.tensor(ref["labels"].shape[1:], dtype=torch.float64)
         self.pretrain_points = (2 * pick / (shape - 1) - 1).float()  # normalised (K, 3)
@@ -105,6 +108,9 @@ class KeyMorphTrainer(Trainer):
         return float(cfg.tps_lambda)
 
     # -- losses ----------------------------------------------------------------------------
+    # Each loss averages ``batch_size`` samples, drawn one after the other from the step's
+    # generator; the detector runs once on all the step's images (instance norm is per image,
+    # so batching changes nothing but speed).
     def pretrain_view(
         self, image: torch.Tensor, points: torch.Tensor, g: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,65 +120,102 @@ class KeyMorphTrainer(Trainer):
         The view samples the original at ``psi(y) = M (y + u(y))`` with ``u`` the
         displacement of ``exp(v)``; a point ``p`` of the original is shown at
         ``psi^-1(p) = q + w(q)``, ``q = M^-1 p``, with ``w`` the displacement of ``exp(-v)``.
+        Everything is computed on ``image``'s device.
         """
         shape = tuple(image.shape[2:])
-        d = len(shape)
+        d, dev = len(shape), image.device
         matrix = self._affine(shape, g)[0]
-        ident = identity_grid(shape, dtype=torch.float32)
-        q = transform_points(torch.linalg.inv(matrix.double()).float(), points)
+        ident = identity_grid(shape, dtype=torch.float32, device=dev)
+        inv = torch.linalg.inv(matrix.double()).float()
+        q = transform_points(inv.to(dev), points.to(dev))
         if self.cfg.pretrain_deformation > 0:
-            v = smooth_random_field(shape, 1, d, g, resolution=5, std=self.cfg.pretrain_deformation)
+            v = smooth_random_field(
+                shape, 1, d, g, resolution=5, std=self.cfg.pretrain_deformation, device=dev
+            )
             forward = channels_last(scaling_and_squaring(v))
             inverse = scaling_and_squaring(-v)
             target = q + channels_last(sample(inverse, q[None], padding="border"))[0]
         else:
             forward = torch.zeros_like(ident)
             target = q
-        view = sample(image, transform_points(matrix, ident + forward))
+        view = sample(image, transform_points(matrix.to(dev), ident + forward))
         return view, target
+
+    def _detect(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Normalised keypoints ``(1, K, d)`` of each image, one detector call for all."""
+        return list(self.model.detector(torch.cat(images)).split(1))
 
     def _pretrain_loss(self, g: torch.Generator) -> torch.Tensor:
         item = self.volumes.items[0]
-        view, target = self.pretrain_view(self._image(item, g), self.pretrain_points, g)
-        view = self.aug(view, generator=g)["image"].to(self.device)
-        pred = self.model.detector(view)
-        return ((pred[0] - target.to(pred)) ** 2).sum(-1).mean()
+        views, targets = [], []
+        for _ in range(self.cfg.batch_size):
+            view, target = self.pretrain_view(self._image(item, g), self.pretrain_points, g)
+            views.append(self.aug(view, generator=g)["image"].to(self.device))
+            targets.append(target)
+        pred = torch.cat(self._detect(views))
+        return ((pred - torch.stack(targets).to(pred)) ** 2).sum(-1).mean()
 
-    def _warp_grid(self, fixed: dict[str, Any], moving: dict[str, Any], lam: float):
-        return self.model(
-            fixed["image"], moving["image"], fixed["geometry"], moving["geometry"],
-            self.cfg.transform, lam,
-        )  # fmt: skip
+    def _pairs(self, g: torch.Generator, labels: bool) -> list[tuple[Any, ...]]:
+        """``batch_size`` (fixed view, moving view, label one-hots or None, TPS lambda)."""
+        pairs = []
+        for _ in range(self.cfg.batch_size):
+            fi, mi = self._pair_items(g)
+            fixed, moving = self._view(fi, g), self._view(mi, g)
+            hots = self._label_one_hots(fixed["labels"], moving["labels"], g) if labels else None
+            if labels and hots is None:
+                raise ValueError(f"{fi['subject']} and {mi['subject']} share no labels")
+            pairs.append((fixed, moving, hots, self._lambda(g)))
+        return pairs
+
+    def _pair_grids(self, pairs: list[tuple[Any, ...]]) -> list[torch.Tensor]:
+        """The closed-form sampling grid of each pair's moving view."""
+        kps = self._detect([v["image"] for p in pairs for v in p[:2]])
+        grids = []
+        for i, (fixed, moving, _, lam) in enumerate(pairs):
+            fk = self.model.to_world(kps[2 * i], fixed["geometry"])
+            mk = self.model.to_world(kps[2 * i + 1], moving["geometry"])
+            grids.append(self.model.solve_grid(
+                fk, mk, fixed["geometry"], moving["geometry"], self.cfg.transform, lam
+            ))  # fmt: skip
+        return grids
 
     def _supervised_loss(self, g: torch.Generator) -> torch.Tensor:
-        fi, mi = self._pair_items(g)
-        fixed, moving = self._view(fi, g), self._view(mi, g)
-        hots = self._label_one_hots(fixed["labels"], moving["labels"], g)
-        grid, _, _ = self._warp_grid(fixed, moving, self._lambda(g))
-        if hots is None:
-            raise ValueError(f"{fi['subject']} and {mi['subject']} share no labels")
-        fo, mo = hots
-        return soft_dice(sample(mo, grid), fo)
+        pairs = self._pairs(g, labels=True)
+        losses = [
+            soft_dice(sample(hots[1], grid), hots[0])
+            for (_, _, hots, _), grid in zip(pairs, self._pair_grids(pairs), strict=True)
+        ]
+        return torch.stack(losses).mean()
 
     def _unsupervised_loss(self, g: torch.Generator) -> torch.Tensor:
         if self.step % 2 == 0:  # same modality: image MSE
-            fi, mi = self._pair_items(g)
-            fixed, moving = self._view(fi, g), self._view(mi, g)
-            grid, _, _ = self._warp_grid(fixed, moving, self._lambda(g))
-            return mse(sample(moving["image"], grid), fixed["image"])
+            pairs = self._pairs(g, labels=False)
+            losses = [
+                mse(sample(moving["image"], grid), fixed["image"])
+                for (fixed, moving, _, _), grid in zip(pairs, self._pair_grids(pairs), strict=True)
+            ]
+            return torch.stack(losses).mean()
         return self._consistency_loss(g)
 
     def _consistency_loss(self, g: torch.Generator) -> torch.Tensor:
         """Same subject, two synthesised contrasts, each under its own random affine: the
         mean squared deviation (normalised units) of the keypoints of one view mapped through
         the known relative affine from those of the other."""
-        item = self.volumes.items[int(torch.randint(len(self.volumes.items), (1,), generator=g))]
-        a = self._view(item, g, self.synth(item["labels"][None], generator=g)["image"])
-        b = self._view(item, g, self.synth(item["labels"][None], generator=g)["image"])
-        ka, kb = self.model.detector(a["image"]), self.model.detector(b["image"])
-        # a point y of view a is the original point M_a y, which view b shows at M_b^-1 M_a y
-        rel = (torch.linalg.inv(b["matrix"][0]) @ a["matrix"][0]).to(ka)
-        return ((transform_points(rel, ka[0]) - kb[0]) ** 2).sum(-1).mean()
+        views = []
+        for _ in range(self.cfg.batch_size):
+            n = len(self.volumes.items)
+            item = self.volumes.items[int(torch.randint(n, (1,), generator=g))]
+            a = self._view(item, g, self.synth(item["labels"][None], generator=g)["image"])
+            b = self._view(item, g, self.synth(item["labels"][None], generator=g)["image"])
+            views += [a, b]
+        kps = self._detect([v["image"] for v in views])
+        losses = []
+        for i in range(0, len(views), 2):
+            a, b, ka, kb = views[i], views[i + 1], kps[i][0], kps[i + 1][0]
+            # a point y of view a is the original point M_a y, which view b shows at M_b^-1 M_a y
+            rel = (torch.linalg.inv(b["matrix"][0]) @ a["matrix"][0]).to(ka)
+            losses.append(((transform_points(rel, ka) - kb) ** 2).sum(-1).mean())
+        return torch.stack(losses).mean()
 
     # -- loop ------------------------------------------------------------------------------
     def total_steps(self) -> int:
