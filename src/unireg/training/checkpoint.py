@@ -99,7 +99,7 @@ def load_checkpoint(
 
 # -- the models a user runs -------------------------------------------------------------------
 
-DEFAULT_MODELS = {"keymorph": "keymorph_ixi_2mm.pt", "sitreg": "sitreg_ixi_2mm.pt"}
+DEFAULT_MODELS = {"keymorph": "keymorph_ixi_4mm.pt", "sitreg": "sitreg_ixi_2mm.pt"}
 # other shipped models, asked for by name (``--model lite``, ``sitreg:fast:model=lite``)
 SHIPPED_VARIANTS = {"sitreg": {"lite": "sitreg_lite_ixi_2mm.pt"}}
 _NAMES = {"keymorph": "KeyMorph", "sitreg": "SITReg"}
