@@ -281,8 +281,7 @@ class Trainer:
             bar.set_postfix(phase=phase, loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}")
             bar.update(1)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == total:
-                self.save()
-                self.out.mkdir(parents=True, exist_ok=True)
+                self.save()  # creates the output folder
                 new_log = not log.exists()
                 with log.open("a") as fh:
                     fh.write(("step,phase,loss,seconds\n" if new_log else "") + "".join(pending))

@@ -150,7 +150,7 @@ class KeyMorphTrainer(Trainer):
         views, targets = [], []
         for _ in range(self.cfg.batch_size):
             view, target = self.pretrain_view(self._image(item, g), self.pretrain_points, g)
-            views.append(self.aug(view, generator=g)["image"].to(self.device))
+            views.append(self.aug(view, generator=g)["image"])  # on the training device
             targets.append(target)
         pred = torch.cat(self._detect(views))
         return ((pred - torch.stack(targets).to(pred)) ** 2).sum(-1).mean()
