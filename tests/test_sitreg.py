@@ -61,6 +61,33 @@ def test_register_sitreg_composes_the_affine_stage_and_gives_both_directions(tmp
     assert err_c["mean_mm"] < 0.01 and err_c["p95_mm"] < 0.02
 
 
+def test_register_sitreg_holds_the_network_fields_with_their_faces_extended(tmp_path):
+    # the result keeps the network's own fields (no resampling), extended beyond the network
+    # grid G by their face values, over all the fixed grid (forward) and all the moving grid
+    # mapped back by the affine stage (inverse): evaluated anywhere there, each equals the
+    # network field sampled with its border held, in mm
+    from unireg.spatial.warp import sample
+
+    _tiny_manifest(tmp_path)
+    fixed, moving = load_image(tmp_path / "s0.nii.gz"), load_image(tmp_path / "s1.nii.gz")
+    res = register_sitreg(fixed, moving, model=_model(), payload={"preprocessing": PREP})
+    grid = res.extras["network_grid"]
+    to_mm = torch.from_numpy(grid.normalized_to_world[:3, :3]).float()
+    back = res.affine.inverse()
+    for u, field, points in (
+        (res.extras["network_fields"][0], res.transform.transforms[0],
+         world_points(fixed.geometry).reshape(-1, 3)),
+        (res.extras["network_fields"][1], res.inverse.transforms[1],
+         back.map_points(world_points(moving.geometry).reshape(-1, 3))),
+    ):  # fmt: skip
+        local = transform_points(torch.from_numpy(grid.world_to_normalized).float(), points)
+        assert float(local.abs().max()) > 1.05  # reaching beyond G
+        expected = to_mm @ sample(u, local[None], padding="border")[0]
+        got = field.map_points(points) - points
+        assert float(expected.abs().max()) > 0.05
+        torch.testing.assert_close(got, expected.T, atol=2e-4, rtol=0)
+
+
 def test_sitreg_swapped_images_give_the_swapped_deformations_on_the_network_grid(tmp_path):
     # without the affine stage, with both images on one grid and the network grid centred on
     # its field of view (not on the fixed image's centre of mass), swapping the inputs swaps

@@ -36,6 +36,7 @@ from unireg.spatial import (
     warp_affine,
     warp_labels,
     world_map_matrix,
+    world_points,
 )
 from unireg.spatial.geometry import voxel_to_normalized_matrix
 
@@ -349,6 +350,61 @@ def test_world_transform_warp_matches_point_mapping_for_fields():
     generic = super(DisplacementFieldTransform, t).moving_points(other, geom, dtype=torch.float64)
     fast = t.moving_points(geom, geom, dtype=torch.float64)
     torch.testing.assert_close(generic, fast, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_axis_aligned_warp_affine_equals_grid_sample(ndim, padding):
+    # grids whose axes agree up to order and sign (a change of grid between two scans, a
+    # zoom, a shift partly out of the field of view) take the separable path: it must give
+    # grid_sample's values, including the zero / border padding at and beyond the faces
+    from unireg.spatial.warp import _axis_permutation, warp_affine
+
+    rng = np.random.default_rng(ndim)
+    image = smooth_image((13, 11, 9)[:ndim], seed=3, channels=2)
+    for _ in range(4):
+        perm = rng.permutation(ndim)
+        m = np.eye(ndim + 1)
+        m[:ndim, :ndim] = 0
+        for k in range(ndim):
+            m[perm[k], k] = rng.choice([-1, 1]) * rng.uniform(0.4, 1.6)
+        m[:ndim, ndim] = rng.uniform(-0.6, 0.6, ndim)
+        matrix = torch.from_numpy(m)
+        assert _axis_permutation(matrix, ndim) == list(perm)
+        shape = (17, 8, 12)[:ndim]
+        fast = warp_affine(image, matrix, shape, padding=padding)
+        slow = sample(image, affine_grid(matrix.float(), shape), padding=padding)
+        assert float(slow.abs().max()) > 0.1
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    # an oblique map is not separable and keeps the grid_sample path
+    oblique = torch.from_numpy(
+        random_affine(ndim, rotation=10, seed=0, dtype=torch.float64)[0].numpy()
+    )
+    assert _axis_permutation(oblique, ndim) is None
+
+
+def test_field_and_affine_chain_fast_path_equals_point_mapping():
+    # [field, affine] (ANTs' registration output, SITReg's result) folds the affine into the
+    # moving frame and resamples its field once: the same points as mapping every voxel
+    # through both transforms, for a field on another (oblique) grid than the reference
+    field_geom = Geometry((12, 10, 9), oblique_affine((2.0, 2.2, 2.5), (5, 0, 10), (-12, -11, -9)))
+    ref = Geometry((15, 14, 11), oblique_affine((1.5, 1.5, 2.0), (0, 8, 0), (-10, -10, -10)))
+    moving = Geometry((10, 12, 13), oblique_affine((2.0, 1.8, 1.6), (-5, 3, 0), (-9, -10, -11)))
+    u = 3.0 * smooth_field(field_geom.shape, 1.0, seed=7)[0]  # mm
+    affine = AffineTransform(random_affine(3, rotation=15, translation=4, seed=3,
+                                           dtype=torch.float64)[0])  # fmt: skip
+    chain = CompositeTransform([DisplacementFieldTransform(u, field_geom), affine])
+    fast = chain.moving_points(ref, moving, dtype=torch.float64)
+    generic = super(CompositeTransform, chain).moving_points(ref, moving, dtype=torch.float64)
+    assert (
+        float((generic - affine.moving_points(ref, moving, dtype=torch.float64)).abs().max()) > 0.05
+    )
+    torch.testing.assert_close(fast, generic, atol=1e-5, rtol=0)
+    # and the field's displacement on the reference grid (0 outside its own grid)
+    t = chain.transforms[0]
+    x = world_points(ref, dtype=torch.float64)
+    expected = (t.map_points(x) - x)[0].movedim(-1, 0).float()
+    torch.testing.assert_close(t.displacement(ref), expected, atol=1e-4, rtol=0)
 
 
 def test_composite_transform_order_and_affine_inverse():

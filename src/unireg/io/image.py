@@ -409,6 +409,22 @@ def crop_or_pad(
     return image.with_data(out, image.affine @ shift)
 
 
+def percentile_range(
+    values: torch.Tensor, lower: float = 0.5, upper: float = 99.5
+) -> tuple[float, float]:
+    """The ``lower`` and ``upper`` percentiles of ``values`` (any shape; order statistics,
+    no interpolation)."""
+    values = values.reshape(-1)
+    if values.numel() == 0:
+        raise ValueError("no values to take percentiles of")
+
+    def pct(q: float) -> float:
+        k = min(max(int(round(q / 100.0 * (values.numel() - 1))) + 1, 1), values.numel())
+        return float(values.kthvalue(k).values)
+
+    return pct(lower), pct(upper)
+
+
 def normalize_intensity(
     image: Image,
     *,
@@ -421,15 +437,10 @@ def normalize_intensity(
     if image.is_label:
         raise TypeError("normalize_intensity is for intensity images, not label maps")
     data = image.data.float()
-    values = data[mask.expand_as(data).bool()] if mask is not None else data.reshape(-1)
+    values = data[mask.expand_as(data).bool()] if mask is not None else data
     if values.numel() == 0:
         raise ValueError("normalisation mask selects no voxels")
-
-    def pct(q: float) -> torch.Tensor:
-        k = min(max(int(round(q / 100.0 * (values.numel() - 1))) + 1, 1), values.numel())
-        return values.kthvalue(k).values
-
-    lo, hi = pct(lower), pct(upper)
-    if float(hi - lo) <= 0:
+    lo, hi = percentile_range(values, lower, upper)
+    if hi - lo <= 0:
         return image.with_data(torch.zeros_like(data))
     return image.with_data(((data - lo) / (hi - lo)).clamp(0.0, 1.0))

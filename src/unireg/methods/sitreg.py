@@ -47,6 +47,7 @@ from unireg.profiling import Measure
 from unireg.result import RegistrationResult
 from unireg.solvers import register
 from unireg.solvers.gauss_newton import GN_LEVELS, affine_gauss_newton
+from unireg.solvers.pyramid import level_geometry
 from unireg.spatial.bspline import bspline_field, invertibility_bound
 from unireg.spatial.field import (
     compose_displacements,
@@ -56,7 +57,7 @@ from unireg.spatial.geometry import Geometry
 from unireg.spatial.grid import voxel_to_normalized_scale
 from unireg.spatial.inversion import invert_displacement
 from unireg.spatial.transform import AffineTransform, CompositeTransform, DisplacementFieldTransform
-from unireg.spatial.warp import sample, warp
+from unireg.spatial.warp import warp
 
 
 class BoundedBSplineUpdate(nn.Module):
@@ -280,10 +281,11 @@ def register_sitreg(
        :data:`INFERENCE`; by default the one the model was trained with).
 
     The result's ``transform`` is ``x -> A(x + u(x))`` (``u`` the forward field in world mm,
-    carried from ``G`` onto the fixed grid with its values at ``G``'s faces held beyond them),
-    its ``inverse`` ``y -> z + v(z)``, ``z = A^-1(y)``; both are written by
-    :meth:`RegistrationResult.save` as one displacement field each. ``extras`` hold the
-    matrix of ``A``, ``G``, the network's own fields and the time of each stage (seconds).
+    held on the network's own grid over ``G`` and extended beyond it by its values at ``G``'s
+    faces), its ``inverse`` ``y -> z + v(z)``, ``z = A^-1(y)``; both are written by
+    :meth:`RegistrationResult.save` as one displacement field each, on the fixed and the
+    moving grid. ``extras`` hold the matrix of ``A``, ``G``, the network's own fields and the
+    time of each stage (seconds); the measured time includes the warped image.
     """
     if affine not in AFFINE_STAGES:
         raise ValueError(f"unknown affine stage {affine!r}; choose from {AFFINE_STAGES}")
@@ -318,7 +320,7 @@ def register_sitreg(
         model = model.to(dev).eval()
         with torch.no_grad():
             # a = moving, b = fixed: forward maps fixed's space to moving's
-            # "fast": the fields stay on their coarser grid; they are resampled below anyway
+            # "fast": the fields stay on their coarser grid (held there below)
             fwd, inv = model(
                 moving_g.data.unsqueeze(0).to(dev), fixed_g.data.unsqueeze(0).to(dev),
                 inference=inference, resize=False,
@@ -326,47 +328,60 @@ def register_sitreg(
         d = fixed.ndim
         # normalised -> world mm displacements: the linear part of G's normalised -> world map
         to_mm = torch.from_numpy(grid.normalized_to_world[:d, :d]).float().to(dev)
+        # Both fields are held on the network's own grid (G's extent at the fields'
+        # resolution: no resampling), extended by copies of its faces to a grid covering G,
+        # the fixed field of view (where the forward field is evaluated) and the moving one
+        # mapped by A^-1 (where the inverse is). Linear interpolation on it equals sampling
+        # the network's field with its values at G's faces held beyond them (no jump to 0
+        # where G ends, which would fold there); saving writes each field on the fixed /
+        # moving grid.
+        native = level_geometry(grid, tuple(fwd.shape[2:]))
+        inv_linear = linear.inverse()
+        back = inv_linear.matrix.numpy()
+        moving_corners = back[:d, :d] @ _corners(moving.geometry) + back[:d, d:]
+        cover, lo = _covering(native, np.concatenate([_corners(fixed.geometry), moving_corners], 1))
+        pad = []
+        for axis in reversed(range(d)):  # F.pad lists the last axis first
+            pad += [lo[axis], cover.shape[axis] - native.shape[axis] - lo[axis]]
 
-        def field(u: torch.Tensor, target: Geometry) -> DisplacementFieldTransform:
-            # sampled at ``target``'s voxels (G-normalised coordinates: resolution-free, so
-            # ``u`` may be on any grid over G's extent) with the values at G's faces held
-            # beyond them (no jump to 0 where G ends, which would fold there); then mm
-            pts = AffineTransform.identity(d).moving_points(target, grid, device=u.device)
-            local = sample(u.float(), pts, padding="border")[0]  # (d, *target.shape)
-            world = torch.einsum("ij,j...->i...", to_mm, local)
-            return DisplacementFieldTransform(world.contiguous().cpu(), target)
+        def field(u: torch.Tensor) -> DisplacementFieldTransform:
+            world = torch.einsum("ij,bj...->bi...", to_mm, u.float())
+            world = F.pad(world, pad, mode="replicate")[0]
+            return DisplacementFieldTransform(world.contiguous().cpu(), cover)
 
-        transform = CompositeTransform([field(fwd, fixed.geometry), linear])
-        # the inverse field lives in the fixed frame too; held on a grid covering the fixed
-        # field of view and G
-        inverse = CompositeTransform(
-            [linear.inverse(), field(inv, _covering(fixed.geometry, grid))]
-        )
+        transform = CompositeTransform([field(fwd), linear])
+        inverse = CompositeTransform([inv_linear, field(inv)])
         t2 = time.perf_counter()
-    warped = resample(moving, fixed.geometry, transform)
+        # the warped image is part of the timed result, as it is of ANTs' registration
+        warped = resample(moving, fixed.geometry, transform)
+        t3 = time.perf_counter()
     return RegistrationResult(
         transform=transform, fixed=fixed.geometry, moving=moving.geometry, inverse=inverse,
         warped=warped, elapsed=measured.seconds, peak_memory=measured.peak_bytes,
         extras={
             "method": f"sitreg ({inference}, affine stage {affine})", "inference": inference,
             "matrix": linear.matrix, "network_grid": grid,
-            "stage_seconds": {"affine": t1 - t0, "network": t2 - t1},
+            "stage_seconds": {"affine": t1 - t0, "network": t2 - t1, "warp": t3 - t2},
             # normalised, over network_grid's extent (on a coarser grid for "fast")
             "network_fields": (fwd.cpu(), inv.cpu()),
         },
     )  # fmt: skip
 
 
-def _covering(a: Geometry, b: Geometry) -> Geometry:
-    """A grid with ``b``'s axes and spacing covering both grids' fields of view (+1 voxel)."""
+def _corners(g: Geometry) -> np.ndarray:
+    """World coordinates (mm) of a grid's corner voxels, ``(d, 2^d)``."""
+    d = g.ndim
+    idx = np.array(np.meshgrid(*[[0, n - 1] for n in g.shape], indexing="ij")).reshape(d, -1)
+    return g.voxel_to_world[:d, :d] @ idx + g.voxel_to_world[:d, d:]
+
+
+def _covering(b: Geometry, world: np.ndarray) -> tuple[Geometry, list[int]]:
+    """A grid with ``b``'s axes and spacing covering ``b`` and the world points ``(d, N)``
+    (+1 voxel), and how many voxels it extends before ``b``'s first one on each axis (>= 1)."""
     d = b.ndim
-    corners = []
-    for g in (a, b):
-        idx = np.array(np.meshgrid(*[[0, n - 1] for n in g.shape], indexing="ij")).reshape(d, -1)
-        corners.append(g.voxel_to_world[:d, :d] @ idx + g.voxel_to_world[:d, d:])
-    world = np.concatenate(corners, axis=1)
+    world = np.concatenate([_corners(b), world], axis=1)
     vox = b.world_to_voxel[:d, :d] @ world + b.world_to_voxel[:d, d:]
-    lo, hi = np.floor(vox.min(1)) - 1, np.ceil(vox.max(1)) + 1
+    lo, hi = np.floor(vox.min(1) + 1e-6) - 1, np.ceil(vox.max(1) - 1e-6) + 1
     affine = b.voxel_to_world.copy()
     affine[:d, d] = b.voxel_to_world[:d, :d] @ lo + b.voxel_to_world[:d, d]
-    return Geometry(tuple(int(n) for n in hi - lo + 1), affine)
+    return Geometry(tuple(int(n) for n in hi - lo + 1), affine), [int(-v) for v in lo]

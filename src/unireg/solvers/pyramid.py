@@ -50,6 +50,32 @@ def pyramid(x: torch.Tensor, factors: Sequence[float]) -> list[torch.Tensor]:
     return [downsample(x, f) for f in factors]
 
 
+def cascade(x: torch.Tensor, factors: Sequence[float]) -> list[torch.Tensor]:
+    """The levels of :func:`pyramid` (same shapes and total Gaussian blur, sigma ``f / 2``
+    full-resolution voxels), each made from the next finer one: only the finest level is
+    filtered at full resolution, so a deep pyramid costs little more than its first level.
+    Equal to :func:`pyramid` up to the extra linear interpolation between levels."""
+    full = tuple(x.shape[2:])
+    mode = "bilinear" if x.ndim == 4 else "trilinear"
+    out: dict[float, torch.Tensor] = {}
+    level, blur = x, 0.0  # blur so far, full-resolution voxels
+    for factor in sorted(set(float(f) for f in factors)):
+        if factor == 1:
+            out[factor] = x
+            continue
+        sigma = (max((factor / 2.0) ** 2 - blur**2, 0.0)) ** 0.5
+        target = level_shape(full, factor)
+        for axis, n in enumerate(target):
+            # voxels of the current level per full-resolution voxel along this axis
+            step = (full[axis] - 1) / max(level.shape[axis + 2] - 1, 1)
+            level = filter_axis(level, gaussian_kernel1d(sigma / step), axis, padding="replicate")
+            size = list(level.shape[2:])
+            size[axis] = n
+            level = F.interpolate(level, size=size, mode=mode, align_corners=True)
+        out[factor], blur = level, factor / 2.0
+    return [out[float(f)] for f in factors]
+
+
 def level_geometry(geometry: Geometry, shape: Sequence[int]) -> Geometry:
     """The world placement of a pyramid level of ``shape`` over the same extent: voxel centres
     ``i * (n - 1) / (m - 1)`` of the full grid, so the first and last ones coincide."""

@@ -16,7 +16,7 @@ import torch
 from unireg.spatial.field import world_points
 from unireg.spatial.geometry import Geometry, normalized_map_matrix
 from unireg.spatial.grid import affine_grid, channels_last, transform_points
-from unireg.spatial.warp import Mode, Padding, sample, warp_labels
+from unireg.spatial.warp import Mode, Padding, sample, warp_affine, warp_labels
 
 
 class Transform:
@@ -111,6 +111,19 @@ class AffineTransform(Transform):
         m = normalized_map_matrix(self.matrix.numpy(), reference, moving)
         return affine_grid(torch.from_numpy(m).to(device, dtype), reference.shape)
 
+    def warp(
+        self,
+        image: torch.Tensor,
+        moving: Geometry,
+        reference: Geometry,
+        *,
+        mode: Mode = "linear",
+        padding: Padding = "zeros",
+    ) -> torch.Tensor:
+        # one normalised-frame matrix: separable when the grids' axes agree (warp_affine)
+        m = torch.from_numpy(normalized_map_matrix(self.matrix.numpy(), reference, moving))
+        return warp_affine(image, m.to(image.device), reference.shape, mode=mode, padding=padding)
+
     def __repr__(self) -> str:
         return f"AffineTransform(\n{self.matrix.numpy()})"
 
@@ -146,24 +159,28 @@ class DisplacementFieldTransform(Transform):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        if not reference.same_grid(self.geometry):
-            return super().moving_points(reference, moving, device=device, dtype=dtype)
-        # On its own grid the field needs no interpolation, and
-        # W2N_m (x_world + u) = (W2N_m N2W_f) x_norm + L u  with L the linear part of W2N_m.
+        # W2N_m (x + u(x)) = (W2N_m N2W_r) x_norm + L u(x), L the linear part of W2N_m; on
+        # its own grid the field needs no interpolation, on another it is resampled once
         d = self.ndim
         to_moving = moving.world_to_normalized
         m = to_moving @ reference.normalized_to_world
         points = affine_grid(torch.from_numpy(m).to(device, dtype), reference.shape)
         lin = torch.from_numpy(to_moving[:d, :d]).to(device, dtype)
-        points += channels_last(self.field.to(device, dtype).unsqueeze(0)) @ lin.T
+        points += channels_last(self._on(reference, device, dtype)) @ lin.T
         return points
+
+    def _on(self, reference: Geometry, device, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
+        """The field (mm) at the reference voxels, 0 outside its grid: ``(1, d, *ref.shape)``."""
+        field = self.field.to(device, dtype).unsqueeze(0)
+        if reference.same_grid(self.geometry):
+            return field
+        m = torch.from_numpy(self.geometry.world_to_normalized @ reference.normalized_to_world)
+        return warp_affine(field, m.to(field.device), reference.shape, padding="zeros")
 
     def displacement(
         self, reference: Geometry, *, device: torch.device | str | None = None
     ) -> torch.Tensor:
-        if reference.same_grid(self.geometry):
-            return self.field.to(device).float()
-        return super().displacement(reference, device=device)
+        return self._on(reference, device, torch.float32)[0]
 
 
 class CompositeTransform(Transform):
@@ -207,6 +224,17 @@ class CompositeTransform(Transform):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
+        first = self._merged[0]
         if len(self._merged) == 1:
-            return self._merged[0].moving_points(reference, moving, device=device, dtype=dtype)
+            return first.moving_points(reference, moving, device=device, dtype=dtype)
+        if (
+            len(self._merged) == 2
+            and isinstance(first, DisplacementFieldTransform)
+            and isinstance(self._merged[1], AffineTransform)
+        ):
+            # [field, A] (ANTs' registration output): the affine folds into the moving frame,
+            # W2N_m A = W2N of a grid placed by A^-1 V2W_m, so the field runs its own path
+            inv = np.linalg.inv(self._merged[1].matrix.numpy())
+            placed = Geometry(moving.shape, inv @ moving.voxel_to_world)
+            return first.moving_points(reference, placed, device=device, dtype=dtype)
         return super().moving_points(reference, moving, device=device, dtype=dtype)
