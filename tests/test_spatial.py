@@ -352,6 +352,35 @@ def test_world_transform_warp_matches_point_mapping_for_fields():
     torch.testing.assert_close(generic, fast, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_folded_trilinear_sampling_equals_grid_sample_3d(padding):
+    # without gradients, 3D linear sampling of a field-sized volume runs as 2D bilinear
+    # sampling of its stacked slices: the same values as the 3D sampler, inside, at the faces
+    # and beyond them (within one voxel the zero padding blends, farther it is 0)
+    import torch.nn.functional as F
+
+    from unireg.spatial.warp import _folds
+
+    vol = smooth_image((9, 11, 7), seed=5, channels=3).float() * 10.0
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.rand(2, 13, 6, 5, 3, generator=gen) * 3.0 - 1.5
+    pts[0, 0, 0, :3] = torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, 0.3], [1.1, 0.0, -1.05]])
+    vol = vol.expand(2, -1, -1, -1, -1)
+    assert _folds(vol, pts, "linear", padding)
+    reference = F.grid_sample(vol, pts.flip(-1), padding_mode=padding, align_corners=True)
+    torch.testing.assert_close(sample(vol, pts, padding=padding), reference, atol=5e-5, rtol=0)
+    torch.testing.assert_close(
+        sample(vol, pts.flip(-1), padding=padding, reversed_axes=True), reference,
+        atol=5e-5, rtol=0,
+    )  # fmt: skip
+    if padding == "zeros":
+        assert float(reference.abs().max()) > 1 and float(reference.eq(0).float().mean()) > 0.05
+    # with gradients the 3D sampler runs (and differentiates)
+    leaf = vol.clone().requires_grad_(True)
+    assert not _folds(leaf, pts, "linear", padding)
+    torch.testing.assert_close(sample(leaf, pts, padding=padding), reference, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 def test_axis_aligned_warp_affine_equals_grid_sample(ndim, padding):

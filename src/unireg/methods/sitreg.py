@@ -88,7 +88,10 @@ class BoundedBSplineUpdate(nn.Module):
         bound = self.fraction * invertibility_bound(self.ndim, spacing)
         # the paper's feature reparametrisation: the difference and the sum of the two feature
         # volumes (swapping the inputs flips the first half only; a + b == b + a exactly)
-        raw = self.net(torch.cat([a - b, a + b], dim=1))
+        x = torch.cat([a - b, a + b], dim=1)
+        if self.ndim == 3:  # oneDNN's 3D convolutions run ~2x faster channels-last on CPU
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        raw = self.net(x).contiguous()
         return bound * torch.tanh(raw), spacing, bound
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, out_shape: Sequence[int]) -> torch.Tensor:
