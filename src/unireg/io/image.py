@@ -415,14 +415,15 @@ def percentile_range(
     """The ``lower`` and ``upper`` percentiles of ``values`` (any shape; order statistics,
     no interpolation)."""
     values = values.reshape(-1)
-    if values.numel() == 0:
+    n = values.numel()
+    if n == 0:
         raise ValueError("no values to take percentiles of")
-
-    def pct(q: float) -> float:
-        k = min(max(int(round(q / 100.0 * (values.numel() - 1))) + 1, 1), values.numel())
-        return float(values.kthvalue(k).values)
-
-    return pct(lower), pct(upper)
+    ranks = [min(max(int(round(q / 100.0 * (n - 1))), 0), n - 1) for q in (lower, upper)]
+    if values.device.type == "cpu":  # one selection for both ranks: ~2x faster than kthvalue
+        arr = values.detach().numpy()
+        picked = np.partition(arr, sorted(set(ranks)))
+        return float(picked[ranks[0]]), float(picked[ranks[1]])
+    return tuple(float(values.kthvalue(r + 1).values) for r in ranks)  # type: ignore[return-value]
 
 
 def normalize_intensity(

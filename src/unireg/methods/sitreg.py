@@ -134,7 +134,7 @@ class _ResidualStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.down(x)
-        return F.leaky_relu(x + self.res(x), 0.2)
+        return F.leaky_relu(x + self.res(x), 0.2, inplace=True)
 
 
 INFERENCE = ("standard", "complete", "fast")

@@ -34,7 +34,7 @@ from unireg.spatial.warp import sample
 
 # (pyramid factor, Gauss-Newton iterations) per level
 GN_LEVELS = {
-    "fast": ((8.0, 10), (4.0, 8), (2.0, 5)),
+    "fast": ((8.0, 10), (4.0, 8), (2.0, 3)),
     "accurate": ((8.0, 15), (4.0, 10), (2.0, 10), (1.0, 5)),
 }
 

@@ -20,6 +20,7 @@ from unireg.spatial.grid import (
     channels_first,
     channels_last,
     identity_grid,
+    shared_identity_grid,
     transform_points,
 )
 from unireg.spatial.warp import Padding, sample
@@ -27,7 +28,7 @@ from unireg.spatial.warp import Padding, sample
 
 def displacement_to_points(displacement: torch.Tensor) -> torch.Tensor:
     """Absolute point map ``(B, *spatial, d)`` = identity grid + displacement."""
-    grid = identity_grid(
+    grid = shared_identity_grid(
         tuple(displacement.shape[2:]), device=displacement.device, dtype=displacement.dtype
     )
     return grid + channels_last(displacement)
@@ -35,7 +36,7 @@ def displacement_to_points(displacement: torch.Tensor) -> torch.Tensor:
 
 def points_to_displacement(points: torch.Tensor) -> torch.Tensor:
     """Displacement ``(B, d, *spatial)`` of a normalised point map ``(B, *spatial, d)``."""
-    grid = identity_grid(tuple(points.shape[1:-1]), device=points.device, dtype=points.dtype)
+    grid = shared_identity_grid(tuple(points.shape[1:-1]), device=points.device, dtype=points.dtype)
     return channels_first(points - grid)
 
 

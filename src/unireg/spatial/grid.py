@@ -8,6 +8,8 @@ otherwise (see :mod:`unireg.spatial.geometry`).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -40,6 +42,26 @@ def identity_grid(
     """
     axes = [axis_coordinates(n, device=device, dtype=dtype) for n in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=16)
+def _identity_cached(
+    shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    return identity_grid(shape, device=device, dtype=dtype)
+
+
+def shared_identity_grid(
+    shape: tuple[int, ...],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """:func:`identity_grid`, built once per shape, device and dtype and shared by every
+    caller (for the loops that add a displacement to it again and again): read it, never
+    write to it."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return _identity_cached(tuple(int(n) for n in shape), dev, dtype)
 
 
 def voxel_to_normalized_scale(

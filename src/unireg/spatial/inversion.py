@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unireg.spatial.grid import channels_last, identity_grid, voxel_to_normalized_scale
+from unireg.spatial.grid import channels_last, shared_identity_grid, voxel_to_normalized_scale
 from unireg.spatial.warp import sample
 
 
@@ -63,7 +63,7 @@ def _anderson(
     ``O(memory * N)`` besides the evaluation of ``F``."""
     shape = tuple(u.shape[2:])
     b = u.shape[0]
-    grid = identity_grid(shape, device=u.device, dtype=u.dtype).flip(-1)
+    grid = shared_identity_grid(shape, device=u.device, dtype=u.dtype).flip(-1)
     scale = (1.0 / voxel_to_normalized_scale(shape, u)).flip(1)
     neg_u = -u.flip(1)
     v = neg_u.clone()
@@ -127,7 +127,7 @@ class _InvertDisplacement(torch.autograd.Function):
         u, v = ctx.saved_tensors
         tol, max_iter = ctx.settings
         shape = tuple(u.shape[2:])
-        grid = identity_grid(shape, device=u.device, dtype=u.dtype)
+        grid = shared_identity_grid(shape, device=u.device, dtype=u.dtype)
         scale = 1.0 / voxel_to_normalized_scale(shape, u)
         with torch.enable_grad():
             u_ = u.detach().requires_grad_(True)

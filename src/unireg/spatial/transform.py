@@ -166,7 +166,8 @@ class DisplacementFieldTransform(Transform):
         m = to_moving @ reference.normalized_to_world
         points = affine_grid(torch.from_numpy(m).to(device, dtype), reference.shape)
         lin = torch.from_numpy(to_moving[:d, :d]).to(device, dtype)
-        points += channels_last(self._on(reference, device, dtype)) @ lin.T
+        u = channels_last(self._on(reference, device, dtype)).reshape(-1, d)
+        points += (u @ lin.T).reshape(points.shape)  # one matrix product, not one per row
         return points
 
     def _on(self, reference: Geometry, device, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001

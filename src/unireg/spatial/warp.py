@@ -19,7 +19,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from unireg.spatial.grid import affine_grid, axis_coordinates, channels_last, identity_grid
+from unireg.spatial.grid import (
+    affine_grid,
+    axis_coordinates,
+    channels_last,
+    shared_identity_grid,
+)
 
 Mode = Literal["linear", "nearest"]
 Padding = Literal["zeros", "border", "reflection"]
@@ -143,7 +148,7 @@ def warp(
     ``displacement`` is ``(B, d, *fixed_spatial)``; the moving image is sampled at
     ``x + displacement(x)``.
     """
-    points = identity_grid(
+    points = shared_identity_grid(
         tuple(displacement.shape[2:]), device=displacement.device, dtype=displacement.dtype
     )
     return sample(image, points + channels_last(displacement), mode=mode, padding=padding)
@@ -214,7 +219,10 @@ def _separable_linear(
         for idx, weight in ((lo, 1 - frac), (lo + 1, frac)):
             inside = (idx >= 0) & (idx <= n - 1)  # zeros padding: outside contributes 0
             weights.scatter_add_(1, idx.clamp(0, n - 1).long()[:, None], (weight * inside)[:, None])
-        out = torch.movedim(torch.movedim(out, 2 + k, -1) @ weights.to(image.dtype).T, -1, 2 + k)
+        # one matrix product over every line along the axis
+        lines = torch.movedim(out, 2 + k, -1).contiguous()
+        moved = (lines.reshape(-1, n) @ weights.to(image.dtype).T).reshape(*lines.shape[:-1], -1)
+        out = torch.movedim(moved, -1, 2 + k)
     return out.contiguous()
 
 
