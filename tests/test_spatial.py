@@ -381,6 +381,38 @@ def test_folded_trilinear_sampling_equals_grid_sample_3d(padding):
     torch.testing.assert_close(sample(leaf, pts, padding=padding), reference, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(80, 60, 9), (20, 24, 22), (90, 70)])
+def test_one_image_sampled_in_parts_across_threads_equals_one_call(shape):
+    # a single image's points are split into parts sampled as a batch (one thread each):
+    # the same values, in the same places, and the same gradients
+    import torch.nn.functional as F
+
+    from unireg.spatial.warp import _parts
+
+    d = len(shape)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        image = smooth_image(shape, seed=2, channels=2).float().requires_grad_(True)
+        gen = torch.Generator().manual_seed(1)
+        out_shape = (256, 132) if d == 2 else (64, 132, 4)  # 33792 points: two parts
+        pts = torch.rand(1, *out_shape, d, generator=gen) * 2.4 - 1.2
+        assert _parts(1, pts[0, ..., 0].numel()) == 2
+        out = sample(image, pts, padding="zeros")
+        ref = F.grid_sample(image, pts.flip(-1), padding_mode="zeros", align_corners=True)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+        (g,) = torch.autograd.grad((out * ref.detach()).sum(), image)
+        (g_ref,) = torch.autograd.grad((ref * ref.detach()).sum(), image)
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():  # the folded 3D path is split the same way
+            border = F.grid_sample(image, pts.flip(-1), padding_mode="border", align_corners=True)
+            torch.testing.assert_close(
+                sample(image, pts, padding="border"), border, atol=5e-5, rtol=0
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 def test_axis_aligned_warp_affine_equals_grid_sample(ndim, padding):

@@ -73,9 +73,9 @@ class BoundedBSplineUpdate(nn.Module):
         self.ndim, self.fraction = ndim, float(fraction)
         self.net = nn.Sequential(
             conv(2 * channels, hidden, 3, padding=1),
-            nn.LeakyReLU(0.2),
+            nn.LeakyReLU(0.2, inplace=True),
             conv(hidden, hidden, 3, padding=1),
-            nn.LeakyReLU(0.2),
+            nn.LeakyReLU(0.2, inplace=True),
             conv(hidden, ndim, 1),
         )
         nn.init.zeros_(self.net[-1].weight)  # start at the identity

@@ -121,14 +121,19 @@ def affine_grid(matrix: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if matrix.shape[-2:] != (d + 1, d + 1):
         raise ValueError(f"matrix {tuple(matrix.shape)} does not match a {d}D grid")
     batch = matrix.shape[0]
-    # out = t + sum_a M[:, a] * x_a, accumulated by broadcasting: one grid-sized allocation
-    out = matrix[:, None, :d, d].reshape(batch, *[1] * d, d).expand(batch, *shape, d).clone()
+    # out = t + sum_a M[:, a] * x_a: one small table per axis, summed by broadcasting, so
+    # only the last sum writes a grid-sized tensor
+    out = None
     for a, n in enumerate(shape):
         coords = axis_coordinates(n, device=matrix.device, dtype=matrix.dtype)
-        view = [1] * d
-        view[a] = n
-        out += coords.view(1, *view, 1) * matrix[:, :d, a].reshape(batch, *[1] * d, d)
-    return out
+        term = coords.view(1, n, 1) * matrix[:, None, :d, a]  # (B, n, d)
+        if a == 0:
+            term = term + matrix[:, None, :d, d]
+        view = [batch] + [1] * d + [d]
+        view[1 + a] = n
+        term = term.view(view)
+        out = term if out is None else out + term
+    return out.expand(batch, *shape, d).contiguous()
 
 
 def channels_last(field: torch.Tensor) -> torch.Tensor:

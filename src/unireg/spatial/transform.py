@@ -167,8 +167,8 @@ class DisplacementFieldTransform(Transform):
         points = affine_grid(torch.from_numpy(m).to(device, dtype), reference.shape)
         lin = torch.from_numpy(to_moving[:d, :d]).to(device, dtype)
         u = channels_last(self._on(reference, device, dtype)).reshape(-1, d)
-        points += (u @ lin.T).reshape(points.shape)  # one matrix product, not one per row
-        return points
+        # points + u L^T in one matrix product (not one per row)
+        return torch.addmm(points.reshape(-1, d), u, lin.T).reshape(points.shape)
 
     def _on(self, reference: Geometry, device, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
         """The field (mm) at the reference voxels, 0 outside its grid: ``(1, d, *ref.shape)``."""

@@ -65,10 +65,41 @@ def sample(
     if points.dtype != image.dtype:
         points = points.to(image.dtype)
     out_spatial = points.shape[1:-1]
+    channels = image.shape[1]
+    parts = _parts(batch, points[0, ..., 0].numel())
+    if parts > 1:
+        # PyTorch's CPU samplers run one thread per batch element: one image's points are
+        # split into equal parts sampled as a batch of the (expanded, not copied) image
+        flat = points.reshape(parts, -1, d)
+        out = _sample(image.expand(parts, *image.shape[1:]), flat, mode, padding, reversed_axes)
+        return out.transpose(0, 1).reshape(1, channels, *out_spatial)
+    out = _sample(image, points.reshape(batch, -1, d), mode, padding, reversed_axes)
+    return out.reshape(batch, channels, *out_spatial)
+
+
+# points per part below which a single image's sampling is not split across threads
+_SPLIT_MIN_POINTS = 16384
+
+
+def _parts(batch: int, points: int) -> int:
+    """Into how many equal parts one image's ``points`` are split (1: not split)."""
+    threads = torch.get_num_threads()
+    if batch != 1 or threads < 2:
+        return 1
+    for parts in range(min(threads, points // _SPLIT_MIN_POINTS), 1, -1):
+        if points % parts == 0:
+            return parts
+    return 1
+
+
+def _sample(
+    image: torch.Tensor, points: torch.Tensor, mode: str, padding: str, reversed_axes: bool
+) -> torch.Tensor:
+    """:func:`sample` of ``(B, N, d)`` points: ``(B, C, N)``."""
+    d = points.shape[-1]
     if _folds(image, points, mode, padding):
-        out = _sample_3d_folded(image, points.reshape(batch, -1, 3), padding, reversed_axes)
-        return out.reshape(batch, image.shape[1], *out_spatial)
-    grid = points.reshape(batch, *([1] * (d - len(out_spatial))), *out_spatial, d)
+        return _sample_3d_folded(image, points, padding, reversed_axes)
+    grid = points.reshape(points.shape[0], *[1] * (d - 1), points.shape[1], d)
     out = F.grid_sample(
         image,
         grid if reversed_axes else grid.flip(-1),
@@ -76,7 +107,7 @@ def sample(
         padding_mode=padding,
         align_corners=True,
     )
-    return out.reshape(batch, image.shape[1], *out_spatial)
+    return out.reshape(out.shape[0], out.shape[1], -1)
 
 
 # rows of the folded image (depth x height) up to which its float32 row coordinate carries
