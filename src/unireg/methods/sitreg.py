@@ -259,6 +259,10 @@ def _resized(u: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 # -- inference on images (world space in, RegistrationResult out) ------------------------------
 
 AFFINE_STAGES = ("affine", "affine-gn", "rigid", "none")
+# affine-gn as SITReg's stage: the "fast" schedule stops the finest level after 3 iterations
+# (the network takes up what is left). Chosen on 10 IXI training pairs: Dice after the lite
+# network 0.6113 against 0.6114 with affine-gn's own 5, for 12 ms less per pair.
+STAGE_GN_LEVELS = {**GN_LEVELS, "fast": ((8.0, 10), (4.0, 8), (2.0, 3))}
 
 
 def register_sitreg(
@@ -307,7 +311,9 @@ def register_sitreg(
         if affine == "none":
             linear = AffineTransform.identity(fixed.ndim)
         elif affine == "affine-gn":
-            linear, _ = affine_gauss_newton(fixed, moving, levels=GN_LEVELS[preset], device=dev)
+            linear, _ = affine_gauss_newton(
+                fixed, moving, levels=STAGE_GN_LEVELS[preset], device=dev
+            )
         else:
             stage = register(fixed, moving, affine, preset=preset, device=dev)
             assert isinstance(stage.transform, AffineTransform)
