@@ -163,7 +163,7 @@ def test_register_cli_sitreg_model_errors_name_the_file(tmp_path, capsys):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-@pytest.mark.parametrize(("variant", "affine"), [(None, "affine"), ("lite", "affine-gn")])
+@pytest.mark.parametrize(("variant", "affine"), [("standard", "affine"), (None, "affine-gn")])
 def test_the_shipped_sitreg_model_improves_on_its_affine_stage_on_the_demo_brains(variant, affine):
     # a sanity check of the shipped files (the demo subjects are IXI *training* subjects; the
     # accuracy on the test split is measured by bench/registration_benchmark.py)
@@ -175,15 +175,15 @@ def test_the_shipped_sitreg_model_improves_on_its_affine_stage_on_the_demo_brain
     if not default_model_path("sitreg", variant).exists():
         pytest.skip("no SITReg model shipped in src/unireg/models/")
     model, payload = load_sitreg(variant)
-    if variant == "lite":
-        assert model.config["stem_stride"] == 2
+    lite = variant is None  # the default is the lite model
+    assert model.config["stem_stride"] == (2 if lite else 1)
     data = resources.files("unireg.demo_data")
     fixed = load_image(str(data / "IXI012-HH-1211-T1_ds.nii.gz"))
     moving = load_image(str(data / "IXI013-HH-1212-T1_ds.nii.gz"))
     fl = load_labels(str(data / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"))
     ml = load_labels(str(data / "IXI013-HH-1212-T1_ds_DLMUSE.nii.gz"))
     res = register_sitreg(fixed, moving, model=model, payload=payload, affine=affine)
-    assert res.extras["inference"] == ("fast" if variant == "lite" else "standard")
+    assert res.extras["inference"] == ("fast" if lite else "standard")
     full = registration_metrics(res, fixed_labels=fl, moving_labels=ml, hd95=False)
     linear = registration_metrics(transform=res.affine, fixed=fixed, fixed_labels=fl,
                                   moving_labels=ml, hd95=False)  # fmt: skip
@@ -191,7 +191,7 @@ def test_the_shipped_sitreg_model_improves_on_its_affine_stage_on_the_demo_brain
     assert full["folding_percent"] == 0.0
     # measured 0.03 mm (standard) and 0.16 mm (lite: both fields are exact inverses on the
     # 4 mm grid of its last update and upsampled separately), on 2 mm voxels
-    assert full["inverse_consistency_mean_mm"] < (0.25 if variant == "lite" else 0.1)
+    assert full["inverse_consistency_mean_mm"] < (0.25 if lite else 0.1)
 
 
 def test_sitreg_in_the_evaluation_harness(tmp_path):
@@ -226,6 +226,10 @@ def test_sitreg_in_the_evaluation_harness(tmp_path):
     assert make_method(f"sitreg:model={ckpt}").register(fixed, moving).extras["inference"] == (
         "standard"
     )
+    # the shipped default is the lite model after affine-gn; "standard" names the other one
+    default = make_method("sitreg")
+    assert default.model.config["stem_stride"] == 2 and default.affine == "affine-gn"
+    assert make_method("sitreg:affine=affine:model=standard").model.config["stem_stride"] == 1
     for bad in ("sitreg:quick", f"sitreg:affine=similarity:model={ckpt}",
                 f"sitreg:model={ckpt}:tol=1"):  # fmt: skip
         with pytest.raises(UniregError):

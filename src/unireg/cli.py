@@ -488,15 +488,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="keymorph, sitreg: checkpoint (default: the shipped one; 'lite': SITReg's shipped "
-        "lite model)",
+        help="keymorph, sitreg: checkpoint (default: the shipped one; for sitreg that is the "
+        "lite model, and 'standard' names the shipped full-resolution one)",
     )
     p.add_argument(
         "--affine-stage",
         choices=list(AFFINE_STAGES),
-        default="affine",
-        help="sitreg: the unireg linear method run first ('affine-gn': Gauss-Newton, 3.5x "
-        "faster; 'none' for pre-aligned pairs)",
+        default="affine-gn",
+        help="sitreg: the unireg linear method run first (default 'affine-gn': Gauss-Newton, "
+        "same modality, about 10x faster than 'affine'; 'none' for pre-aligned pairs)",
     )
     p.add_argument(
         "--inference",
@@ -504,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="sitreg: 'complete' evaluates every update on the full grid (slower, closer "
         "inverse); 'fast' keeps the finest update on its own half-resolution grid (default: "
-        "the one the model was trained with: standard, or fast for --model lite)",
+        "the one the model was trained with: fast for the default lite model, standard for "
+        "--model standard)",
     )
     p.add_argument(
         "--deformable",

@@ -168,10 +168,10 @@ class KeyMorphMethod(Method):
 
 class SITRegMethod(Method):
     """SITReg (``sitreg``, ``sitreg:complete``, ``sitreg:fast``,
-    ``sitreg:standard:affine=rigid:model=PATH``, ``sitreg:affine=affine-gn:model=lite``):
-    the shipped model by default (``model=lite``: the shipped lite one), after unireg's
-    affine stage, with the inference it was trained with unless one is named; kept loaded
-    between pairs."""
+    ``sitreg:standard:affine=rigid:model=PATH``, ``sitreg:affine=affine:model=standard``):
+    the shipped default model (lite; ``model=standard``: the shipped full-resolution one)
+    after unireg's affine stage (``affine-gn`` unless named), with the inference the model
+    was trained with unless one is named; kept loaded between pairs."""
 
     def __init__(self, spec: MethodSpec) -> None:
         from unireg.methods.sitreg import AFFINE_STAGES, INFERENCE
@@ -181,7 +181,7 @@ class SITRegMethod(Method):
         if self.variant is not None and self.variant not in INFERENCE:
             raise UniregError(f"unknown sitreg inference {self.variant!r}: {INFERENCE}")
         options = dict(spec.options)
-        self.affine = str(options.pop("affine", "affine"))
+        self.affine = str(options.pop("affine", "affine-gn"))
         self.preset = str(options.pop("preset", "fast"))
         path = options.pop("model", None)
         if options:

@@ -271,7 +271,7 @@ def register_sitreg(
     *,
     model: SITReg,
     payload: dict,
-    affine: str = "affine",
+    affine: str = "affine-gn",
     preset: str = "fast",
     inference: str | None = None,
     device: torch.device | str = "cpu",
@@ -279,8 +279,9 @@ def register_sitreg(
     """Register raw ``moving`` onto ``fixed`` with a trained ``model`` and its checkpoint
     ``payload`` (:func:`unireg.training.checkpoint.load_sitreg`).
 
-    1. ``affine`` stage (``"affine"``/``"rigid"``: the unireg solver with ``preset``;
-       ``"none"`` for pre-aligned pairs): ``A``, fixed world -> moving world (mm).
+    1. ``affine`` stage (``"affine-gn"``, the default: Gauss-Newton, same modality;
+       ``"affine"``/``"rigid"``: the unireg solver with ``preset``; ``"none"`` for pre-aligned
+       pairs): ``A``, fixed world -> moving world (mm).
     2. Both images on the network's training grid ``G`` (its spacing and shape, centred on the
        fixed image's centre of mass, RAS axes): the fixed image resampled, the moving one
        resampled through ``A``; intensities rescaled to [0, 1].
