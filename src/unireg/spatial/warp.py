@@ -66,7 +66,7 @@ def sample(
         points = points.to(image.dtype)
     out_spatial = points.shape[1:-1]
     channels = image.shape[1]
-    parts = _parts(batch, points[0, ..., 0].numel())
+    parts = _parts(batch, points[0, ..., 0].numel()) if image.device.type == "cpu" else 1
     if parts > 1:
         # PyTorch's CPU samplers run one thread per batch element: one image's points are
         # split into equal parts sampled as a batch of the (expanded, not copied) image
@@ -117,10 +117,12 @@ _FOLD_MAX_ROWS = 4096
 
 
 def _folds(image: torch.Tensor, points: torch.Tensor, mode: str, padding: str) -> bool:
-    """Whether :func:`_sample_3d_folded` serves this call: 3D linear sampling with zero or
-    border padding, without gradients, of a volume of at least 2 voxels per axis and at most
-    :data:`_FOLD_MAX_ROWS` rows once folded."""
+    """Whether :func:`_sample_3d_folded` serves this call: 3D linear sampling on the CPU with
+    zero or border padding, without gradients, of a volume of at least 2 voxels per axis and at
+    most :data:`_FOLD_MAX_ROWS` rows once folded."""
     if image.ndim != 5 or mode != "linear" or padding not in ("zeros", "border"):
+        return False
+    if image.device.type != "cpu":  # GPU 3D samplers are parallel already
         return False
     if torch.is_grad_enabled() and (image.requires_grad or points.requires_grad):
         return False
