@@ -170,7 +170,9 @@ class DisplacementFieldTransform(Transform):
         # points + u L^T in one matrix product (not one per row)
         return torch.addmm(points.reshape(-1, d), u, lin.T).reshape(points.shape)
 
-    def _on(self, reference: Geometry, device, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
+    def _on(
+        self, reference: Geometry, device: torch.device | str | None, dtype: torch.dtype
+    ) -> torch.Tensor:
         """The field (mm) at the reference voxels, 0 outside its grid: ``(1, d, *ref.shape)``."""
         field = self.field.to(device, dtype).unsqueeze(0)
         if reference.same_grid(self.geometry):
