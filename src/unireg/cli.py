@@ -181,6 +181,10 @@ def cmd_register(args: argparse.Namespace) -> int:
         check_same_grid(fixed, mask)
     if args.label_prompt > 0 and (fixed_labels is None or moving_labels is None):
         raise UniregError("--label-prompt needs --fixed-labels and --moving-labels")
+    if args.refine != "none" and (args.method != "keymorph" or args.transform != "affine"):
+        raise UniregError(
+            "--refine refines KeyMorph's affine (--method keymorph --transform affine)"
+        )
     progress = None if args.quiet else (lambda line: print(line, flush=True))
     if args.method in ("keymorph", "sitreg"):
         from unireg.training.checkpoint import load_user_model
@@ -191,9 +195,9 @@ def cmd_register(args: argparse.Namespace) -> int:
 
         result = register_keymorph(
             fixed, moving, model=model, payload=payload, transform=args.transform,
-            lam=args.tps_lambda, device=device,
+            lam=args.tps_lambda, refine=args.refine, device=device,
         )  # fmt: skip
-        setting = {"transform": args.transform}
+        setting = {"transform": args.transform, "refine": args.refine}
         if args.transform == "tps":
             setting["tps_lambda"] = args.tps_lambda
     elif args.method == "sitreg":
@@ -485,6 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="keymorph: the closed form from the keypoints (default affine)",
     )
     p.add_argument("--tps-lambda", type=float, default=0.1, help="keymorph: TPS lambda")
+    p.add_argument(
+        "--refine",
+        choices=["none", "affine-gn"],
+        default="none",
+        help="keymorph (affine): refine the keypoint affine on the intensities with affine-gn "
+        "(same modality; the keypoints give robustness to any orientation, the refinement "
+        "accuracy)",
+    )
     p.add_argument(
         "--model",
         default=None,

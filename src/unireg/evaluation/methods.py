@@ -139,8 +139,9 @@ class UniregSolverMethod(Method):
 
 
 class KeyMorphMethod(Method):
-    """KeyMorph (``keymorph:affine``, ``keymorph:tps:lam=0.1``, ``keymorph:rigid:model=PATH``):
-    the shipped model by default; the network runs once per image and is kept loaded."""
+    """KeyMorph (``keymorph:affine``, ``keymorph:tps:lam=0.1``, ``keymorph:rigid:model=PATH``,
+    ``keymorph:affine:refine=affine-gn``): the shipped model by default; the network runs once
+    per image and is kept loaded."""
 
     def __init__(self, spec: MethodSpec) -> None:
         from unireg.methods.keymorph import TRANSFORMS
@@ -151,9 +152,14 @@ class KeyMorphMethod(Method):
             raise UniregError(f"unknown keymorph transform {self.transform!r}; {TRANSFORMS}")
         options = dict(spec.options)
         self.lam = float(options.pop("lam", 0.1))
+        self.refine = str(options.pop("refine", "none"))
         path = options.pop("model", None)
         if options:
             raise UniregError(f"unknown keymorph option(s) {sorted(options)}")
+        from unireg.methods.keymorph import REFINEMENTS
+
+        if self.refine not in REFINEMENTS or (self.refine != "none" and self.transform != "affine"):
+            raise UniregError(f"keymorph refine={self.refine!r}: one of {REFINEMENTS}, affine only")
         self.model, self.payload = load_user_model("keymorph", path)
         self.label = spec.label
 
@@ -162,7 +168,7 @@ class KeyMorphMethod(Method):
 
         return register_keymorph(
             fixed, moving, model=self.model, payload=self.payload, transform=self.transform,
-            lam=self.lam,
+            lam=self.lam, refine=self.refine,
         )  # fmt: skip
 
 

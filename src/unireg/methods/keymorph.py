@@ -34,6 +34,9 @@ from unireg.spatial.keypoints import ThinPlateSpline, fit_keypoint_transform
 from unireg.spatial.transform import AffineTransform, DisplacementFieldTransform, Transform
 
 TRANSFORMS = ("rigid", "affine", "tps")
+# intensity refinements of a keypoint alignment (``refine=``): none, or the Gauss-Newton
+# affine (same modality) started from the keypoint affine
+REFINEMENTS = ("none", "affine-gn")
 
 
 @dataclass
@@ -206,6 +209,7 @@ def register_keymorph(
     payload: dict,
     transform: str = "affine",
     lam: float = 0.1,
+    refine: str = "none",
     device: torch.device | str = "cpu",
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with a KeyMorph ``model`` and its checkpoint
@@ -214,10 +218,20 @@ def register_keymorph(
     Keypoints are detected once per image (on the model's training grid), aligned in world
     mm, and the chosen closed form (rigid, affine, or TPS with ``lam``) gives the transform
     fixed -> moving: an :class:`AffineTransform`, or for TPS a displacement field on the
-    fixed grid. ``extras`` hold the keypoints (world mm) of both images and the aligned ones.
+    fixed grid. ``extras`` hold the keypoints (world mm) of both images and the aligned ones
+    (the fixed keypoints mapped by the returned transform).
+
+    ``refine="affine-gn"`` (affine only, same modality) is not KeyMorph: the keypoint affine
+    is the start of :func:`~unireg.solvers.gauss_newton.affine_gauss_newton` on the images,
+    whose result is returned (the keypoint one is kept in ``extras["keypoint_matrix"]``): the
+    keypoints give robustness to any head orientation, the intensities the accuracy.
     """
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown transform {transform!r}; choose from {TRANSFORMS}")
+    if refine not in REFINEMENTS:
+        raise ValueError(f"unknown refinement {refine!r}; choose from {REFINEMENTS}")
+    if refine != "none" and transform != "affine":
+        raise ValueError(f"refine={refine!r} refines an affine alignment, not {transform!r}")
     if fixed.ndim != 3 or moving.ndim != 3:
         raise ValueError("the KeyMorph models are 3D")
     dev = torch.device(device)
@@ -241,10 +255,19 @@ def register_keymorph(
             matrix = alignment.world_matrix()[0].cpu().numpy()
             result_tf = AffineTransform(matrix)
         aligned = alignment.map_world(fk)[0].cpu().numpy()
+        keypoint_matrix = matrix
+        if refine == "affine-gn":
+            from unireg.solvers.gauss_newton import affine_gauss_newton
+
+            result_tf, _ = affine_gauss_newton(fixed, moving, init=result_tf, device=dev)
+            matrix = result_tf.matrix.numpy()
+            aligned = fk[0].cpu().numpy() @ matrix[:3, :3].T + matrix[:3, 3]
     warped = resample(moving, fixed.geometry, result_tf)
     inverse = result_tf.inverse() if isinstance(result_tf, AffineTransform) else None
+    refined = "" if refine == "none" else f", refined by {refine}"
     extras = {
-        "method": f"keymorph ({transform}{f', lambda {lam:g}' if transform == 'tps' else ''})",
+        "method": f"keymorph ({transform}{f', lambda {lam:g}' if transform == 'tps' else ''}"
+        f"{refined})",
         "keypoints_fixed": fk[0].cpu().numpy(),
         "keypoints_moving": mk[0].cpu().numpy(),
         "keypoints_aligned": aligned,
@@ -253,6 +276,9 @@ def register_keymorph(
     }
     if matrix is not None:
         extras["matrix"] = matrix
+    if refine != "none":
+        extras["keypoint_matrix"] = keypoint_matrix
+        extras["refine"] = refine
     return RegistrationResult(
         transform=result_tf, fixed=fixed.geometry, moving=moving.geometry, inverse=inverse,
         warped=warped, extras=extras, elapsed=measured.seconds,

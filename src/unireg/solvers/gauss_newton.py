@@ -72,6 +72,7 @@ def affine_gauss_newton(
     eps: float = 1e-3,
     damping: float = 1e-3,
     scale_mm: float = 50.0,
+    init: AffineTransform | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[AffineTransform, list[tuple[float, int, float]]]:
     """The affine map fixed world -> moving world (mm) minimising the SSD of the locally
@@ -82,7 +83,9 @@ def affine_gauss_newton(
     grid, as in :mod:`unireg.solvers.pyramid`); ``window`` (odd, voxels of each level) and
     ``eps`` (intensity^2 on the [0, 1] scale) of the local normalisation; ``damping``: the
     Levenberg-Marquardt ``mu``; ``scale_mm``: the lever arm scaling the linear part's
-    parameters (conditioning only); ``device``: where the work runs.
+    parameters (conditioning only); ``init``: the starting map (fixed world -> moving world;
+    default: the centres of mass matched), e.g. a keypoint alignment to refine; ``device``:
+    where the work runs.
     """
     if fixed.ndim != moving.ndim:
         raise ValueError(f"fixed is {fixed.ndim}D and moving {moving.ndim}D")
@@ -107,6 +110,10 @@ def affine_gauss_newton(
         centres.append(moments(small, level_geometry(geom, small.shape[2:]))[0].float())
     c, t = centres[0], centres[1] - centres[0]
     a = torch.eye(d, device=dev)
+    if init is not None:  # y = A x + b = A (x - c) + c + t, so t = A c + b - c
+        start = init.matrix.to(dev, torch.float32)
+        a = start[:d, :d].clone()
+        t = a @ c + start[:d, d] - c
     trace: list[tuple[float, int, float]] = []
     for i, (factor, iterations) in enumerate(levels):
         fl, ml = pyramids[0][i], pyramids[1][i]
