@@ -131,8 +131,7 @@ def covering_geometry(geometry: Geometry) -> Geometry:
     """An axis-aligned grid of the same spacing, centred on ``geometry``, whose side is the
     field of view's diagonal: it holds the field of view under any rotation about its centre."""
     d = geometry.ndim
-    corners = np.array(list(itertools.product(*[(0, n - 1) for n in geometry.shape])), float)
-    world = corners @ geometry.voxel_to_world[:d, :d].T
+    world = geometry.corners_world
     diag = float(np.linalg.norm(world.max(0) - world.min(0)))
     sp = min(geometry.spacing)
     n = int(math.ceil(diag / sp)) + 1

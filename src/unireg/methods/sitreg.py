@@ -348,8 +348,10 @@ def register_sitreg(
         native = level_geometry(grid, tuple(fwd.shape[2:]))
         inv_linear = linear.inverse()
         back = inv_linear.matrix.numpy()
-        moving_corners = back[:d, :d] @ _corners(moving.geometry) + back[:d, d:]
-        cover, lo = _covering(native, np.concatenate([_corners(fixed.geometry), moving_corners], 1))
+        moving_corners = back[:d, :d] @ moving.geometry.corners_world.T + back[:d, d:]
+        cover, lo = _covering(
+            native, np.concatenate([fixed.geometry.corners_world.T, moving_corners], 1)
+        )
         pad = []
         for axis in reversed(range(d)):  # F.pad lists the last axis first
             pad += [lo[axis], cover.shape[axis] - native.shape[axis] - lo[axis]]
@@ -378,18 +380,11 @@ def register_sitreg(
     )  # fmt: skip
 
 
-def _corners(g: Geometry) -> np.ndarray:
-    """World coordinates (mm) of a grid's corner voxels, ``(d, 2^d)``."""
-    d = g.ndim
-    idx = np.array(np.meshgrid(*[[0, n - 1] for n in g.shape], indexing="ij")).reshape(d, -1)
-    return g.voxel_to_world[:d, :d] @ idx + g.voxel_to_world[:d, d:]
-
-
 def _covering(b: Geometry, world: np.ndarray) -> tuple[Geometry, list[int]]:
     """A grid with ``b``'s axes and spacing covering ``b`` and the world points ``(d, N)``
     (+1 voxel), and how many voxels it extends before ``b``'s first one on each axis (>= 1)."""
     d = b.ndim
-    world = np.concatenate([_corners(b), world], axis=1)
+    world = np.concatenate([b.corners_world.T, world], axis=1)
     vox = b.world_to_voxel[:d, :d] @ world + b.world_to_voxel[:d, d:]
     lo, hi = np.floor(vox.min(1) + 1e-6) - 1, np.ceil(vox.max(1) - 1e-6) + 1
     affine = b.voxel_to_world.copy()

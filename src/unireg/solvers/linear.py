@@ -73,8 +73,7 @@ class LinearModel(nn.Module):
         m0 = m0.unsqueeze(0) if m0.ndim == 2 else m0
         b = m0.shape[0]
         c = torch.as_tensor(fixed.center_world if center is None else center, dtype=torch.float64)
-        corners = np.array(list(itertools.product(*[(0, n - 1) for n in fixed.shape])), float)
-        world = corners @ fixed.voxel_to_world[:d, :d].T
+        world = fixed.corners_world
         self.extent = float(np.linalg.norm(world.max(0) - world.min(0)) / 2)
         self.register_buffer("m0_linear", m0[:, :d, :d].clone())
         self.register_buffer("m0_center", (m0[:, :d, :d] @ c + m0[:, :d, d]).clone())

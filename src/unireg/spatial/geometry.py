@@ -15,6 +15,7 @@ of the first frame to the second.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -110,6 +111,13 @@ class Geometry:
     def center_world(self) -> np.ndarray:
         """World position (mm) of the grid's centre (normalised origin)."""
         return self.normalized_to_world[: self.ndim, self.ndim].copy()
+
+    @property
+    def corners_world(self) -> np.ndarray:
+        """World positions (mm) of the grid's ``2^d`` corner voxel centres, ``(2^d, d)``."""
+        d = self.ndim
+        idx = np.array(list(itertools.product(*[(0, n - 1) for n in self.shape])), float)
+        return idx @ self.voxel_to_world[:d, :d].T + self.voxel_to_world[:d, d]
 
     def same_grid(self, other: Geometry, atol: float = 1e-4) -> bool:
         """True when both grids have the same shape and the same affine (to ``atol`` mm)."""
