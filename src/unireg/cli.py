@@ -508,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(AFFINE_STAGES),
         default="affine-gn",
         help="sitreg: the unireg linear method run first (default 'affine-gn': Gauss-Newton, "
-        "same modality, about 10x faster than 'affine'; 'none' for pre-aligned pairs)",
+        "same modality, about 10x faster than 'affine'; 'keymorph': KeyMorph's keypoints "
+        "then affine-gn, for heads in any orientation; 'none' for pre-aligned pairs)",
     )
     p.add_argument(
         "--inference",
