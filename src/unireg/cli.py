@@ -181,10 +181,15 @@ def cmd_register(args: argparse.Namespace) -> int:
         check_same_grid(fixed, mask)
     if args.label_prompt > 0 and (fixed_labels is None or moving_labels is None):
         raise UniregError("--label-prompt needs --fixed-labels and --moving-labels")
-    if args.refine != "none" and (args.method != "keymorph" or args.transform != "affine"):
-        raise UniregError(
-            "--refine refines KeyMorph's affine (--method keymorph --transform affine)"
-        )
+    if args.refine != "none":
+        from unireg.methods.keymorph import check_refinement
+
+        if args.method != "keymorph":
+            raise UniregError("--refine refines KeyMorph's affine (--method keymorph)")
+        try:
+            check_refinement(args.transform, args.refine)
+        except ValueError as err:
+            raise UniregError(f"--refine: {err}") from err
     progress = None if args.quiet else (lambda line: print(line, flush=True))
     if args.method in ("keymorph", "sitreg"):
         from unireg.training.checkpoint import load_user_model

@@ -156,10 +156,12 @@ class KeyMorphMethod(Method):
         path = options.pop("model", None)
         if options:
             raise UniregError(f"unknown keymorph option(s) {sorted(options)}")
-        from unireg.methods.keymorph import REFINEMENTS
+        from unireg.methods.keymorph import check_refinement
 
-        if self.refine not in REFINEMENTS or (self.refine != "none" and self.transform != "affine"):
-            raise UniregError(f"keymorph refine={self.refine!r}: one of {REFINEMENTS}, affine only")
+        try:
+            check_refinement(self.transform, self.refine)
+        except ValueError as err:
+            raise UniregError(f"keymorph: {err}") from err
         self.model, self.payload = load_user_model("keymorph", path)
         self.label = spec.label
 

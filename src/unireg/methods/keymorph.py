@@ -39,6 +39,15 @@ TRANSFORMS = ("rigid", "affine", "tps")
 REFINEMENTS = ("none", "affine-gn")
 
 
+def check_refinement(transform: str, refine: str) -> None:
+    """A ``ValueError`` unless ``refine`` is one of :data:`REFINEMENTS` and, when not
+    ``"none"``, ``transform`` is ``"affine"`` (what it refines)."""
+    if refine not in REFINEMENTS:
+        raise ValueError(f"unknown refinement {refine!r}; choose from {REFINEMENTS}")
+    if refine != "none" and transform != "affine":
+        raise ValueError(f"refine={refine!r} refines an affine alignment, not {transform!r}")
+
+
 @dataclass
 class KeypointAlignment:
     """One closed-form alignment, fixed -> moving, in the solve frame (``unit_mm`` mm about
@@ -228,10 +237,7 @@ def register_keymorph(
     """
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown transform {transform!r}; choose from {TRANSFORMS}")
-    if refine not in REFINEMENTS:
-        raise ValueError(f"unknown refinement {refine!r}; choose from {REFINEMENTS}")
-    if refine != "none" and transform != "affine":
-        raise ValueError(f"refine={refine!r} refines an affine alignment, not {transform!r}")
+    check_refinement(transform, refine)
     if fixed.ndim != 3 or moving.ndim != 3:
         raise ValueError("the KeyMorph models are 3D")
     dev = torch.device(device)
