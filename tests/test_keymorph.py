@@ -203,13 +203,17 @@ def test_supervised_training_with_keypoint_consistency_steps(tmp_path):
         KeyMorphConfig.from_file(bad)
 
 
-@pytest.mark.parametrize("phase", ["_pretrain_loss", "_supervised_loss", "_consistency_loss"])
+@pytest.mark.parametrize(
+    "phase", ["_pretrain_loss", "_anatomical_loss", "_supervised_loss", "_consistency_loss"]
+)
 def test_a_batched_step_is_the_mean_of_its_samples_drawn_in_turn(tmp_path, phase):
     """batch_size n draws n samples one after the other from the step's generator and runs
     the detector once on all of them: the same loss as n single-sample losses in a row."""
     from unireg.training.keymorph import KeyMorphTrainer
 
-    cfg, _ = _tiny_config(tmp_path, "batch", batch_size=3)
+    # the toy label maps have two labels: two anatomical keypoints
+    extra = {"num_keypoints": 2, "anatomical_steps": 1} if phase == "_anatomical_loss" else {}
+    cfg, _ = _tiny_config(tmp_path, "batch", batch_size=3, anatomical_dataset='"toy"', **extra)
     batched = KeyMorphTrainer(cfg)
     single = KeyMorphTrainer(cfg, volumes=batched.volumes)
     single.cfg = replace(cfg, batch_size=1)
@@ -222,6 +226,59 @@ def test_a_batched_step_is_the_mean_of_its_samples_drawn_in_turn(tmp_path, phase
     both.backward()
     grads = [p.grad for p in batched.model.parameters()]
     assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+
+
+def test_anatomical_keypoints_are_the_label_centroids_of_each_subject(tmp_path):
+    """Keypoint k of every subject is the centroid of the k-th largest shared label; the
+    phases run pretraining, then anatomical keypoints, then registration."""
+    from unireg.training.keymorph import KeyMorphTrainer
+
+    cfg, _ = _tiny_config(tmp_path, "anat", num_keypoints=2, pretrain_steps=1, steps=1,
+                          anatomical_steps=2, anatomical_dataset='"toy"')  # fmt: skip
+    trainer = KeyMorphTrainer(cfg)
+    counts = {v: sum(int((it["labels"] == v).sum()) for it, _ in trainer.anatomy) for v in (1, 2)}
+    assert trainer.anatomy_labels == sorted((1, 2), key=lambda v: -counts[v])  # largest first
+    assert len(trainer.anatomy) == 3
+    for item, points in trainer.anatomy:
+        lab = item["labels"][0].numpy()
+        for k, value in enumerate(trainer.anatomy_labels):
+            centre = np.argwhere(lab == value).mean(0)
+            expect = 2 * centre / (np.array(lab.shape) - 1) - 1
+            assert np.allclose(points[k].numpy(), expect, atol=1e-6)
+    phases = []
+    for step in range(trainer.total_steps()):
+        trainer.step = step
+        phases.append(trainer.phase())
+    assert phases == ["pretrain", "anatomical", "anatomical", "supervised"]
+    trainer.step = 1
+    losses = [trainer.train_step() for _ in range(2)]  # two anatomical steps
+    assert all(np.isfinite(losses)) and losses[0] != losses[1]
+    # more keypoints than shared labels is an error that says so
+    cfg.num_keypoints = 3
+    with pytest.raises(ValueError, match="share 2 labels, fewer than num_keypoints = 3"):
+        KeyMorphTrainer(cfg)
+
+
+def test_training_starts_from_an_init_checkpoint(tmp_path):
+    """``init`` loads a checkpoint's weights at step 0 (a resume from ``last.pt`` wins); a
+    checkpoint of another network is an error naming the file."""
+    from unireg.training.keymorph import KeyMorphTrainer
+
+    cfg, _ = _tiny_config(tmp_path, "first", steps=0, pretrain_steps=1)
+    first = KeyMorphTrainer(cfg)
+    first.run(progress=False)
+    ckpt = tmp_path / "first" / "last.pt"
+    cfg2, _ = _tiny_config(tmp_path, "tuned", seed=7, init=f'"{ckpt.name}"')
+    cfg2.init = str(ckpt)
+    tuned = KeyMorphTrainer(cfg2)
+    assert tuned.step == 0
+    for (name, a), b in zip(first.model.state_dict().items(),
+                            tuned.model.state_dict().values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    other, _ = _tiny_config(tmp_path, "other", channels="[4, 4]")
+    other.init = str(ckpt)
+    with pytest.raises(ValueError, match=r"last.pt: init checkpoint does not fit"):
+        KeyMorphTrainer(other)
 
 
 def test_training_config_errors_name_the_file_and_setting(tmp_path):
@@ -421,5 +478,8 @@ def test_the_project_training_configs_parse():
     root = Path(__file__).resolve().parents[1] / "configs"
     km = KeyMorphConfig.from_file(root / "keymorph_ixi_2mm.toml")
     assert km.rotation == 180.0 and km.spacing_mm == 2.0 and km.num_keypoints == 64
+    anat = KeyMorphConfig.from_file(root / "keymorph_ixi_4mm_anatomical.toml")
+    assert anat.anatomical_steps > 0 and anat.pretrain_steps == 0
+    assert anat.init.endswith("keymorph_ixi_4mm.pt") and Path(anat.init).is_absolute()
     sr = SITRegConfig.from_file(root / "sitreg_ixi_2mm.toml")
     assert sr.lncc_window == 7 and sr.steps > 0

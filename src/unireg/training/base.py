@@ -37,6 +37,7 @@ class TrainConfig:
     spacing_mm: float = 2.0
     shape: list[int] = field(default_factory=lambda: [96, 112, 96])
     cache_dir: str = ""
+    init: str = ""  # a checkpoint whose weights start the run (fine-tuning); "" : random
     brain_labels_only: bool = True  # synthseg: drop the non-brain classes from the Dice
     max_labels: int = 16  # label channels per step in a Dice loss (random subset)
     # schedule
@@ -70,7 +71,7 @@ class TrainConfig:
         data.update(overrides)
         cfg = cls(**data)
         base = path.parent
-        for key in ("output", "manifest", "cache_dir"):
+        for key in ("output", "manifest", "cache_dir", "init"):
             value = getattr(cfg, key)
             if value and not Path(value).is_absolute():
                 setattr(cfg, key, str((base / value).resolve()))
@@ -162,6 +163,18 @@ class Trainer:
         last = self.out / "last.pt"
         if last.exists():
             self._resume(last)
+        elif cfg.init:
+            self._initialise(Path(cfg.init))
+
+    def _initialise(self, path: Path) -> None:
+        """Start from the weights of the checkpoint ``path`` (step 0, a fresh optimiser); its
+        network must be the one this config builds."""
+        model, _ = load_checkpoint(path, device=self.device)
+        try:
+            self.model.load_state_dict(model.state_dict())
+        except RuntimeError as err:
+            msg = f"{path}: init checkpoint does not fit this config's model ({err})"
+            raise ValueError(msg) from err
 
     def _resume(self, path: Path) -> None:
         model, payload = load_checkpoint(path, device=self.device)

@@ -8,7 +8,16 @@ Phases, in order:
    stationary velocity field integrated by scaling and squaring, whose negation gives the
    inverse) and trains the detector to output the keypoints moved with it (mean squared
    distance, normalised units).
-2. **Registration training** (``steps``), ``mode``:
+2. **Anatomical keypoints** (``anatomical_steps``, our addition): keypoint ``k`` is the
+   centroid of label ``k`` of a fixed list (the ``num_keypoints`` largest labels that every
+   subject of ``anatomical_dataset`` has); every step takes a random subject of that dataset
+   (real image, or synthesised from its label map), warps it as in pretraining and trains the
+   detector to output its label centroids moved with it. Labels enter the loss only, as in
+   the supervised recipe; unlike soft Dice, the loss does not vanish for a badly misaligned
+   pair, and it fixes each keypoint to the same anatomy in every subject, so the keypoints
+   cannot collapse. Affine least squares on true DLMUSE centroids reaches a mean Dice of
+   0.547 on the IXI test pairs (128 largest labels), against 0.498 for ANTs Affine.
+3. **Registration training** (``steps``), ``mode``:
    - ``supervised``: two different subjects of one dataset, each under its own random affine;
      loss ``1 - soft Dice`` between the moving one-hot labels warped by the closed form and
      the fixed ones (labels only enter the loss, never the network). With
@@ -64,6 +73,8 @@ class KeyMorphConfig(TrainConfig):
     tps_lambda: float | str = 0.1
     lambda_range: list[float] = field(default_factory=lambda: [1e-3, 10.0])
     pretrain_deformation: float = 0.03  # std of the pretraining SVF (normalised units); 0: off
+    anatomical_steps: int = 0  # label-centroid keypoint steps after the pretraining
+    anatomical_dataset: str = "ixi"  # whose subjects (all sharing the labels) give centroids
     consistency_every: int = 0  # supervised: every n-th step a keypoint-consistency step; 0: off
     batch_size: int = 1  # samples (pairs, views) per step, the detector run once on all
 
@@ -76,6 +87,8 @@ class KeyMorphConfig(TrainConfig):
             raise ValueError("tps_lambda is a number or 'logunif'")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.anatomical_steps < 0:
+            raise ValueError(f"anatomical_steps must be >= 0, got {self.anatomical_steps}")
         if self.consistency_every < 0:
             raise ValueError(f"consistency_every must be >= 0, got {self.consistency_every}")
 
@@ -99,6 +112,39 @@ class KeyMorphTrainer(Trainer):
         pick = fg[torch.randperm(fg.shape[0], generator=g)[: cfg.num_keypoints]]
         shape = torch.tensor(ref["labels"].shape[1:], dtype=torch.float64)
         self.pretrain_points = (2 * pick / (shape - 1) - 1).float()  # normalised (K, 3)
+        self.anatomy: list[tuple[dict[str, Any], torch.Tensor]] = []  # (subject, centroids)
+        self.anatomy_labels: list[int] = []
+        if cfg.anatomical_steps:
+            self.anatomy_labels, self.anatomy = self._centroid_targets()
+
+    def _centroid_targets(self) -> tuple[list[int], list[tuple[dict[str, Any], torch.Tensor]]]:
+        """The ``num_keypoints`` largest labels (mean voxel count) every subject of
+        ``anatomical_dataset`` has, and each subject's centroids of them (normalised ``(K, d)``,
+        index order as :attr:`pretrain_points`)."""
+        cfg = self.cfg
+        name = cfg.anatomical_dataset
+        items = [self.volumes.items[i] for i in self.volumes.by_dataset.get(name, [])]
+        if not items:
+            raise ValueError(f"anatomical_dataset {name!r} has no training subjects")
+        counts = []
+        for it in items:
+            values, n = torch.unique(it["labels"].cpu(), return_counts=True)
+            counts.append(dict(zip(values.tolist(), n.tolist(), strict=True)))
+        shared = set.intersection(*(set(c) for c in counts)) - {0}
+        if len(shared) < cfg.num_keypoints:
+            raise ValueError(
+                f"anatomical keypoints: the {cfg.anatomical_dataset} subjects share "
+                f"{len(shared)} labels, fewer than num_keypoints = {cfg.num_keypoints}"
+            )
+        mean = {v: sum(c[v] for c in counts) / len(counts) for v in shared}
+        chosen = sorted(shared, key=lambda v: (-mean[v], v))[: cfg.num_keypoints]
+        targets = []
+        for it in items:
+            lab = it["labels"][0].cpu()
+            shape = torch.tensor(lab.shape, dtype=torch.float64)
+            cents = torch.stack([torch.nonzero(lab == v).double().mean(0) for v in chosen])
+            targets.append((it, (2 * cents / (shape - 1) - 1).float()))
+        return chosen, targets
 
     def _lambda(self, g: torch.Generator) -> float:
         cfg = self.cfg
@@ -146,10 +192,22 @@ class KeyMorphTrainer(Trainer):
         return list(self.model.detector(torch.cat(images)).split(1))
 
     def _pretrain_loss(self, g: torch.Generator) -> torch.Tensor:
-        item = self.volumes.items[0]
+        return self._keypoint_loss(g, [(self.volumes.items[0], self.pretrain_points)])
+
+    def _anatomical_loss(self, g: torch.Generator) -> torch.Tensor:
+        return self._keypoint_loss(g, self.anatomy)
+
+    def _keypoint_loss(
+        self, g: torch.Generator, subjects: list[tuple[dict[str, Any], torch.Tensor]]
+    ) -> torch.Tensor:
+        """Mean squared distance (normalised units) between the detected keypoints of warped
+        views and where the subjects' known points went; each view's subject drawn from
+        ``subjects`` (subject, normalised points ``(K, d)``)."""
         views, targets = [], []
         for _ in range(self.cfg.batch_size):
-            view, target = self.pretrain_view(self._image(item, g), self.pretrain_points, g)
+            pick = int(torch.randint(len(subjects), (1,), generator=g)) if len(subjects) > 1 else 0
+            item, points = subjects[pick]
+            view, target = self.pretrain_view(self._image(item, g), points, g)
             views.append(self.aug(view, generator=g)["image"])  # on the training device
             targets.append(target)
         pred = torch.cat(self._detect(views))
@@ -219,15 +277,21 @@ class KeyMorphTrainer(Trainer):
 
     # -- loop ------------------------------------------------------------------------------
     def total_steps(self) -> int:
-        return self.cfg.pretrain_steps + self.cfg.steps
+        return self.cfg.pretrain_steps + self.cfg.anatomical_steps + self.cfg.steps
 
     def phase(self) -> str:
-        return "pretrain" if self.step < self.cfg.pretrain_steps else self.cfg.mode
+        if self.step < self.cfg.pretrain_steps:
+            return "pretrain"
+        if self.step < self.cfg.pretrain_steps + self.cfg.anatomical_steps:
+            return "anatomical"
+        return self.cfg.mode
 
     def loss(self, g: torch.Generator) -> torch.Tensor:
         phase = self.phase()
         if phase == "pretrain":
             return self._pretrain_loss(g)
+        if phase == "anatomical":
+            return self._anatomical_loss(g)
         if phase == "supervised":
             every = self.cfg.consistency_every
             if every and self.step % every == 0:
