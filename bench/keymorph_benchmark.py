@@ -50,7 +50,7 @@ def tps_memory(keypoints: int = 128, shape=(160, 192, 224), chunk: int = 2**16) 
 
 def t1t2(model_path: str | None, outdir: Path) -> None:
     from unireg.io import load_image
-    from unireg.methods.keymorph import _detector_input, register_keymorph
+    from unireg.methods.keymorph import DEFAULT_ROTATIONS, detect_keypoints, register_keymorph
     from unireg.report import keypoint_figure
     from unireg.training.checkpoint import load_keymorph
     from unireg.training.keymorph import KeyMorphConfig
@@ -62,13 +62,17 @@ def t1t2(model_path: str | None, outdir: Path) -> None:
     cfg = KeyMorphConfig(**{k: v for k, v in payload["train_config"].items()
                             if k in KeyMorphConfig.__dataclass_fields__})  # fmt: skip
     torch.manual_seed(cfg.seed)
-    initial = cfg.model().eval()  # the training run's starting point (same seed)
-    for name, model in (("before training (initialisation)", initial), ("trained", trained)):
+    models = [("before training (random initialisation)", cfg.model().eval(), 1)]
+    if cfg.init and Path(cfg.init).is_file():  # a fine-tuned model: also its starting point
+        models.append((f"its init checkpoint {Path(cfg.init).name}", load_keymorph(cfg.init)[0], 1))
+    models += [
+        ("trained", trained, 1),
+        (f"trained, {DEFAULT_ROTATIONS} test-time rotations", trained, DEFAULT_ROTATIONS),
+    ]
+    for name, model, turns in models:
         with torch.no_grad():
-            x1, g1 = _detector_input(t1, payload)
-            x2, g2 = _detector_input(t2, payload)
-            k1 = model.keypoints_world(x1, g1)[0]
-            k2 = model.keypoints_world(x2, g2)[0]
+            k1 = detect_keypoints(model, payload, t1, turns)[0]
+            k2 = detect_keypoints(model, payload, t2, turns)[0]
         dev = (k1 - k2).norm(dim=-1)
         spread = float(k1.std(0).norm())
         print(f"{name}: T1-T2 keypoint deviation mean {float(dev.mean()):.2f} mm, median "

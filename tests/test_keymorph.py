@@ -380,6 +380,49 @@ def test_pretraining_targets_follow_the_random_affine_and_deformation(tmp_path):
             assert float((found - expect).norm()) < 0.6  # voxels
 
 
+class _IntensityCentres(KeyMorph):
+    """A rotation-equivariant stand-in for a detector: keypoint 0 is the intensity centre of
+    mass of the image (world mm), keypoint 1 that of the intensity to the 4th power."""
+
+    def keypoints_world(self, image, geometry):
+        axes = [torch.arange(n, dtype=torch.float64) for n in image.shape[2:]]
+        idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
+        w = image[0, 0].double().clamp_min(0)
+        pts = [(idx * (w**p)[..., None]).sum((0, 1, 2)) / (w**p).sum() for p in (1, 4)]
+        vox = torch.stack(pts).numpy()
+        return torch.as_tensor(vox @ geometry.affine[:3, :3].T + geometry.affine[:3, 3])[None]
+
+
+def test_test_time_rotations_turn_back_the_keypoints_they_average():
+    """With an exactly rotation-equivariant detector, the keypoints averaged over test-time
+    rotations equal those of one detection: every rotated copy's keypoints are turned back
+    into the image's own world frame before averaging."""
+    from unireg.io import Image
+    from unireg.methods.keymorph import detect_keypoints, test_time_rotations
+
+    rots = test_time_rotations(8)
+    assert rots.shape == (8, 3, 3) and np.allclose(test_time_rotations(8), rots)
+    assert np.allclose(rots @ rots.transpose(0, 2, 1), np.eye(3), atol=1e-12)
+    assert np.allclose(np.linalg.det(rots), 1.0) and np.allclose(test_time_rotations(1), np.eye(3))
+    with pytest.raises(ValueError, match="rotations"):
+        test_time_rotations(0)
+    shape = (40, 44, 36)
+    vol = gaussian_blob(shape, (16, 25, 17), 3.0) + 0.5 * gaussian_blob(shape, (24, 18, 20), 3.5)
+    image = Image(
+        vol[None].float(), oblique_affine((2.0, 2.2, 2.5), (20, -10, 35), (-40, -50, -45))
+    )
+    model = _IntensityCentres(KeypointDetector(3, num_keypoints=2, channels=(4, 8)))
+    payload = {"preprocessing": {"spacing_mm": 2.0, "shape": [48, 48, 48], "center": "mass"}}
+    one = detect_keypoints(model, payload, image, rotations=1)
+    turned = detect_keypoints(model, payload, image, rotations=8)
+    # the detector input is resampled and its intensities normalised (clipped at the 99.5th
+    # percentile, which moves the 4th-power centre): compare the first centre to the truth
+    truth = model.keypoints_world(image.data[None], image.geometry)
+    assert float((one - truth)[0, 0].norm()) < 1.0  # mm
+    assert float((turned - one).norm(dim=-1).max()) < 0.1  # mm (measured 0.003 and 0.015)
+    assert float((one[0, 0] - one[0, 1]).norm()) > 2  # two distinct points (3.4 mm)
+
+
 def test_register_keymorph_with_a_missing_model_says_how_to_get_one(tmp_path, capsys):
     from unireg.cli import main
 
@@ -392,6 +435,22 @@ def test_register_keymorph_with_a_missing_model_says_how_to_get_one(tmp_path, ca
     err = capsys.readouterr().err
     assert "none.pt" in err and "no KeyMorph model" in err and "unireg train keymorph" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_test_time_rotations_options_are_checked(tmp_path, capsys):
+    from unireg.cli import main
+    from unireg.errors import UniregError
+    from unireg.evaluation.methods import KeyMorphMethod, MethodSpec
+
+    _tiny_manifest(tmp_path)
+    out = tmp_path / "out"
+    for method, n in (("affine", "4"), ("keymorph", "0")):
+        rc = main(["register", str(tmp_path / "s0.nii.gz"), str(tmp_path / "s1.nii.gz"), "-o",
+                   str(out), "--method", method, "--rotations", n, "--quiet"])  # fmt: skip
+        assert rc == 1 and "--rotations" in capsys.readouterr().err
+        assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(UniregError, match="rotations must be >= 1"):
+        KeyMorphMethod(MethodSpec.parse("keymorph:affine:rotations=0"))
 
 
 @pytest.mark.parametrize("angle", [0.0, 90.0, 180.0])

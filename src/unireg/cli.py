@@ -190,19 +190,22 @@ def cmd_register(args: argparse.Namespace) -> int:
             check_refinement(args.transform, args.refine)
         except ValueError as err:
             raise UniregError(f"--refine: {err}") from err
+    if args.rotations is not None and (args.method != "keymorph" or args.rotations < 1):
+        raise UniregError("--rotations is KeyMorph's number of test-time rotations (>= 1)")
     progress = None if args.quiet else (lambda line: print(line, flush=True))
     if args.method in ("keymorph", "sitreg"):
         from unireg.training.checkpoint import load_user_model
 
         model, payload = load_user_model(args.method, args.model, device=device)
     if args.method == "keymorph":
-        from unireg.methods.keymorph import register_keymorph
+        from unireg.methods.keymorph import DEFAULT_ROTATIONS, register_keymorph
 
+        rotations = DEFAULT_ROTATIONS if args.rotations is None else args.rotations
         result = register_keymorph(
             fixed, moving, model=model, payload=payload, transform=args.transform,
-            lam=args.tps_lambda, refine=args.refine, device=device,
+            lam=args.tps_lambda, refine=args.refine, rotations=rotations, device=device,
         )  # fmt: skip
-        setting = {"transform": args.transform, "refine": args.refine}
+        setting = {"transform": args.transform, "refine": args.refine, "rotations": rotations}
         if args.transform == "tps":
             setting["tps_lambda"] = args.tps_lambda
     elif args.method == "sitreg":
@@ -494,6 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keymorph: the closed form from the keypoints (default affine)",
     )
     p.add_argument("--tps-lambda", type=float, default=0.1, help="keymorph: TPS lambda")
+    p.add_argument(
+        "--rotations",
+        type=int,
+        default=None,
+        help="keymorph: test-time rotations; each image's keypoints are averaged over that many "
+        "turned copies (default 8; 1: one detection per image)",
+    )
     p.add_argument(
         "--refine",
         choices=["none", "affine-gn"],

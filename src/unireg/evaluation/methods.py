@@ -5,8 +5,9 @@ A method is named by a spec string ``family[:name][:key=value]...``:
 - ``none``: no registration (the identity in world space);
 - ``unireg:<method>[:preset=accurate][:deformable=svf][:init=search]...``: the training-free
   solvers (:mod:`unireg.solvers`; methods rigid, affine, syn, bspline, ffd);
-- ``keymorph:<rigid|affine|tps>[:lam=0.1][:model=PATH]``: KeyMorph, the shipped model unless
-  ``model`` names a checkpoint;
+- ``keymorph:<rigid|affine|tps>[:lam=0.1][:model=PATH][:rotations=8][:refine=affine-gn]``:
+  KeyMorph, the shipped model unless ``model`` names a checkpoint (``rotations``: test-time
+  rotations averaged; ``refine``: the affine-gn hybrid);
 - ``ants:<type>[:init=search][:search_factor=30][:search_iterations=10]``: ANTsPy's
   ``ants.registration`` with ``type_of_transform`` (Rigid, Affine, SyN, ...); ``init=search``
   first runs ANTs' affine initializer over the whole sphere of rotations
@@ -140,11 +141,11 @@ class UniregSolverMethod(Method):
 
 class KeyMorphMethod(Method):
     """KeyMorph (``keymorph:affine``, ``keymorph:tps:lam=0.1``, ``keymorph:rigid:model=PATH``,
-    ``keymorph:affine:refine=affine-gn``): the shipped model by default; the network runs once
-    per image and is kept loaded."""
+    ``keymorph:affine:refine=affine-gn``, ``keymorph:affine:rotations=1``): the shipped model
+    by default, kept loaded; the network runs once per image and test-time rotation."""
 
     def __init__(self, spec: MethodSpec) -> None:
-        from unireg.methods.keymorph import TRANSFORMS
+        from unireg.methods.keymorph import DEFAULT_ROTATIONS, TRANSFORMS
         from unireg.training.checkpoint import load_user_model
 
         self.transform = spec.name or "affine"
@@ -153,6 +154,9 @@ class KeyMorphMethod(Method):
         options = dict(spec.options)
         self.lam = float(options.pop("lam", 0.1))
         self.refine = str(options.pop("refine", "none"))
+        self.rotations = int(options.pop("rotations", DEFAULT_ROTATIONS))
+        if self.rotations < 1:
+            raise UniregError(f"keymorph: rotations must be >= 1, got {self.rotations}")
         path = options.pop("model", None)
         if options:
             raise UniregError(f"unknown keymorph option(s) {sorted(options)}")
@@ -170,7 +174,7 @@ class KeyMorphMethod(Method):
 
         return register_keymorph(
             fixed, moving, model=self.model, payload=self.payload, transform=self.transform,
-            lam=self.lam, refine=self.refine,
+            lam=self.lam, refine=self.refine, rotations=self.rotations,
         )  # fmt: skip
 
 

@@ -28,7 +28,7 @@ from unireg.nets.keypoints import KeypointDetector
 from unireg.profiling import Measure
 from unireg.result import RegistrationResult
 from unireg.spatial.field import world_points
-from unireg.spatial.geometry import Geometry
+from unireg.spatial.geometry import Geometry, apply_matrix_np
 from unireg.spatial.grid import affine_grid, as_matrix, transform_points
 from unireg.spatial.keypoints import ThinPlateSpline, fit_keypoint_transform
 from unireg.spatial.transform import AffineTransform, DisplacementFieldTransform, Transform
@@ -37,6 +37,9 @@ TRANSFORMS = ("rigid", "affine", "tps")
 # intensity refinements of a keypoint alignment (``refine=``): none, or the Gauss-Newton
 # affine (same modality) started from the keypoint affine
 REFINEMENTS = ("none", "affine-gn")
+# test-time rotations of each image at inference (``rotations=``): the keypoints are detected in
+# every rotated copy, mapped back and averaged (docs/keymorph_evaluation.md, session 10)
+DEFAULT_ROTATIONS = 8
 
 
 def check_refinement(transform: str, refine: str) -> None:
@@ -210,6 +213,43 @@ def _detector_input(image: Image, payload: dict) -> tuple[torch.Tensor, Geometry
     return out.data.unsqueeze(0), out.geometry
 
 
+def test_time_rotations(n: int) -> np.ndarray:
+    """``(n, 3, 3)`` rotation matrices for test-time averaging: the identity for ``n = 1``,
+    otherwise ``n`` rotations drawn uniformly from SO(3) with a fixed seed (1), so a result
+    is reproducible and no rotation favours the coordinate axes."""
+    from scipy.spatial.transform import Rotation
+
+    if n < 1:
+        raise ValueError(f"rotations must be >= 1, got {n}")
+    if n == 1:
+        return np.eye(3)[None]
+    return Rotation.random(n, random_state=1).as_matrix()
+
+
+def detect_keypoints(
+    model: KeyMorph,
+    payload: dict,
+    image: Image,
+    rotations: int = 1,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Keypoints ``(1, K, 3)`` of a 3D ``image`` in its world mm (float64), on the model's
+    training grid. ``rotations > 1``: the image is turned in world space about its grid centre
+    by each of :func:`test_time_rotations` (its affine changes, its voxels are not resampled
+    twice), the keypoints are detected in every copy, turned back and averaged."""
+    centre = np.asarray(image.geometry.center_world, dtype=np.float64)
+    found = []
+    for rot in test_time_rotations(rotations):
+        turn = np.eye(4)
+        turn[:3, :3] = rot
+        turn[:3, 3] = centre - rot @ centre
+        x, geom = _detector_input(image.with_data(image.data, turn @ image.geometry.affine),
+                                  payload)  # fmt: skip
+        points = model.keypoints_world(x.to(device), geom)[0].double().cpu().numpy()
+        found.append(apply_matrix_np(np.linalg.inv(turn), points))
+    return torch.as_tensor(np.mean(found, axis=0))[None].to(device)
+
+
 def register_keymorph(
     fixed: Image,
     moving: Image,
@@ -219,6 +259,7 @@ def register_keymorph(
     transform: str = "affine",
     lam: float = 0.1,
     refine: str = "none",
+    rotations: int = DEFAULT_ROTATIONS,
     device: torch.device | str = "cpu",
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with a KeyMorph ``model`` and its checkpoint
@@ -234,6 +275,9 @@ def register_keymorph(
     is the start of :func:`~unireg.solvers.gauss_newton.affine_gauss_newton` on the images,
     whose result is returned (the keypoint one is kept in ``extras["keypoint_matrix"]``): the
     keypoints give robustness to any head orientation, the intensities the accuracy.
+
+    ``rotations``: each image's keypoints are the average over that many test-time rotations
+    (:func:`detect_keypoints`; 1: one detection per image).
     """
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown transform {transform!r}; choose from {TRANSFORMS}")
@@ -243,10 +287,8 @@ def register_keymorph(
     dev = torch.device(device)
     with Measure(dev) as measured, torch.no_grad():
         model = model.to(dev).eval()
-        fx, fgeom = _detector_input(fixed, payload)
-        mx, mgeom = _detector_input(moving, payload)
-        fk = model.keypoints_world(fx.to(dev), fgeom).double()
-        mk = model.keypoints_world(mx.to(dev), mgeom).double()
+        fk = detect_keypoints(model, payload, fixed, rotations, dev)
+        mk = detect_keypoints(model, payload, moving, rotations, dev)
         alignment = model.align(fk, mk, fixed.geometry, transform, lam)
         assert isinstance(alignment, KeypointAlignment)
         if transform == "tps":  # solved in float64, evaluated on the grid in float32

@@ -394,14 +394,15 @@ def _shipped_keymorph(device: torch.device) -> tuple[nn.Module, dict]:
 
 
 def _keymorph_stage(fixed: Image, moving: Image, device: torch.device) -> AffineTransform:
-    """The ``"keymorph"`` affine stage: the shipped KeyMorph model's keypoint affine, refined
-    by ``affine-gn`` (:func:`unireg.methods.keymorph.register_keymorph`)."""
+    """The ``"keymorph"`` affine stage: the shipped KeyMorph model's keypoint affine (one
+    detection per image), refined by ``affine-gn``
+    (:func:`unireg.methods.keymorph.register_keymorph`)."""
     from unireg.methods.keymorph import register_keymorph
 
     model, payload = _shipped_keymorph(device)
     result = register_keymorph(
         fixed, moving, model=model, payload=payload, transform="affine", refine="affine-gn",
-        device=device,
+        rotations=1, device=device,
     )  # fmt: skip
     assert isinstance(result.transform, AffineTransform)
     return result.transform
