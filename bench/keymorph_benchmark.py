@@ -52,7 +52,7 @@ def t1t2(model_path: str | None, outdir: Path) -> None:
     from unireg.io import load_image
     from unireg.methods.keymorph import DEFAULT_ROTATIONS, detect_keypoints, register_keymorph
     from unireg.report import keypoint_figure
-    from unireg.training.checkpoint import load_keymorph
+    from unireg.training.checkpoint import default_model_path, load_keymorph
     from unireg.training.keymorph import KeyMorphConfig
 
     base = DATA / "ixi002-t1t2"
@@ -63,8 +63,12 @@ def t1t2(model_path: str | None, outdir: Path) -> None:
                             if k in KeyMorphConfig.__dataclass_fields__})  # fmt: skip
     torch.manual_seed(cfg.seed)
     models = [("before training (random initialisation)", cfg.model().eval(), 1)]
-    if cfg.init and Path(cfg.init).is_file():  # a fine-tuned model: also its starting point
-        models.append((f"its init checkpoint {Path(cfg.init).name}", load_keymorph(cfg.init)[0], 1))
+    if cfg.init:  # a fine-tuned model: also its starting point (shipped beside it, or the file)
+        init = Path(cfg.init)
+        if not init.is_file():
+            init = default_model_path("keymorph").parent / init.name
+        if init.is_file():
+            models.append((f"its init checkpoint {init.name}", load_keymorph(init)[0], 1))
     models += [
         ("trained", trained, 1),
         (f"trained, {DEFAULT_ROTATIONS} test-time rotations", trained, DEFAULT_ROTATIONS),

@@ -253,6 +253,9 @@ def test_anatomical_keypoints_are_the_label_centroids_of_each_subject(tmp_path):
     trainer.step = 1
     losses = [trainer.train_step() for _ in range(2)]  # two anatomical steps
     assert all(np.isfinite(losses)) and losses[0] != losses[1]
+    # the checkpoint says which label each keypoint is
+    _, payload = load_checkpoint(trainer.save("check.pt"))
+    assert payload["extra"]["anatomical_labels"] == trainer.anatomy_labels
     # more keypoints than shared labels is an error that says so
     cfg.num_keypoints = 3
     with pytest.raises(ValueError, match="share 2 labels, fewer than num_keypoints = 3"):
@@ -312,7 +315,9 @@ def test_register_cli_keymorph_writes_the_contract(tmp_path, transform):
                str(out), "--method", "keymorph", "--transform", transform, "--tps-lambda", "0.5",
                "--model", str(ckpt), "--fixed-labels", str(tmp_path / "s0_lab.nii.gz"),
                "--moving-labels", str(tmp_path / "s1_lab.nii.gz"), "--quiet", "--report",
-               "--no-hd95"])  # fmt: skip
+               "--no-hd95", "--rotations", "1"])  # fmt: skip
+    # (one detection: averaged over rotations, this untrained toy detector's keypoints shrink
+    # to a near-degenerate map, and the ANTs check below is about the file, not the model)
     assert rc == 0
     names = {p.name for p in out.iterdir()}
     expected = {"warped.nii.gz", "warped_labels.nii.gz", "transform.nii.gz", "metrics.json",
@@ -469,6 +474,9 @@ def test_the_shipped_keymorph_model_aligns_the_demo_brains_at_any_rotation(angle
     if not default_model_path("keymorph").exists():
         pytest.skip("no KeyMorph model shipped in src/unireg/models/")
     model, payload = load_model("keymorph")
+    # keypoint k is the centroid of a named label; the self-supervised start ships beside it
+    assert len(payload["extra"]["anatomical_labels"]) == model.detector.num_keypoints
+    assert load_model("keymorph", "selfsup")[1]["train_config"]["pretrain_steps"] == 1500
     data = resources.files("unireg.demo_data")
     fixed = load_image(str(data / "IXI012-HH-1211-T1_ds.nii.gz"))
     fl = load_labels(str(data / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"))
@@ -480,16 +488,18 @@ def test_the_shipped_keymorph_model_aligns_the_demo_brains_at_any_rotation(angle
                                 fixed_labels=fl, moving_labels=ml, hd95=False)  # fmt: skip
     res = register_keymorph(fixed, moving, model=model, payload=payload, transform="affine")
     dice = registration_metrics(res, fixed_labels=fl, moving_labels=ml, hd95=False)["dice_mean"]
-    # measured: 0.277 / 0.256 / 0.234 at 0 / 90 / 180 degrees (unregistered 0.073 / 0.005 /
-    # 0.008); a detector that is not rotation-robust stays near 0.01 at 90 degrees
-    assert dice > none["dice_mean"] + 0.15, (angle, dice, none["dice_mean"])
-    assert dice > 0.2, (angle, dice)
+    # measured with 8 test-time rotations: 0.366 / 0.335 / 0.348 at 0 / 90 / 180 degrees
+    # (one detection: 0.308 / 0.325 / 0.321; the self-supervised model, one detection: 0.277 /
+    # 0.256 / 0.234; unregistered 0.073 / 0.005 / 0.008); a detector that is not
+    # rotation-robust stays near 0.01 at 90 degrees
+    assert dice > none["dice_mean"] + 0.2, (angle, dice, none["dice_mean"])
+    assert dice > 0.3, (angle, dice)
     # refined on the intensities from the keypoint affine: measured 0.398 at every angle
     # (affine-gn alone, from the centres of mass: 0.398 / 0.007 / 0.006)
     refined = register_keymorph(fixed, moving, model=model, payload=payload,
                                 transform="affine", refine="affine-gn")  # fmt: skip
     better = registration_metrics(refined, fixed_labels=fl, moving_labels=ml, hd95=False)
-    assert better["dice_mean"] > max(dice + 0.08, 0.35), (angle, better["dice_mean"], dice)
+    assert better["dice_mean"] > max(dice + 0.02, 0.38), (angle, better["dice_mean"], dice)
     assert np.allclose(refined.extras["keypoint_matrix"], res.extras["matrix"])
     m, fk = refined.extras["matrix"], refined.extras["keypoints_fixed"]
     np.testing.assert_allclose(refined.extras["keypoints_aligned"], fk @ m[:3, :3].T + m[:3, 3],
@@ -539,6 +549,6 @@ def test_the_project_training_configs_parse():
     assert km.rotation == 180.0 and km.spacing_mm == 2.0 and km.num_keypoints == 64
     anat = KeyMorphConfig.from_file(root / "keymorph_ixi_4mm_anatomical.toml")
     assert anat.anatomical_steps > 0 and anat.pretrain_steps == 0
-    assert anat.init.endswith("keymorph_ixi_4mm.pt") and Path(anat.init).is_absolute()
+    assert anat.init.endswith("keymorph_ixi_4mm_selfsup.pt") and Path(anat.init).is_absolute()
     sr = SITRegConfig.from_file(root / "sitreg_ixi_2mm.toml")
     assert sr.lncc_window == 7 and sr.steps > 0

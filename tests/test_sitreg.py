@@ -14,7 +14,6 @@ from unireg.io import load_image, load_labels
 from unireg.io.transforms import load_transforms
 from unireg.methods.sitreg import SITReg, register_sitreg
 from unireg.metrics import consistency_error
-from unireg.solvers import register
 from unireg.spatial.field import world_points
 from unireg.spatial.grid import transform_points
 from unireg.spatial.transform import AffineTransform
@@ -246,12 +245,15 @@ def test_sitreg_in_the_evaluation_harness(tmp_path):
     assert res.extras["inference"] == "fast" and "affine-gn" in res.extras["method"]
     # (as SITReg's stage, affine-gn stops its finest level after 3 iterations, not 5)
     from unireg.methods.sitreg import STAGE_GN_LEVELS
-    from unireg.solvers.gauss_newton import affine_gauss_newton
+    from unireg.solvers.gauss_newton import GN_LEVELS, affine_gauss_newton
 
-    gn, _ = affine_gauss_newton(fixed, moving, levels=STAGE_GN_LEVELS["fast"])
+    gn, trace = affine_gauss_newton(fixed, moving, levels=STAGE_GN_LEVELS["fast"])
     assert np.allclose(res.extras["matrix"], gn.matrix.numpy(), atol=1e-6)
-    alone = register(fixed, moving, "affine-gn").transform.matrix.numpy()
-    assert not np.allclose(alone, gn.matrix.numpy(), atol=1e-6)
+    assert STAGE_GN_LEVELS["fast"][-1][1] == 3 and GN_LEVELS["fast"][-1][1] == 5
+    finest = STAGE_GN_LEVELS["fast"][-1][0]
+    assert 1 <= sum(1 for f, _, _ in trace if f == finest) <= 3
+    # (comparing the two final matrices is no test here: on this toy pair both runs settle on
+    # the same degenerate map on some CPUs, so the check above counts the iterations instead)
     assert make_method(f"sitreg:model={ckpt}").register(fixed, moving).extras["inference"] == (
         "standard"
     )

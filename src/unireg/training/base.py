@@ -271,8 +271,12 @@ class Trainer:
             self.out / name, self.method, self.model, optimizer=self.opt, step=self.step,
             preprocessing={"spacing_mm": self.cfg.spacing_mm, "shape": list(self.cfg.shape),
                            "center": "mass", "normalize": "percentile 0.5-99.5"},
-            train_config=asdict(self.cfg),
+            train_config=asdict(self.cfg), extra=self.checkpoint_extra(),
         )  # fmt: skip
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """What a method adds to its checkpoints' ``extra`` (nothing by default)."""
+        return {}
 
     def run(self, progress: bool = True) -> list[float]:
         """Train to ``total_steps()``; every step's loss is also appended to

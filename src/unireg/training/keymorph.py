@@ -275,6 +275,13 @@ class KeyMorphTrainer(Trainer):
             losses.append(((transform_points(rel, ka) - kb) ** 2).sum(-1).mean())
         return torch.stack(losses).mean()
 
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """The anatomical keypoints' labels (keypoint k is the centroid of label k)."""
+        if not self.anatomy_labels:
+            return {}
+        return {"anatomical_labels": [int(v) for v in self.anatomy_labels],
+                "anatomical_dataset": self.cfg.anatomical_dataset}  # fmt: skip
+
     # -- loop ------------------------------------------------------------------------------
     def total_steps(self) -> int:
         return self.cfg.pretrain_steps + self.cfg.anatomical_steps + self.cfg.steps
