@@ -459,7 +459,7 @@ def test_test_time_rotations_options_are_checked(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("angle", [0.0, 90.0, 180.0])
-def test_the_shipped_keymorph_model_aligns_the_demo_brains_at_any_rotation(angle):
+def test_the_shipped_keymorph_model_aligns_the_demo_brains_at_any_rotation(angle, tmp_path):
     # a sanity check of the shipped file (the demo subjects are IXI *training* subjects; the
     # accuracy on the test split is measured by `unireg evaluate`, docs/keymorph_evaluation.md)
     from importlib import resources
@@ -477,6 +477,7 @@ def test_the_shipped_keymorph_model_aligns_the_demo_brains_at_any_rotation(angle
     # keypoint k is the centroid of a named label; the self-supervised start ships beside it
     assert len(payload["extra"]["anatomical_labels"]) == model.detector.num_keypoints
     assert load_model("keymorph", "selfsup")[1]["train_config"]["pretrain_steps"] == 1500
+    labels = payload["extra"]["anatomical_labels"]
     data = resources.files("unireg.demo_data")
     fixed = load_image(str(data / "IXI012-HH-1211-T1_ds.nii.gz"))
     fl = load_labels(str(data / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"))
@@ -488,6 +489,13 @@ def test_the_shipped_keymorph_model_aligns_the_demo_brains_at_any_rotation(angle
                                 fixed_labels=fl, moving_labels=ml, hd95=False)  # fmt: skip
     res = register_keymorph(fixed, moving, model=model, payload=payload, transform="affine")
     dice = registration_metrics(res, fixed_labels=fl, moving_labels=ml, hd95=False)["dice_mean"]
+    assert res.extras["keypoint_labels"] == labels
+    if angle == 0:  # keypoints.csv names each keypoint's label
+        from unireg.methods.keymorph import write_keypoints_csv
+
+        rows = write_keypoints_csv(res, tmp_path / "k.csv").read_text().splitlines()
+        assert rows[0].endswith(",residual_mm,label") and len(rows) == len(labels) + 1
+        assert [int(r.split(",")[-1]) for r in rows[1:]] == labels
     # measured with 8 test-time rotations: 0.366 / 0.335 / 0.348 at 0 / 90 / 180 degrees
     # (one detection: 0.308 / 0.325 / 0.321; the self-supervised model, one detection: 0.277 /
     # 0.256 / 0.234; unregistered 0.073 / 0.005 / 0.008); a detector that is not

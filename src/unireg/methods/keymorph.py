@@ -322,6 +322,9 @@ def register_keymorph(
         "transform_kind": transform,
         "tps_lambda": lam if transform == "tps" else None,
     }
+    labels = (payload.get("extra") or {}).get("anatomical_labels")
+    if labels is not None and len(labels) == len(extras["keypoints_fixed"]):
+        extras["keypoint_labels"] = [int(v) for v in labels]  # keypoint k: centroid of label k
     if matrix is not None:
         extras["matrix"] = matrix
     if refine != "none":
@@ -336,16 +339,19 @@ def register_keymorph(
 
 def write_keypoints_csv(result: RegistrationResult, path: str | Path) -> Path:
     """``keypoints.csv``: per keypoint, the fixed, moving and aligned (the fixed keypoint
-    mapped by the transform) positions in world mm (RAS), and the residual to the moving
-    keypoint."""
+    mapped by the transform) positions in world mm (RAS), the residual to the moving
+    keypoint and, for a model trained on anatomical keypoints, the label whose centroid the
+    keypoint was trained to be (``label``)."""
     fk = np.asarray(result.extras["keypoints_fixed"])
     mk = np.asarray(result.extras["keypoints_moving"])
     ak = np.asarray(result.extras["keypoints_aligned"])
     path = Path(path)
+    labels = result.extras.get("keypoint_labels")
     rows = ["index,fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z,"
-            "aligned_x,aligned_y,aligned_z,residual_mm"]  # fmt: skip
+            "aligned_x,aligned_y,aligned_z,residual_mm" + (",label" if labels else "")]  # fmt: skip
     for i, (f, m, a) in enumerate(zip(fk, mk, ak, strict=True)):
         vals = [*f, *m, *a, float(np.linalg.norm(a - m))]
-        rows.append(f"{i}," + ",".join(f"{v:.4f}" for v in vals))
+        rows.append(f"{i}," + ",".join(f"{v:.4f}" for v in vals)
+                    + (f",{labels[i]}" if labels else ""))  # fmt: skip
     write_atomic(path, lambda tmp: Path(tmp).write_text("\n".join(rows) + "\n"))
     return path
