@@ -4,6 +4,7 @@ augmentation settings, the preprocessed training volumes held in memory, and the
 
 from __future__ import annotations
 
+import math
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -43,6 +44,8 @@ class TrainConfig:
     # schedule
     steps: int = 1000
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine": lr decays to lr_final over the run's steps
+    lr_final: float = 0.0
     checkpoint_every: int = 100
     # augmentation
     rotation: float = 180.0
@@ -53,6 +56,8 @@ class TrainConfig:
     bias_field: float = 0.3
     noise: float = 0.02
     synthesis_probability: float = 0.5  # IXI: chance of a synthesised image instead of T1
+    skull_strip_probability: float = 0.0  # chance a real image is masked to its brain labels
+    invert_probability: float = 0.0  # chance a skull-stripped image's contrast is inverted
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any):
@@ -76,13 +81,23 @@ class TrainConfig:
             if value and not Path(value).is_absolute():
                 setattr(cfg, key, str((base / value).resolve()))
         try:
+            cfg.check_common()
             cfg.check()
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
         return cfg
 
     def check(self) -> None:
-        """Method configs validate their own settings."""
+        """Method configs validate their own settings (and call this one)."""
+
+    def check_common(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.lr <= 0 or self.lr_final < 0:
+            raise ValueError(f"lr must be > 0 and lr_final >= 0, got {self.lr}, {self.lr_final}")
+        for key in ("synthesis_probability", "skull_strip_probability", "invert_probability"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
 
     def model(self) -> nn.Module:
         """The network this config trains (seeded by the trainer before it is built)."""
@@ -90,6 +105,25 @@ class TrainConfig:
 
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(spacing=self.spacing_mm, shape=tuple(self.shape), center="mass")
+
+
+def skull_strip(image: torch.Tensor, labels: torch.Tensor, invert: bool = False) -> torch.Tensor:
+    """``image`` ``(B, 1, *shape)`` (intensities in [0, 1]) zeroed outside the non-zero
+    ``labels`` dilated by one voxel, and rescaled as a stripped image is normalised (its
+    99.5th percentile inside the mask to 1, clipped); ``invert``: ``1 - x`` inside the mask
+    (T2-like)."""
+    d = image.ndim - 2
+    pool = torch.nn.functional.max_pool3d if d == 3 else torch.nn.functional.max_pool2d
+    mask = pool((labels > 0).float(), kernel_size=3, stride=1, padding=1).to(image) > 0
+    out = torch.zeros_like(image)
+    for b in range(image.shape[0]):
+        inside = image[b][mask[b]]
+        if inside.numel() == 0:
+            continue
+        top = float(torch.quantile(inside.float(), 0.995))
+        scaled = (inside / top).clamp(0, 1) if top > 0 else inside
+        out[b][mask[b]] = (1 - scaled) if invert else scaled
+    return out
 
 
 # non-brain SynthSeg classes (the shared data README): dropped from the brain Dice
@@ -189,13 +223,28 @@ class Trainer:
 
     # -- data ------------------------------------------------------------------------------
     def _image(self, item: dict[str, Any], g: torch.Generator) -> torch.Tensor:
-        """The subject's T1, or an image synthesised from its label map (SynthSeg always)."""
+        """The subject's T1, or an image synthesised from its label map (SynthSeg always).
+
+        A real image is skull-stripped with ``skull_strip_probability`` (zero outside its
+        label map dilated by one voxel, as brain-extraction tools leave it), and a stripped
+        one has its contrast inverted inside the brain with ``invert_probability`` (``1 - x``
+        on the [0, 1] intensities: bright CSF, dark white matter, as in T2)."""
+        cfg = self.cfg
         use_real = item["image"] is not None and (
-            float(torch.rand(1, generator=g)) >= self.cfg.synthesis_probability
+            float(torch.rand(1, generator=g)) >= cfg.synthesis_probability
         )
-        if use_real:
-            return item["image"][None]
-        return self.synth(item["labels"][None], generator=g)["image"]
+        if not use_real:
+            return self.synth(item["labels"][None], generator=g)["image"]
+        image = item["image"][None]
+        # no draws when off: configs without these settings keep their random stream
+        if cfg.skull_strip_probability > 0 and (
+            float(torch.rand(1, generator=g)) < cfg.skull_strip_probability
+        ):
+            return skull_strip(image, item["labels"][None], invert=(
+                cfg.invert_probability > 0
+                and float(torch.rand(1, generator=g)) < cfg.invert_probability
+            ))  # fmt: skip
+        return image
 
     def rotation_range(self) -> float:
         """Maximum rotation (degrees) at the current step: a linear curriculum over the first
@@ -256,8 +305,19 @@ class Trainer:
     def loss(self, g: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
+    def learning_rate(self) -> float:
+        """The learning rate of the current step: ``lr``, or with ``lr_schedule = "cosine"``
+        a half cosine from ``lr`` at step 0 to ``lr_final`` at the last step."""
+        cfg = self.cfg
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        frac = self.step / max(1, self.total_steps() - 1)
+        return cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * frac))
+
     def train_step(self) -> float:
         g = self._generator()
+        for group in self.opt.param_groups:
+            group["lr"] = self.learning_rate()
         self.model.train()
         self.opt.zero_grad()
         loss = self.loss(g)

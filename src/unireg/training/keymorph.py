@@ -24,7 +24,9 @@ Phases, in order:
      ``consistency_every = n`` every n-th step is instead a same-subject keypoint-consistency
      step (below): a direct, rotation-independent signal that the keypoints move with the
      anatomy, where soft Dice gives almost no gradient to a badly misaligned pair (our
-     addition to the paper's supervised recipe);
+     addition to the paper's supervised recipe). ``anatomical_every = n`` interleaves
+     anatomical-keypoint steps (phase 2) instead, which keeps each keypoint on its label's
+     centroid while soft Dice fine-tunes the detector;
    - ``unsupervised``: MSE between the warped moving image and the fixed image (same
      modality), alternating with a same-subject multi-modal step: two contrasts synthesised
      from one label map, each under its own random affine; the loss is the deviation of the
@@ -76,6 +78,7 @@ class KeyMorphConfig(TrainConfig):
     anatomical_steps: int = 0  # label-centroid keypoint steps after the pretraining
     anatomical_dataset: str = "ixi"  # whose subjects (all sharing the labels) give centroids
     consistency_every: int = 0  # supervised: every n-th step a keypoint-consistency step; 0: off
+    anatomical_every: int = 0  # supervised: every n-th step an anatomical-keypoint step; 0: off
     batch_size: int = 1  # samples (pairs, views) per step, the detector run once on all
 
     def check(self) -> None:
@@ -91,6 +94,10 @@ class KeyMorphConfig(TrainConfig):
             raise ValueError(f"anatomical_steps must be >= 0, got {self.anatomical_steps}")
         if self.consistency_every < 0:
             raise ValueError(f"consistency_every must be >= 0, got {self.consistency_every}")
+        if self.anatomical_every < 0:
+            raise ValueError(f"anatomical_every must be >= 0, got {self.anatomical_every}")
+        if self.consistency_every and self.anatomical_every:
+            raise ValueError("consistency_every and anatomical_every exclude each other")
 
     def model(self) -> KeyMorph:
         return KeyMorph(
@@ -114,7 +121,7 @@ class KeyMorphTrainer(Trainer):
         self.pretrain_points = (2 * pick / (shape - 1) - 1).float()  # normalised (K, 3)
         self.anatomy: list[tuple[dict[str, Any], torch.Tensor]] = []  # (subject, centroids)
         self.anatomy_labels: list[int] = []
-        if cfg.anatomical_steps:
+        if cfg.anatomical_steps or (cfg.anatomical_every and cfg.steps):
             self.anatomy_labels, self.anatomy = self._centroid_targets()
 
     def _centroid_targets(self) -> tuple[list[int], list[tuple[dict[str, Any], torch.Tensor]]]:
@@ -303,5 +310,8 @@ class KeyMorphTrainer(Trainer):
             every = self.cfg.consistency_every
             if every and self.step % every == 0:
                 return self._consistency_loss(g)
+            every = self.cfg.anatomical_every
+            if every and self.step % every == 0:
+                return self._anatomical_loss(g)
             return self._supervised_loss(g)
         return self._unsupervised_loss(g)
