@@ -516,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="keymorph, sitreg: checkpoint (default: the shipped one; for sitreg that is the "
-        "lite model, and 'standard' names the shipped full-resolution one)",
+        "lite model, and 'standard' names the shipped full-resolution one; for keymorph "
+        "'selfsup' and 'dice' name the shipped self-supervised and soft-Dice models)",
     )
     p.add_argument(
         "--affine-stage",
