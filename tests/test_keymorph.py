@@ -185,19 +185,27 @@ def test_training_resumes_to_exactly_the_same_model(tmp_path, mode):
     assert [r.split(",")[0] for r in logs[0][1:]] == ["1", "2", "3", "4"]
 
 
+def _check_alternation(trainer, every_nth_loss):
+    """Step 0 of a supervised run with ``*_every = 2`` is ``every_nth_loss``, step 1 soft
+    Dice (same generator, same value); then both steps run. Returns their losses."""
+    g0 = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    assert torch.equal(trainer.loss(g0()), every_nth_loss(g0()))
+    trainer.step = 1
+    assert torch.equal(trainer.loss(g0()), trainer._supervised_loss(g0()))
+    trainer.step = 0
+    losses = trainer.run(progress=False)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    return losses
+
+
 def test_supervised_training_with_keypoint_consistency_steps(tmp_path):
     from unireg.training.keymorph import KeyMorphConfig, KeyMorphTrainer
 
     cfg, _ = _tiny_config(tmp_path, "consistency", consistency_every=2, pretrain_steps=0)
     trainer = KeyMorphTrainer(cfg)
     # step 0 is a consistency step (same subject, known relative affine), step 1 soft Dice
-    g0 = lambda: torch.Generator().manual_seed(5)  # noqa: E731
-    assert torch.equal(trainer.loss(g0()), trainer._consistency_loss(g0()))
-    trainer.step = 1
-    assert torch.equal(trainer.loss(g0()), trainer._supervised_loss(g0()))
-    trainer.step = 0
-    losses = trainer.run(progress=False)
-    assert len(losses) == 2 and all(np.isfinite(losses)) and losses[0] != losses[1]
+    losses = _check_alternation(trainer, trainer._consistency_loss)
+    assert losses[0] != losses[1]
     bad = tmp_path / "neg.toml"
     bad.write_text("consistency_every = -1\n")
     with pytest.raises(ValueError, match="consistency_every"):
@@ -215,13 +223,7 @@ def test_supervised_training_with_interleaved_anatomical_steps(tmp_path):
                           anatomical_dataset='"toy"')  # fmt: skip
     trainer = KeyMorphTrainer(cfg)
     assert trainer.anatomy_labels and len(trainer.anatomy) == 3
-    g0 = lambda: torch.Generator().manual_seed(5)  # noqa: E731
-    assert torch.equal(trainer.loss(g0()), trainer._anatomical_loss(g0()))
-    trainer.step = 1
-    assert torch.equal(trainer.loss(g0()), trainer._supervised_loss(g0()))
-    trainer.step = 0
-    losses = trainer.run(progress=False)
-    assert len(losses) == 2 and all(np.isfinite(losses))
+    _check_alternation(trainer, trainer._anatomical_loss)
     _, payload = load_checkpoint(tmp_path / "interleaved" / "last.pt")
     assert payload["extra"]["anatomical_labels"] == trainer.anatomy_labels
     bad = tmp_path / "both.toml"
