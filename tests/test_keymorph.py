@@ -258,10 +258,10 @@ def test_skull_strip_and_contrast_inversion_augmentations(tmp_path):
     trainer = KeyMorphTrainer(cfg)
     item = trainer.volumes.items[0]
     got = trainer._image(item, torch.Generator().manual_seed(3))
-    assert torch.equal(got, skull_strip(item["image"][None], item["labels"][None]))
+    assert torch.equal(got, skull_strip(item["image"][None], item["brain"][None]))
     trainer.cfg = replace(cfg, invert_probability=1.0)
     got = trainer._image(item, torch.Generator().manual_seed(3))
-    assert torch.equal(got, skull_strip(item["image"][None], item["labels"][None], invert=True))
+    assert torch.equal(got, skull_strip(item["image"][None], item["brain"][None], invert=True))
     trainer.cfg = replace(cfg, skull_strip_probability=0.0)
     g = torch.Generator().manual_seed(3)
     assert torch.equal(trainer._image(item, g), item["image"][None])

@@ -88,9 +88,10 @@ class TrainConfig:
         return cfg
 
     def check(self) -> None:
-        """Method configs validate their own settings (and call this one)."""
+        """Method configs validate their own settings (:meth:`check_common` checks these)."""
 
     def check_common(self) -> None:
+        """The settings every training run has: learning-rate schedule and probabilities."""
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.lr <= 0 or self.lr_final < 0:
@@ -226,7 +227,7 @@ class Trainer:
         """The subject's T1, or an image synthesised from its label map (SynthSeg always).
 
         A real image is skull-stripped with ``skull_strip_probability`` (zero outside its
-        label map dilated by one voxel, as brain-extraction tools leave it), and a stripped
+        brain labels dilated by one voxel, as brain-extraction tools leave it), and a stripped
         one has its contrast inverted inside the brain with ``invert_probability`` (``1 - x``
         on the [0, 1] intensities: bright CSF, dark white matter, as in T2)."""
         cfg = self.cfg
@@ -240,7 +241,7 @@ class Trainer:
         if cfg.skull_strip_probability > 0 and (
             float(torch.rand(1, generator=g)) < cfg.skull_strip_probability
         ):
-            return skull_strip(image, item["labels"][None], invert=(
+            return skull_strip(image, item["brain"][None], invert=(
                 cfg.invert_probability > 0
                 and float(torch.rand(1, generator=g)) < cfg.invert_probability
             ))  # fmt: skip
