@@ -571,3 +571,19 @@ def test_filter_axis_matches_depthwise_convolution_and_its_adjoint(ndim, padding
                                           dilation=dilation),
             (xr,),
         )  # fmt: skip
+
+
+def test_linear_about_leaves_the_centre_fixed_and_is_a_conjugated_linear_map():
+    from scipy.spatial.transform import Rotation
+
+    from unireg.spatial.geometry import apply_matrix_np, linear_about
+
+    lin = Rotation.random(1, random_state=4).as_matrix()[0] * 1.1
+    c = np.array([12.0, -40.0, 7.5])
+    m = linear_about(lin, c)
+    np.testing.assert_allclose(apply_matrix_np(m, c[None])[0], c, atol=1e-12)
+    shift, back = np.eye(4), np.eye(4)
+    shift[:3, 3], back[:3, 3] = c, -c
+    lin4 = np.eye(4)
+    lin4[:3, :3] = lin
+    np.testing.assert_allclose(m, shift @ lin4 @ back, atol=1e-12)

@@ -23,7 +23,7 @@ from unireg.data.manifest import Manifest
 from unireg.errors import ManifestError, UniregError
 from unireg.io.image import Image, LabelMap, check_same_grid, load_image, load_labels, resample
 from unireg.metrics import registration_metrics
-from unireg.spatial.geometry import Geometry
+from unireg.spatial.geometry import Geometry, linear_about
 from unireg.spatial.transform import AffineTransform
 
 
@@ -120,10 +120,8 @@ def misalignment(
         chosen = []
     lin = rotation_about_axes(angle, chosen, d) * (1.0 + rng.uniform(-scale, scale))
     t = rng.uniform(-translation, translation, size=d)
-    c = geometry.center_world
-    m = np.eye(d + 1)
-    m[:d, :d] = lin
-    m[:d, d] = c - lin @ c + t
+    m = linear_about(lin, geometry.center_world)
+    m[:d, d] += t
     return m, chosen
 
 

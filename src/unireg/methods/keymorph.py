@@ -28,7 +28,7 @@ from unireg.nets.keypoints import KeypointDetector
 from unireg.profiling import Measure
 from unireg.result import RegistrationResult
 from unireg.spatial.field import world_points
-from unireg.spatial.geometry import Geometry, apply_matrix_np
+from unireg.spatial.geometry import Geometry, apply_matrix_np, linear_about
 from unireg.spatial.grid import affine_grid, as_matrix, transform_points
 from unireg.spatial.keypoints import ThinPlateSpline, fit_keypoint_transform
 from unireg.spatial.transform import AffineTransform, DisplacementFieldTransform, Transform
@@ -237,12 +237,9 @@ def detect_keypoints(
     training grid. ``rotations > 1``: the image is turned in world space about its grid centre
     by each of :func:`test_time_rotations` (its affine changes, its voxels are not resampled
     twice), the keypoints are detected in every copy, turned back and averaged."""
-    centre = np.asarray(image.geometry.center_world, dtype=np.float64)
     found = []
     for rot in test_time_rotations(rotations):
-        turn = np.eye(4)
-        turn[:3, :3] = rot
-        turn[:3, 3] = centre - rot @ centre
+        turn = linear_about(rot, image.geometry.center_world)
         x, geom = _detector_input(image.with_data(image.data, turn @ image.geometry.affine),
                                   payload)  # fmt: skip
         points = model.keypoints_world(x.to(device), geom)[0].double().cpu().numpy()

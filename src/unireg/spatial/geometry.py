@@ -44,6 +44,18 @@ def apply_matrix_np(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:d, :d].T + matrix[:d, d]
 
 
+def linear_about(linear: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """The homogeneous ``(d+1) x (d+1)`` map ``x -> L (x - c) + c``: the linear map ``L``
+    ``(d, d)`` applied about the point ``c`` (world mm), which it leaves fixed."""
+    linear = np.asarray(linear, dtype=np.float64)
+    centre = np.asarray(centre, dtype=np.float64)
+    d = linear.shape[0]
+    m = np.eye(d + 1)
+    m[:d, :d] = linear
+    m[:d, d] = centre - linear @ centre
+    return m
+
+
 @dataclass(frozen=True, eq=False)
 class Geometry:
     """A voxel grid placed in world space.
