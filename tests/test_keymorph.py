@@ -378,6 +378,22 @@ def test_training_starts_from_an_init_checkpoint(tmp_path):
     other.init = str(ckpt)
     with pytest.raises(ValueError, match=r"last.pt: init checkpoint does not fit"):
         KeyMorphTrainer(other)
+    # a config that adds decoder levels starts from the checkpoint's weights and keypoints;
+    # the new levels start at their initial weights and then train
+    finer, _ = _tiny_config(tmp_path, "finer", decoder=1, pretrain_steps=1, steps=0)
+    finer.init = str(ckpt)
+    refined = KeyMorphTrainer(finer)
+    new = {k for k in refined.model.state_dict() if k.startswith("detector.decoder.")}
+    assert new and set(first.model.state_dict()) == set(refined.model.state_dict()) - new
+    x = torch.rand(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(refined.model.detector(x), first.model.detector(x), atol=1e-5)
+    refined.run(progress=False)
+    out = refined.model.detector.decoder[0].out.weight
+    assert out.abs().max() > 0  # trained away from its zero start
+    loaded, payload = load_checkpoint(tmp_path / "finer" / "last.pt")
+    assert payload["model_config"]["detector"]["decoder"] == 1
+    assert loaded.detector.map_stride == 1  # channels [4, 8]: maps back on the input grid
 
 
 def test_training_config_errors_name_the_file_and_setting(tmp_path):
@@ -633,10 +649,10 @@ def test_keymorph_refinement_is_affine_only_and_named_errors(tmp_path, capsys):
     fixed, moving = load_image(tmp_path / "s0.nii.gz"), load_image(tmp_path / "s1.nii.gz")
     payload = {"preprocessing": {"spacing_mm": 2.0, "shape": [20, 20, 20]}}
     for transform, refine in (("tps", "affine-gn"), ("rigid", "affine-gn"), ("affine", "syn")):
-        with pytest.raises(ValueError, match="refine"):
+        with pytest.raises(ValueError, match="decoder"):
             register_keymorph(fixed, moving, model=model, payload=payload, transform=transform,
                               refine=refine)  # fmt: skip
-    with pytest.raises(UniregError, match="refine"):
+    with pytest.raises(UniregError, match="decoder"):
         make_method("keymorph:tps:refine=affine-gn")
     ckpt = save_checkpoint(tmp_path / "km.pt", "keymorph", model,
                            preprocessing=payload["preprocessing"])  # fmt: skip

@@ -167,6 +167,71 @@ def test_detector_takes_any_size_and_gradients_flow(head, shape):
             assert torch.allclose(c, 2 * (4 * j - before) / (n - 1) - 1)
 
 
+@pytest.mark.parametrize("d", [2, 3])
+def test_map_upsampling_keeps_each_centre_of_mass_and_aligns_features(d):
+    """``upsample_mass``: coarse voxel i on fine voxel 2 i + 1, centres of mass unchanged to
+    rounding; ``upsample_strided``: coarse voxel i on fine voxel 2 i (its value there)."""
+    from unireg.nets.blocks import upsample_mass, upsample_strided
+    from unireg.nets.keypoints import CenterOfMass
+
+    g = torch.Generator().manual_seed(d)
+    shape = (5, 7, 4)[:d]
+    maps = torch.rand(2, 3, *shape, generator=g, dtype=torch.float64) ** 4
+    maps[0, 0] = 0
+    maps[(0, 0, *[0] * d)] = 1.0  # all mass on a corner: the hardest case for an edge
+    coarse = [torch.arange(n, dtype=torch.float64) for n in shape]
+    fine = [(torch.arange(2 * n + 1, dtype=torch.float64) - 1) / 2 for n in shape]
+    up = upsample_mass(maps)
+    assert up.shape[2:] == tuple(2 * n + 1 for n in shape) and bool((up >= 0).all())
+    com = CenterOfMass()
+    assert torch.allclose(com(up, fine), com(maps, coarse), atol=1e-7)  # eps of the layer
+    assert torch.equal(up[(..., *[slice(1, None, 2)] * d)], maps)
+    for parent in ([2 * n for n in shape], [2 * n - 1 for n in shape]):
+        feat = upsample_strided(maps, parent)
+        assert feat.shape[2:] == tuple(parent)
+        assert torch.allclose(feat[(..., *[slice(0, None, 2)] * d)], maps)
+    with pytest.raises(ValueError, match="stride-2 parent grid"):
+        upsample_strided(maps, [2 * n + 1 for n in shape])
+
+
+@pytest.mark.parametrize("shape", [(33, 29, 20), (50, 47)])
+def test_decoder_levels_start_from_the_coarse_keypoints_and_make_finer_maps(shape):
+    """A detector with decoder levels, given a coarse detector's weights, detects exactly its
+    keypoints (the levels start as the identity); its maps are 2**decoder times finer, their
+    voxels on the input grid where the coordinates say; gradients reach the new levels."""
+    from unireg.nets import KeypointDetector
+
+    torch.manual_seed(1)
+    d = len(shape)
+    base = KeypointDetector(d, num_keypoints=8, channels=(4, 8, 8))
+    finer = KeypointDetector(d, num_keypoints=8, channels=(4, 8, 8), decoder=2)
+    missing, unexpected = finer.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("decoder.") for k in missing)
+    x = torch.rand(2, 1, *shape)
+    with torch.no_grad():
+        assert torch.allclose(finer(x), base(x), atol=1e-5)
+        coarse_maps, _ = base.activation_maps(x)
+        maps, coords = finer.activation_maps(x)
+    assert finer.map_stride == 1
+    for n, m, c in zip(shape, coarse_maps.shape[2:], coords, strict=True):
+        before = ((-n) % 4) // 2
+        assert c.numel() == 4 * m + 3  # two levels, each 2 m + 1
+        j = torch.arange(c.numel(), dtype=c.dtype) - 3  # first map voxel 3 before input 0
+        assert torch.allclose(c, 2 * (j - before) / (n - 1) - 1)
+    kp = finer(x)
+    kp.square().sum().backward()
+    assert all(lvl.out.weight.grad.abs().sum() > 0 for lvl in finer.decoder)
+    # once trained (non-zero residuals) the levels move the keypoints
+    with torch.no_grad():
+        for lvl in finer.decoder:
+            lvl.out.weight.normal_(0, 0.3)
+        assert (finer(x) - base(x)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="decoder"):
+        KeypointDetector(d, channels=(4, 8), decoder=2)
+    with pytest.raises(ValueError, match="decoder"):
+        KeypointDetector(d, channels=(4, 8), head="fc", decoder=1)
+
+
 def test_detector_keypoint_count_is_configurable_and_checked():
     from unireg.nets import KeypointDetector
 

@@ -99,6 +99,12 @@ class KeyMorph(nn.Module):
         self.unit_mm = float(unit_mm)
         self.config = {"detector": dict(detector.config), "unit_mm": self.unit_mm}
 
+    @staticmethod
+    def new_modules() -> list[str]:
+        """Parameter-name prefixes a fine-tuning run may start fresh when its init checkpoint
+        lacks them: the detector's decoder levels, which start as the identity."""
+        return ["detector.decoder."]
+
     @classmethod
     def from_config(cls, config: dict) -> KeyMorph:
         return cls(KeypointDetector(**config["detector"]), unit_mm=config["unit_mm"])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -27,3 +31,36 @@ class ConvBlock(nn.Sequential):
             instance_norm_nd(ndim)(cout, affine=True),
             nn.ReLU(inplace=True),
         )
+
+
+def upsample_strided(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Linear upsampling of ``x`` ``(B, C, *coarse)`` onto the grid ``shape`` it was made from
+    by a stride-2 block: coarse voxel ``i`` sits on fine voxel ``2 i`` (as :class:`ConvBlock`
+    with ``stride=2`` places it), fine voxel ``j`` takes the value at coarse ``j / 2``, and a
+    fine voxel past the last coarse one repeats the edge."""
+    coarse = x.shape[2:]
+    if len(shape) != len(coarse) or any(
+        not 2 * c - 1 <= n <= 2 * c for c, n in zip(coarse, shape, strict=True)
+    ):
+        raise ValueError(f"{tuple(shape)} is not the stride-2 parent grid of {tuple(coarse)}")
+    mode = "bilinear" if x.ndim == 4 else "trilinear"
+    inner = [2 * c - 1 for c in coarse]
+    x = F.interpolate(x, size=inner, mode=mode, align_corners=True)
+    pads: list[int] = []
+    for n, m in zip(reversed(list(shape)), reversed(inner), strict=True):
+        pads += [0, n - m]
+    return F.pad(x, pads, mode="replicate") if any(pads) else x
+
+
+def upsample_mass(x: torch.Tensor) -> torch.Tensor:
+    """Linear upsampling by 2 of non-negative maps ``(B, C, *n)`` with zeros outside, onto the
+    ``2 n + 1`` fine voxels from one before the first coarse voxel to one after the last
+    (coarse voxel ``i`` on fine voxel ``2 i + 1``): each coarse value spreads as the hat
+    ``[1/2, 1, 1/2]``, so every map's centre of mass stays exactly where it was."""
+    d = x.ndim - 2
+    mode = "bilinear" if d == 2 else "trilinear"
+    padded = F.pad(x, [1, 1] * d)
+    up = F.interpolate(
+        padded, size=[2 * n - 1 for n in padded.shape[2:]], mode=mode, align_corners=True
+    )
+    return up[(..., *[slice(1, -1)] * d)]

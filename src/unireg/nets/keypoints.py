@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unireg.nets.blocks import ConvBlock, conv_nd
+from unireg.nets.blocks import ConvBlock, conv_nd, upsample_mass, upsample_strided
 from unireg.spatial.grid import axis_coordinates
 
 
@@ -47,12 +47,48 @@ class CenterOfMass(nn.Module):
         return torch.stack(points, dim=-1)
 
 
+class DecoderLevel(nn.Module):
+    """One finer level of activation maps. The coarser maps are upsampled by 2
+    (:func:`upsample_mass`: each map's centre of mass stays where it was, on a grid one voxel
+    wider on each side than the one before) and corrected by a residual computed from the
+    upsampled coarser features and the backbone's features of the finer stage (a conv block
+    on their concatenation, then a convolution to one residual per map, zero outside that
+    stage's grid; ReLU after the sum). The residual's convolution starts at zero, so a new
+    level starts with exactly the keypoints of the coarser maps: fine-tuning a trained
+    detector starts from what it did."""
+
+    def __init__(self, ndim: int, channels: int, skip: int, num_keypoints: int):
+        super().__init__()
+        self.block = ConvBlock(ndim, channels + skip, skip)
+        self.out = conv_nd(ndim)(skip, num_keypoints, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(
+        self, maps: torch.Tensor, origin: int, features: torch.Tensor, skip: torch.Tensor
+    ) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """``(maps, origin, features)`` one level finer. ``origin`` is the index, on the grid
+        of the stage's features, of the maps' first voxel (0 for the deepest stage; negative
+        once maps extend past the features' grid)."""
+        shape = skip.shape[2:]
+        features = self.block(torch.cat([upsample_strided(features, shape), skip], dim=1))
+        maps, origin = upsample_mass(maps), 2 * origin - 1
+        pads: list[int] = []  # the residual, on the stage's grid, placed on the maps' grid
+        for n, m in zip(reversed(list(shape)), reversed(maps.shape[2:]), strict=True):
+            pads += [-origin, origin + m - n]
+        return F.relu(maps + F.pad(self.out(features), pads)), origin, features
+
+
 class KeypointDetector(nn.Module):
     """Keypoint detector: ``levels`` stages of two conv blocks (conv, instance norm, ReLU),
     each stage but the last followed by a strided conv block halving the grid, then a 1x1
     convolution to ``num_keypoints`` maps and a ReLU; :class:`CenterOfMass` turns each map into
-    a point (``head="com"``). ``head="fc"`` replaces it with average pooling to ``fc_grid``
-    voxels per axis and two fully-connected layers (tanh output), the ablation of KeyMorph.
+    a point (``head="com"``). ``decoder`` > 0 makes the maps finer: each :class:`DecoderLevel`
+    brings them back up one stage, corrected from the backbone's features of that stage (a
+    U-Net-like decoder), so the maps have ``2**(levels - 1 - decoder)`` times fewer voxels per
+    axis than the input instead of ``2**(levels - 1)``. ``head="fc"`` replaces the maps with
+    average pooling to ``fc_grid`` voxels per axis and two fully-connected layers (tanh
+    output), the ablation of KeyMorph.
 
     Any input size: the input is zero-padded to a multiple of ``2**(levels - 1)`` (split
     evenly) and keypoints are expressed in the unpadded input's normalised coordinates.
@@ -67,27 +103,41 @@ class KeypointDetector(nn.Module):
         channels: Sequence[int] = (16, 32, 64, 128),
         head: str = "com",
         fc_grid: int = 4,
+        decoder: int = 0,
     ):
         super().__init__()
         if not 1 <= num_keypoints <= 4096:
             raise ValueError(f"num_keypoints must be in 1..4096, got {num_keypoints}")
         if head not in ("com", "fc"):
             raise ValueError(f"head must be 'com' or 'fc', got {head!r}")
+        if not 0 <= decoder < len(channels) or (decoder and head != "com"):
+            msg = f"decoder must be in 0..{len(channels) - 1} with the 'com' head, got {decoder}"
+            raise ValueError(msg)
         self.config = {
             "ndim": ndim, "in_channels": in_channels, "num_keypoints": num_keypoints,
             "channels": list(channels), "head": head, "fc_grid": fc_grid,
         }  # fmt: skip
+        if decoder:  # only when set: checkpoints without a decoder keep their config
+            self.config["decoder"] = decoder
         self.ndim, self.num_keypoints, self.head = ndim, num_keypoints, head
         self.stride = 2 ** (len(channels) - 1)
+        self.map_stride = 2 ** (len(channels) - 1 - decoder)
         layers: list[nn.Module] = []
+        self.stage_ends: list[int] = []  # index of each stage's last layer in the backbone
         cin = in_channels
         for i, c in enumerate(channels):
             if i > 0:
                 layers.append(ConvBlock(ndim, cin, c, stride=2))
                 cin = c
             layers += [ConvBlock(ndim, cin, c), ConvBlock(ndim, c, c)]
+            self.stage_ends.append(len(layers) - 1)
             cin = c
         self.backbone = nn.Sequential(*layers)
+        # decoder level r joins the stage r + 1 levels below the deepest
+        self.decoder = nn.ModuleList(
+            DecoderLevel(ndim, channels[-1 - r], channels[-2 - r], num_keypoints)
+            for r in range(decoder)
+        )
         if head == "com":
             self.maps = conv_nd(ndim)(cin, num_keypoints, 1)
             self.com = CenterOfMass()
@@ -113,17 +163,32 @@ class KeypointDetector(nn.Module):
     def activation_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Non-negative maps ``(B, K, *coarse)`` and, per axis, the input-normalised
         coordinate of each coarse voxel (output voxel ``j`` is centred on padded input voxel
-        ``j * stride``)."""
+        ``(j + origin) * map_stride``, ``origin`` 0 without a decoder)."""
         if x.ndim != self.ndim + 2:
             raise ValueError(f"expected a {self.ndim}D batch (B, C, ...), got {tuple(x.shape)}")
         shape = x.shape[2:]
         padded, before = self._pad(x)
-        maps = F.relu(self.maps(self.backbone(padded)))
+        maps, origin = self._maps(padded)
         coords = []
         for n, b, m in zip(shape, before, maps.shape[2:], strict=True):
-            vox = torch.arange(m, device=x.device, dtype=x.dtype) * self.stride - b
+            vox = (torch.arange(m, device=x.device, dtype=x.dtype) + origin) * self.map_stride - b
             coords.append(2 * vox / max(n - 1, 1) - 1 if n > 1 else vox * 0)
         return maps, coords
+
+    def _maps(self, padded: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Maps of the deepest stage, brought up by the decoder levels, and the index
+        (in map voxels, from padded input voxel 0) of their first voxel."""
+        if not len(self.decoder):
+            return F.relu(self.maps(self.backbone(padded))), 0
+        stages, out = [], padded
+        for i, layer in enumerate(self.backbone):
+            out = layer(out)
+            if i in self.stage_ends:
+                stages.append(out)
+        maps, origin = F.relu(self.maps(out)), 0
+        for r, level in enumerate(self.decoder):
+            maps, origin, out = level(maps, origin, out, stages[-2 - r])
+        return maps, origin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Keypoints ``(B, K, d)`` in the input's normalised coordinates (tensor axis order)."""

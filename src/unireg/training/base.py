@@ -203,10 +203,16 @@ class Trainer:
 
     def _initialise(self, path: Path) -> None:
         """Start from the weights of the checkpoint ``path`` (step 0, a fresh optimiser); its
-        network must be the one this config builds."""
+        network must be the one this config builds, except for modules this config adds that
+        declare themselves new-start safe (``new_modules()``: e.g. KeyMorph's decoder levels,
+        which start as an identity), kept at their initial weights."""
         model, _ = load_checkpoint(path, device=self.device)
+        fresh = tuple(getattr(self.model, "new_modules", lambda: [])())
         try:
-            self.model.load_state_dict(model.state_dict())
+            missing, unexpected = self.model.load_state_dict(model.state_dict(), strict=False)
+            wrong = [k for k in missing if not k.startswith(fresh)] + list(unexpected)
+            if wrong:
+                raise RuntimeError(f"mismatched keys {wrong[:4]}")
         except RuntimeError as err:
             msg = f"{path}: init checkpoint does not fit this config's model ({err})"
             raise ValueError(msg) from err

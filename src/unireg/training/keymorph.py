@@ -67,6 +67,7 @@ class KeyMorphConfig(TrainConfig):
     num_keypoints: int = 64
     channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     head: str = "com"
+    decoder: int = 0  # finer activation maps: decoder levels over the deepest stage (0: none)
     unit_mm: float = 64.0
     # schedule
     pretrain_steps: int = 200
@@ -101,7 +102,10 @@ class KeyMorphConfig(TrainConfig):
 
     def model(self) -> KeyMorph:
         return KeyMorph(
-            KeypointDetector(3, 1, self.num_keypoints, self.channels, self.head), self.unit_mm
+            KeypointDetector(
+                3, 1, self.num_keypoints, self.channels, self.head, decoder=self.decoder
+            ),
+            self.unit_mm,
         )
 
 
