@@ -5,8 +5,13 @@ bench/registration_benchmark.py with `keymorph:affine` / `keymorph:tps` specs):
     python bench/keymorph_benchmark.py t1t2 [--model M] [-o DIR]
         # IXI002 T1 vs T2 (same subject, separate grids): keypoint deviation (world mm) of the
         # model before training (its initialisation, same seed) and after; T2->T1 figure
+    python bench/keymorph_benchmark.py keypoints [--model M ...] [--split train] [--rotations R]
+        # anatomical keypoints against the true DLMUSE centroids of their labels (world mm) on
+        # a split's IXI subjects: error per subject, and the best affine from the true
+        # centroids to the keypoints (its singular values: a shrink towards the head's centre
+        # shows as values < 1; what differs between two subjects becomes a pair's affine error)
 
-Needs ../shared/data (or $UNIREG_SHARED_DATA) for t1t2.
+Needs ../shared/data (or $UNIREG_SHARED_DATA) for t1t2 and keypoints.
 """
 
 from __future__ import annotations
@@ -94,20 +99,70 @@ def t1t2(model_path: str | None, outdir: Path) -> None:
     print(f"wrote {path}")
 
 
+def keypoint_errors(model_paths: list[str], split: str, rotations: int) -> None:
+    from unireg.data.manifest import Manifest
+    from unireg.io import load_image, load_labels
+    from unireg.methods.keymorph import detect_keypoints
+    from unireg.spatial.geometry import apply_matrix_np
+    from unireg.training.checkpoint import load_keymorph
+
+    entries = Manifest.read(DATA / "manifest.csv").select(
+        dataset="ixi", split=split, with_image=True, with_labels=True
+    )
+    subjects = []
+    for e in entries:
+        labels = load_labels(e.labels)
+        lab = np.asarray(labels.data[0])
+        subjects.append((e.subject, load_image(e.image), lab, labels.geometry.voxel_to_world))
+    for path in model_paths or [None]:
+        model, payload = load_keymorph(path)
+        names = payload.get("extra", {}).get("anatomical_labels")
+        if not names:
+            print(f"{path}: no anatomical labels in the checkpoint; skipped")
+            continue
+        print(f"{path or 'shipped default'} ({rotations} rotations), IXI {split}:")
+        errors = []
+        for subject, image, lab, to_world in subjects:
+            true = np.stack([np.argwhere(lab == v).mean(0) for v in names])
+            true = apply_matrix_np(to_world, true)
+            with torch.no_grad():
+                found = detect_keypoints(model, payload, image, rotations)[0].numpy()
+            err = np.linalg.norm(found - true, axis=1)
+            errors.append(err)
+            # best affine true -> found (least squares): its linear part's singular values
+            design = np.c_[true - true.mean(0), np.ones(len(true))]
+            fit, *_ = np.linalg.lstsq(design, found - found.mean(0), rcond=None)
+            sv = np.linalg.svd(fit[:3].T, compute_uv=False)
+            rest = np.linalg.norm(design @ fit - (found - found.mean(0)), axis=1)
+            print(f"  {subject}: error mean {err.mean():.2f} mm, median {np.median(err):.2f} mm; "
+                  f"affine true->found singular values {sv.round(3).tolist()}, residual after "
+                  f"it {rest.mean():.2f} mm")  # fmt: skip
+        allerr = np.concatenate(errors)
+        print(f"  all: error mean {allerr.mean():.2f} mm, median {np.median(allerr):.2f} mm")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["tps", "t1t2"])
-    ap.add_argument("--model", default=None, help="KeyMorph checkpoint (default: shipped)")
+    ap.add_argument("what", choices=["tps", "t1t2", "keypoints"])
+    ap.add_argument("--model", nargs="*", default=[], help="KeyMorph checkpoint(s) (default: "
+                    "shipped; t1t2 takes one)")  # fmt: skip
+    ap.add_argument("--split", default="train", help="IXI split (keypoints)")
+    ap.add_argument("--rotations", type=int, default=8, help="test-time rotations (keypoints)")
     ap.add_argument("-o", "--output", default="bench/results", help="figure folder (t1t2)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "tps":
         tps_memory()
+        return
+    if not (DATA / "manifest.csv").exists():
+        sys.exit(f"shared data not found at {DATA}")
+    if args.what == "keypoints":
+        keypoint_errors(args.model, args.split, args.rotations)
     else:
-        if not (DATA / "ixi002-t1t2").exists():
-            sys.exit(f"shared data not found at {DATA}")
-        t1t2(args.model, Path(args.output))
+        if len(args.model) > 1:
+            sys.exit("t1t2 takes one --model")
+        t1t2(args.model[0] if args.model else None, Path(args.output))
 
 
 if __name__ == "__main__":
