@@ -396,6 +396,48 @@ def test_training_starts_from_an_init_checkpoint(tmp_path):
     assert loaded.detector.map_stride == 1  # channels [4, 8]: maps back on the input grid
 
 
+def test_a_two_stage_run_freezes_its_coarse_stage_and_stores_the_template(tmp_path):
+    """``coarse``: the coarse checkpoint's detector becomes the frozen first stage (its weights,
+    unchanged by training), the template is the mean of the subjects' centred label centroids
+    in world mm, and the checkpoint rebuilds the two-stage model from the file alone."""
+    from unireg.training.keymorph import KeyMorphTrainer
+
+    anat = {"num_keypoints": 2, "pretrain_steps": 0, "steps": 0, "anatomical_steps": 2,
+            "anatomical_dataset": '"toy"'}  # fmt: skip
+    cfg, _ = _tiny_config(tmp_path, "first", **anat)
+    first = KeyMorphTrainer(cfg)
+    first.run(progress=False)
+    ckpt = tmp_path / "first" / "last.pt"
+    cfg2, _ = _tiny_config(tmp_path, "second", decoder=1, rotation=10.0, init=f'"{ckpt.name}"',
+                           coarse=f'"first/{ckpt.name}"', **anat)  # fmt: skip
+    cfg2.init = str(ckpt)
+    assert cfg2.coarse == str(ckpt.resolve())  # relative to the config file
+    second = KeyMorphTrainer(cfg2)
+    coarse = {k: v.clone() for k, v in second.model.coarse.state_dict().items()}
+    for k, v in first.model.detector.state_dict().items():
+        assert torch.equal(coarse[k], v), k
+    assert not any(p.requires_grad for p in second.model.coarse.parameters())
+    centred = []
+    for item, _ in second.anatomy:
+        lab = item["labels"][0].numpy()
+        vox = np.stack([np.argwhere(lab == v).mean(0) for v in second.anatomy_labels])
+        to_world = item["geometry"].voxel_to_world
+        world = vox @ to_world[:3, :3].T + to_world[:3, 3]
+        centred.append(world - world.mean(0))
+    template = second.model.template.double().numpy()
+    assert np.allclose(template, np.mean(centred, 0), atol=1e-4)
+    assert np.abs(template).max() > 0.05  # mm (the toy labels' centroids are 0.24 mm apart)
+    second.run(progress=False)
+    for k, v in second.model.coarse.state_dict().items():
+        assert torch.equal(coarse[k], v), k  # frozen
+    loaded, payload = load_checkpoint(tmp_path / "second" / "last.pt")
+    assert payload["model_config"]["coarse"] == first.model.detector.config
+    assert torch.equal(loaded.template, second.model.template)
+    # a coarse stage needs anatomical keypoints (the template is their mean)
+    with pytest.raises(ValueError, match="coarse needs anatomical keypoints"):
+        _tiny_config(tmp_path, "bad", coarse=f'"first/{ckpt.name}"')
+
+
 def test_training_config_errors_name_the_file_and_setting(tmp_path):
     from unireg.cli import main
     from unireg.training.keymorph import KeyMorphConfig
@@ -498,23 +540,27 @@ def test_pretraining_targets_follow_the_random_affine_and_deformation(tmp_path):
 
 
 class _IntensityCentres(KeyMorph):
-    """A rotation-equivariant stand-in for a detector: keypoint 0 is the intensity centre of
-    mass of the image (world mm), keypoint 1 that of the intensity to the 4th power."""
+    """A rotation-equivariant stand-in for a detector: keypoint k is the intensity centre of
+    mass of the image (world mm) with the intensity raised to ``powers[k]``. Records each call
+    (which stage, the keypoints found in the world it was shown)."""
 
-    def keypoints_world(self, image, geometry):
+    powers = (1, 4)
+
+    def keypoints_world(self, image, geometry, coarse=False):
         axes = [torch.arange(n, dtype=torch.float64) for n in image.shape[2:]]
         idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
         w = image[0, 0].double().clamp_min(0)
-        pts = [(idx * (w**p)[..., None]).sum((0, 1, 2)) / (w**p).sum() for p in (1, 4)]
+        pts = [(idx * (w**p)[..., None]).sum((0, 1, 2)) / (w**p).sum() for p in self.powers]
         vox = torch.stack(pts).numpy()
-        return torch.as_tensor(vox @ geometry.affine[:3, :3].T + geometry.affine[:3, 3])[None]
+        out = torch.as_tensor(vox @ geometry.affine[:3, :3].T + geometry.affine[:3, 3])[None]
+        self.seen.append((coarse, out[0].numpy()))
+        return out
 
 
 def test_test_time_rotations_turn_back_the_keypoints_they_average():
     """With an exactly rotation-equivariant detector, the keypoints averaged over test-time
     rotations equal those of one detection: every rotated copy's keypoints are turned back
     into the image's own world frame before averaging."""
-    from unireg.io import Image
     from unireg.methods.keymorph import detect_keypoints, test_time_rotations
 
     rots = test_time_rotations(8)
@@ -523,13 +569,7 @@ def test_test_time_rotations_turn_back_the_keypoints_they_average():
     assert np.allclose(np.linalg.det(rots), 1.0) and np.allclose(test_time_rotations(1), np.eye(3))
     with pytest.raises(ValueError, match="rotations"):
         test_time_rotations(0)
-    shape = (40, 44, 36)
-    vol = gaussian_blob(shape, (16, 25, 17), 3.0) + 0.5 * gaussian_blob(shape, (24, 18, 20), 3.5)
-    image = Image(
-        vol[None].float(), oblique_affine((2.0, 2.2, 2.5), (20, -10, 35), (-40, -50, -45))
-    )
-    model = _IntensityCentres(KeypointDetector(3, num_keypoints=2, channels=(4, 8)))
-    payload = {"preprocessing": {"spacing_mm": 2.0, "shape": [48, 48, 48], "center": "mass"}}
+    image, model, payload = _blob_image_and_stand_in()
     one = detect_keypoints(model, payload, image, rotations=1)
     turned = detect_keypoints(model, payload, image, rotations=8)
     # the detector input is resampled and its intensities normalised (clipped at the 99.5th
@@ -538,6 +578,82 @@ def test_test_time_rotations_turn_back_the_keypoints_they_average():
     assert float((one - truth)[0, 0].norm()) < 1.0  # mm
     assert float((turned - one).norm(dim=-1).max()) < 0.1  # mm (measured 0.003 and 0.015)
     assert float((one[0, 0] - one[0, 1]).norm()) > 2  # two distinct points (3.4 mm)
+
+
+def _blob_image_and_stand_in(coarse: bool = False):
+    from unireg.io import Image
+
+    shape = (40, 44, 36)
+    vol = gaussian_blob(shape, (16, 25, 17), 3.0) + 0.5 * gaussian_blob(shape, (24, 18, 20), 3.5)
+    if coarse:  # a third blob off their line: keypoints in general position
+        vol = vol + 0.7 * gaussian_blob(shape, (20, 30, 24), 3.0)
+    image = Image(
+        vol[None].float(), oblique_affine((2.0, 2.2, 2.5), (20, -10, 35), (-40, -50, -45))
+    )
+    powers = (1, 2, 4, 8) if coarse else (1, 4)
+    stage = KeypointDetector(3, num_keypoints=len(powers), channels=(4, 8))
+    model = _IntensityCentres(stage, coarse=KeypointDetector(**stage.config) if coarse else None)
+    model.seen, model.powers = [], powers
+    payload = {"preprocessing": {"spacing_mm": 2.0, "shape": [48, 48, 48], "center": "mass"}}
+    return image, model, payload
+
+
+def test_upright_turn_undoes_the_rotation_of_a_head():
+    """``upright_turn``: keypoints that are a rotated, shifted, noisy copy of the template,
+    once turned, differ from the template by a translation (rotation left < 0.5 degrees)."""
+    from scipy.spatial.transform import Rotation
+
+    from unireg.methods.keymorph import upright_turn
+    from unireg.spatial.geometry import apply_matrix_np
+
+    g = np.random.default_rng(3)
+    template = g.normal(0, 40, (64, 3))
+    template -= template.mean(0)
+    for angle in (0.0, 45.0, 135.0, 180.0):
+        rot = Rotation.from_rotvec(
+            np.deg2rad(angle) * np.array([0.3, -0.5, 0.8]) / 0.99
+        ).as_matrix()
+        points = template @ rot.T + [12.0, -30.0, 7.0] + g.normal(0, 1.0, template.shape)
+        turned = apply_matrix_np(upright_turn(template, points), points)
+        left = Rotation.from_matrix(_rigid_rotation(template, turned))
+        assert np.rad2deg(left.magnitude()) < 0.5
+        # about the keypoints' centre: the centre stays
+        assert np.allclose(turned.mean(0), points.mean(0), atol=1e-9)
+
+
+def _rigid_rotation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from unireg.spatial.keypoints import fit_rigid
+
+    return fit_rigid(torch.as_tensor(a)[None], torch.as_tensor(b)[None])[0, :3, :3].numpy()
+
+
+def test_two_stage_detection_turns_the_head_upright_for_its_second_detector():
+    """A two-stage model: the coarse stage (8 test-time rotations) then one upright detection,
+    of the image turned so that the coarse keypoints match the template's orientation, turned
+    back. With rotation-equivariant stand-ins the result is the one-stage one; the second
+    stage sees the image in the template's orientation."""
+    from scipy.spatial.transform import Rotation
+
+    from unireg.methods.keymorph import detect_keypoints
+
+    image, model, payload = _blob_image_and_stand_in(coarse=True)
+    one_stage = _IntensityCentres(model.detector)
+    one_stage.seen, one_stage.powers = [], model.powers
+    ref = detect_keypoints(one_stage, payload, image, rotations=1)[0].numpy()
+    # the template: the keypoints of the head turned by 60 degrees (as if the training heads
+    # were turned so), centred
+    rot = Rotation.from_euler("xyz", [60, -20, 10], degrees=True).as_matrix()
+    model.template.copy_(torch.as_tensor((ref - ref.mean(0)) @ rot.T))
+    found = detect_keypoints(model, payload, image, rotations=8)[0].numpy()
+    assert np.abs(found - ref).max() < 0.2  # mm: turned back into the image's world
+    coarse_calls = [c for c, _ in model.seen if c]
+    upright_calls = [pts for c, pts in model.seen if not c]
+    assert len(coarse_calls) == 8 and len(upright_calls) == 1
+    # the upright stage saw the head in the template's orientation (turned by rot, 64 degrees);
+    # the stand-in's points are a few mm apart and move by resampling: 3 degrees measured
+    left = Rotation.from_matrix(_rigid_rotation(model.template.double().numpy(), upright_calls[0]))
+    assert np.rad2deg(Rotation.from_matrix(rot).magnitude()) > 60
+    assert np.rad2deg(left.magnitude()) < 6.0
 
 
 def test_register_keymorph_with_a_missing_model_says_how_to_get_one(tmp_path, capsys):

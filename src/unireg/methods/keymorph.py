@@ -30,7 +30,7 @@ from unireg.result import RegistrationResult
 from unireg.spatial.field import world_points
 from unireg.spatial.geometry import Geometry, apply_matrix_np, linear_about
 from unireg.spatial.grid import affine_grid, as_matrix, transform_points
-from unireg.spatial.keypoints import ThinPlateSpline, fit_keypoint_transform
+from unireg.spatial.keypoints import ThinPlateSpline, fit_keypoint_transform, fit_rigid
 from unireg.spatial.transform import AffineTransform, DisplacementFieldTransform, Transform
 
 TRANSFORMS = ("rigid", "affine", "tps")
@@ -91,29 +91,56 @@ class KeypointAlignment:
 class KeyMorph(nn.Module):
     """Detector plus closed-form alignment. ``forward`` returns the sampling grid of the moving
     image for every fixed voxel and the keypoints; :meth:`align` gives any transform (and any
-    lambda, several at once) from keypoints already detected."""
+    lambda, several at once) from keypoints already detected.
 
-    def __init__(self, detector: KeypointDetector, unit_mm: float = 64.0):
+    Optionally two-stage (``coarse``, for anatomical keypoints): the ``coarse`` detector,
+    trained for heads in any orientation, finds the keypoints first; the rotation of the rigid
+    fit from ``template`` (the training subjects' mean keypoints, world mm, centred, buffer
+    ``(K, d)``) to them says how the head is turned; the image is turned upright and
+    ``detector``, trained on upright heads only (small rotations), finds the keypoints used
+    (:func:`detect_keypoints`). Only ``detector`` trains; ``coarse`` is frozen."""
+
+    def __init__(
+        self,
+        detector: KeypointDetector,
+        unit_mm: float = 64.0,
+        coarse: KeypointDetector | None = None,
+    ):
         super().__init__()
         self.detector = detector
         self.unit_mm = float(unit_mm)
         self.config = {"detector": dict(detector.config), "unit_mm": self.unit_mm}
+        self.coarse = coarse
+        if coarse is not None:
+            if coarse.num_keypoints != detector.num_keypoints or coarse.ndim != detector.ndim:
+                raise ValueError("the coarse detector must find the same keypoints")
+            coarse.requires_grad_(False)
+            self.register_buffer("template", torch.zeros(detector.num_keypoints, detector.ndim))
+            self.config["coarse"] = dict(coarse.config)
 
     @staticmethod
     def new_modules() -> list[str]:
         """Parameter-name prefixes a fine-tuning run may start fresh when its init checkpoint
-        lacks them: the detector's decoder levels, which start as the identity."""
-        return ["detector.decoder."]
+        lacks them: the detector's decoder levels, which start as the identity, and the coarse
+        stage, which the run loads itself."""
+        return ["detector.decoder.", "coarse.", "template"]
 
     @classmethod
     def from_config(cls, config: dict) -> KeyMorph:
-        return cls(KeypointDetector(**config["detector"]), unit_mm=config["unit_mm"])
+        coarse = KeypointDetector(**config["coarse"]) if config.get("coarse") else None
+        return cls(KeypointDetector(**config["detector"]), config["unit_mm"], coarse)
 
-    def keypoints_world(self, image: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        """Keypoints ``(B, K, d)`` of ``image`` ``(B, C, *shape)`` in world mm."""
+    def keypoints_world(
+        self, image: torch.Tensor, geometry: Geometry, *, coarse: bool = False
+    ) -> torch.Tensor:
+        """Keypoints ``(B, K, d)`` of ``image`` ``(B, C, *shape)`` in world mm, found by the
+        detector (``coarse``: by the coarse stage)."""
         if tuple(image.shape[2:]) != tuple(geometry.shape):
             raise ValueError("the geometry does not match the image's shape")
-        return self.to_world(self.detector(image), geometry)
+        if coarse and self.coarse is None:
+            raise ValueError("this KeyMorph model has no coarse stage")
+        detector = self.coarse if coarse else self.detector
+        return self.to_world(detector(image), geometry)
 
     @staticmethod
     def to_world(normalized: torch.Tensor, geometry: Geometry) -> torch.Tensor:
@@ -242,15 +269,49 @@ def detect_keypoints(
     """Keypoints ``(1, K, 3)`` of a 3D ``image`` in its world mm (float64), on the model's
     training grid. ``rotations > 1``: the image is turned in world space about its grid centre
     by each of :func:`test_time_rotations` (its affine changes, its voxels are not resampled
-    twice), the keypoints are detected in every copy, turned back and averaged."""
+    twice), the keypoints are detected in every copy, turned back and averaged.
+
+    A two-stage model (``model.coarse``): that is how its coarse stage finds them; then the
+    image is turned upright about their centre (the inverse rotation of the rigid fit from
+    ``model.template`` to them) and the upright detector finds the keypoints returned, once,
+    turned back to the image's world."""
+    two_stage = model.coarse is not None
+    centre = image.geometry.center_world
+    turns = [linear_about(rot, centre) for rot in test_time_rotations(rotations)]
+    points = _detect_turned(model, payload, image, turns, device, coarse=two_stage)
+    if two_stage:
+        upright = upright_turn(model.template.detach().double().cpu().numpy(), points)
+        points = _detect_turned(model, payload, image, [upright], device)
+    return torch.as_tensor(points)[None].to(device)
+
+
+def upright_turn(template: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """World matrix ``(d+1, d+1)`` turning a head whose keypoints are ``points`` ``(K, d)``
+    (mm) to the orientation of ``template`` ``(K, d)``, about the keypoints' centre: the
+    inverse of the rotation of the rigid (Procrustes) fit from the template to the points."""
+    fit = fit_rigid(torch.as_tensor(template)[None], torch.as_tensor(points)[None])[0].numpy()
+    d = points.shape[1]
+    return linear_about(fit[:d, :d].T, points.mean(0))
+
+
+def _detect_turned(
+    model: KeyMorph,
+    payload: dict,
+    image: Image,
+    turns: Sequence[np.ndarray],
+    device: torch.device | str,
+    coarse: bool = False,
+) -> np.ndarray:
+    """Mean over the world matrices ``turns`` of the keypoints ``(K, 3)`` (world mm) found in
+    ``image`` turned by each (only its affine changes), each mapped back by the turn's
+    inverse."""
     found = []
-    for rot in test_time_rotations(rotations):
-        turn = linear_about(rot, image.geometry.center_world)
+    for turn in turns:
         x, geom = _detector_input(image.with_data(image.data, turn @ image.geometry.affine),
                                   payload)  # fmt: skip
-        points = model.keypoints_world(x.to(device), geom)[0].double().cpu().numpy()
-        found.append(apply_matrix_np(np.linalg.inv(turn), points))
-    return torch.as_tensor(np.mean(found, axis=0))[None].to(device)
+        points = model.keypoints_world(x.to(device), geom, coarse=coarse)
+        found.append(apply_matrix_np(np.linalg.inv(turn), points[0].double().cpu().numpy()))
+    return np.mean(found, axis=0)
 
 
 def register_keymorph(

@@ -9,7 +9,7 @@ import time
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -27,6 +27,8 @@ from unireg.training.checkpoint import load_checkpoint, save_checkpoint
 class TrainConfig:
     """Settings every training run has (the TOML keys have these names); methods add theirs."""
 
+    # settings that are paths, relative to the config file
+    path_settings: ClassVar[tuple[str, ...]] = ("output", "manifest", "cache_dir", "init")
     output: str = "runs/train"
     seed: int = 0
     device: str = "cpu"
@@ -76,7 +78,7 @@ class TrainConfig:
         data.update(overrides)
         cfg = cls(**data)
         base = path.parent
-        for key in ("output", "manifest", "cache_dir", "init"):
+        for key in cls.path_settings:
             value = getattr(cfg, key)
             if value and not Path(value).is_absolute():
                 setattr(cfg, key, str((base / value).resolve()))

@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
@@ -56,18 +57,23 @@ from unireg.spatial.field import scaling_and_squaring
 from unireg.spatial.grid import channels_last, identity_grid, transform_points
 from unireg.spatial.warp import sample
 from unireg.training.base import TrainConfig, Trainer, TrainingVolumes
+from unireg.training.checkpoint import load_checkpoint
 
 
 @dataclass
 class KeyMorphConfig(TrainConfig):
     """A KeyMorph training run: :class:`TrainConfig` plus the model and its schedule."""
 
+    path_settings: ClassVar[tuple[str, ...]] = (*TrainConfig.path_settings, "coarse")
     output: str = "runs/keymorph"
     # model
     num_keypoints: int = 64
     channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     head: str = "com"
     decoder: int = 0  # finer activation maps: decoder levels over the deepest stage (0: none)
+    # a KeyMorph checkpoint whose detector becomes the frozen first stage of a two-stage model
+    # (it finds heads in any orientation; the trained detector then sees them upright); "": none
+    coarse: str = ""
     unit_mm: float = 64.0
     # schedule
     pretrain_steps: int = 200
@@ -99,13 +105,19 @@ class KeyMorphConfig(TrainConfig):
             raise ValueError(f"anatomical_every must be >= 0, got {self.anatomical_every}")
         if self.consistency_every and self.anatomical_every:
             raise ValueError("consistency_every and anatomical_every exclude each other")
+        if self.coarse and not (self.anatomical_steps or self.anatomical_every):
+            raise ValueError("coarse needs anatomical keypoints (its template is their mean)")
 
     def model(self) -> KeyMorph:
+        coarse = None
+        if self.coarse:  # its architecture; the trainer loads its weights
+            coarse = KeypointDetector(**load_checkpoint(self.coarse)[0].detector.config)
         return KeyMorph(
             KeypointDetector(
                 3, 1, self.num_keypoints, self.channels, self.head, decoder=self.decoder
             ),
             self.unit_mm,
+            coarse,
         )
 
 
@@ -127,6 +139,24 @@ class KeyMorphTrainer(Trainer):
         self.anatomy_labels: list[int] = []
         if cfg.anatomical_steps or (cfg.anatomical_every and cfg.steps):
             self.anatomy_labels, self.anatomy = self._centroid_targets()
+        if cfg.coarse and self.step == 0:  # a resume has them in its checkpoint
+            self._load_coarse(Path(cfg.coarse))
+
+    def _load_coarse(self, path: Path) -> None:
+        """The coarse stage's weights from ``path`` and the template: the mean over the
+        anatomical subjects of their label centroids in world mm, each subject's centred."""
+        model = self.model
+        assert isinstance(model, KeyMorph) and model.coarse is not None
+        source, payload = load_checkpoint(path, device=self.device)
+        if payload.get("extra", {}).get("anatomical_labels") != self.anatomy_labels:
+            raise ValueError(f"{path}: the coarse model's keypoints are not this run's labels")
+        model.coarse.load_state_dict(source.detector.state_dict())
+        centred = []
+        for item, points in self.anatomy:
+            world = item["geometry"].normalized_to_world
+            mm = points.double() @ torch.as_tensor(world[:3, :3]).T + torch.as_tensor(world[:3, 3])
+            centred.append(mm - mm.mean(0))
+        model.template.copy_(torch.stack(centred).mean(0))
 
     def _centroid_targets(self) -> tuple[list[int], list[tuple[dict[str, Any], torch.Tensor]]]:
         """The ``num_keypoints`` largest labels (mean voxel count) every subject of
