@@ -800,5 +800,10 @@ def test_the_project_training_configs_parse():
     assert dice.mode == "supervised" and dice.anatomical_every > 0 and dice.steps > 0
     assert dice.init.endswith("keymorph_ixi_4mm.pt") and Path(dice.init).is_file()
     assert dice.lr_schedule == "cosine" and 0 < dice.skull_strip_probability < 1
+    dec = KeyMorphConfig.from_file(root / "keymorph_ixi_4mm_decoder.toml")
+    assert dec.decoder == 2 and dec.model().detector.map_stride == 2
+    up = KeyMorphConfig.from_file(root / "keymorph_ixi_4mm_upright.toml")
+    assert up.rotation <= 15 and up.coarse.endswith("keymorph_ixi_4mm.pt")
+    assert Path(up.init).is_file() and Path(up.coarse).is_file()
     sr = SITRegConfig.from_file(root / "sitreg_ixi_2mm.toml")
     assert sr.lncc_window == 7 and sr.steps > 0

@@ -105,12 +105,15 @@ DEFAULT_MODELS = {"keymorph": "keymorph_ixi_4mm.pt", "sitreg": "sitreg_lite_ixi_
 # the shipped models by name (``--model standard``, ``sitreg:fast:model=standard``)
 SHIPPED_VARIANTS = {
     "sitreg": {"lite": "sitreg_lite_ixi_2mm.pt", "standard": "sitreg_ixi_2mm.pt"},
-    # KeyMorph: the default fine-tuned to anatomical keypoints, its self-supervised start, and
-    # the default fine-tuned further with soft Dice (opt-in; docs/keymorph_evaluation.md)
+    # KeyMorph: the default fine-tuned to anatomical keypoints, its self-supervised start, the
+    # default fine-tuned further with soft Dice, with a decoder (finer maps), and the two-stage
+    # model (the default, then an upright detector; docs/keymorph_evaluation.md)
     "keymorph": {
         "anatomical": "keymorph_ixi_4mm.pt",
         "selfsup": "keymorph_ixi_4mm_selfsup.pt",
         "dice": "keymorph_ixi_4mm_dice.pt",
+        "decoder": "keymorph_ixi_4mm_decoder.pt",
+        "upright": "keymorph_ixi_4mm_upright.pt",
     },  # fmt: skip
 }
 _NAMES = {"keymorph": "KeyMorph", "sitreg": "SITReg"}
