@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,13 +68,16 @@ def t1t2(model_path: str | None, outdir: Path) -> None:
     cfg = KeyMorphConfig(**{k: v for k, v in payload["train_config"].items()
                             if k in KeyMorphConfig.__dataclass_fields__})  # fmt: skip
     torch.manual_seed(cfg.seed)
-    models = [("before training (random initialisation)", cfg.model().eval(), 1)]
-    if cfg.init:  # a fine-tuned model: also its starting point (shipped beside it, or the file)
-        init = Path(cfg.init)
-        if not init.is_file():
-            init = default_model_path("keymorph").parent / init.name
-        if init.is_file():
-            models.append((f"its init checkpoint {init.name}", load_keymorph(init)[0], 1))
+    untrained = replace(cfg, coarse="").model().eval()  # a two-stage model: its trained detector
+    models = [("before training (random initialisation)", untrained, 1)]
+    for key in ("init", "coarse"):  # its starting point, its first stage (shipped, or the file)
+        path = Path(getattr(cfg, key))
+        if not str(getattr(cfg, key)):
+            continue
+        if not path.is_file():
+            path = default_model_path("keymorph").parent / path.name
+        if path.is_file():
+            models.append((f"its {key} checkpoint {path.name}", load_keymorph(path)[0], 1))
     models += [
         ("trained", trained, 1),
         (f"trained, {DEFAULT_ROTATIONS} test-time rotations", trained, DEFAULT_ROTATIONS),

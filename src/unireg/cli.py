@@ -516,8 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="keymorph, sitreg: checkpoint (default: the shipped one; for sitreg that is the "
-        "lite model, and 'standard' names the shipped full-resolution one; for keymorph "
-        "'selfsup' and 'dice' name the shipped self-supervised and soft-Dice models)",
+        "lite model, and 'standard' names the shipped full-resolution one; for keymorph it is "
+        "the two-stage model 'upright', and 'anatomical' (its first stage alone), 'decoder', "
+        "'dice' and 'selfsup' name the other shipped models)",
     )
     p.add_argument(
         "--affine-stage",
