@@ -621,6 +621,23 @@ def test_upright_turn_undoes_the_rotation_of_a_head():
         assert np.allclose(turned.mean(0), points.mean(0), atol=1e-9)
 
 
+def test_rigid_residual_measures_how_far_points_are_from_the_template_pattern():
+    """0 for a rotated, shifted copy; the noise's mean size for a noisy one; large for
+    points that are not the pattern (how two-stage detection picks the upright turn)."""
+    from scipy.spatial.transform import Rotation
+
+    from unireg.methods.keymorph import rigid_residual
+
+    g = np.random.default_rng(5)
+    template = g.normal(0, 40, (128, 3))
+    rot = Rotation.from_euler("xyz", [170, -30, 80], degrees=True).as_matrix()
+    copy = template @ rot.T + [5.0, 6.0, -7.0]
+    assert rigid_residual(template, copy) < 1e-9
+    noise = g.normal(0, 2.0, template.shape)
+    assert abs(rigid_residual(template, copy + noise) - np.linalg.norm(noise, axis=1).mean()) < 0.3
+    assert rigid_residual(template, g.normal(0, 40, (128, 3))) > 30
+
+
 def _rigid_rotation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     from unireg.spatial.keypoints import fit_rigid
 
@@ -648,7 +665,7 @@ def test_two_stage_detection_turns_the_head_upright_for_its_second_detector():
     assert np.abs(found - ref).max() < 0.2  # mm: turned back into the image's world
     coarse_calls = [c for c, _ in model.seen if c]
     upright_calls = [pts for c, pts in model.seen if not c]
-    assert len(coarse_calls) == 8 and len(upright_calls) == 1
+    assert len(coarse_calls) == 8 and len(upright_calls) == 2  # turned upright, and unturned
     # the upright stage saw the head in the template's orientation (turned by rot, 64 degrees);
     # the stand-in's points are a few mm apart and move by resampling: 3 degrees measured
     left = Rotation.from_matrix(_rigid_rotation(model.template.double().numpy(), upright_calls[0]))

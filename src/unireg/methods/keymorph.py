@@ -273,16 +273,29 @@ def detect_keypoints(
 
     A two-stage model (``model.coarse``): that is how its coarse stage finds them; then the
     image is turned upright about their centre (the inverse rotation of the rigid fit from
-    ``model.template`` to them) and the upright detector finds the keypoints returned, once,
-    turned back to the image's world."""
+    ``model.template`` to them) and the upright detector finds the keypoints, once, turned
+    back to the image's world. It also runs on the image unturned; the keypoints returned are
+    those of the two that fit the template best (:func:`rigid_residual`)."""
     two_stage = model.coarse is not None
     centre = image.geometry.center_world
     turns = [linear_about(rot, centre) for rot in test_time_rotations(rotations)]
     points = _detect_turned(model, payload, image, turns, device, coarse=two_stage)
     if two_stage:
-        upright = upright_turn(model.template.detach().double().cpu().numpy(), points)
-        points = _detect_turned(model, payload, image, [upright], device)
+        template = model.template.detach().double().cpu().numpy()
+        # two candidate upright turns: stage 1's, and none (the head as the image's world
+        # holds it; stage 1 misjudges brain-extracted heads); stage 2, which knows upright
+        # heads only, fits the template best on the head it sees upright
+        found = [_detect_turned(model, payload, image, [turn], device)
+                 for turn in (upright_turn(template, points), np.eye(4))]  # fmt: skip
+        points = min(found, key=lambda f: rigid_residual(template, f))
     return torch.as_tensor(points)[None].to(device)
+
+
+def rigid_residual(template: np.ndarray, points: np.ndarray) -> float:
+    """Mean distance (mm) between ``points`` ``(K, d)`` and ``template`` ``(K, d)`` moved onto
+    them by their rigid (Procrustes) fit: how well the points are the template's pattern."""
+    fit = fit_rigid(torch.as_tensor(template)[None], torch.as_tensor(points)[None])[0].numpy()
+    return float(np.linalg.norm(apply_matrix_np(fit, template) - points, axis=1).mean())
 
 
 def upright_turn(template: np.ndarray, points: np.ndarray) -> np.ndarray:
