@@ -108,6 +108,7 @@ def keypoint_errors(model_paths: list[str], split: str, rotations: int) -> None:
     from unireg.io import load_image, load_labels
     from unireg.methods.keymorph import detect_keypoints
     from unireg.spatial.geometry import apply_matrix_np
+    from unireg.spatial.keypoints import fit_affine
     from unireg.training.checkpoint import load_keymorph
 
     entries = Manifest.read(DATA / "manifest.csv").select(
@@ -134,10 +135,9 @@ def keypoint_errors(model_paths: list[str], split: str, rotations: int) -> None:
             err = np.linalg.norm(found - true, axis=1)
             errors.append(err)
             # best affine true -> found (least squares): its linear part's singular values
-            design = np.c_[true - true.mean(0), np.ones(len(true))]
-            fit, *_ = np.linalg.lstsq(design, found - found.mean(0), rcond=None)
-            sv = np.linalg.svd(fit[:3].T, compute_uv=False)
-            rest = np.linalg.norm(design @ fit - (found - found.mean(0)), axis=1)
+            fit = fit_affine(torch.as_tensor(true)[None], torch.as_tensor(found)[None])[0].numpy()
+            sv = np.linalg.svd(fit[:3, :3], compute_uv=False)
+            rest = np.linalg.norm(apply_matrix_np(fit, true) - found, axis=1)
             print(f"  {subject}: error mean {err.mean():.2f} mm, median {np.median(err):.2f} mm; "
                   f"affine true->found singular values {sv.round(3).tolist()}, residual after "
                   f"it {rest.mean():.2f} mm")  # fmt: skip

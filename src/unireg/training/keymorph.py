@@ -153,8 +153,7 @@ class KeyMorphTrainer(Trainer):
         model.coarse.load_state_dict(source.detector.state_dict())
         centred = []
         for item, points in self.anatomy:
-            world = item["geometry"].normalized_to_world
-            mm = points.double() @ torch.as_tensor(world[:3, :3]).T + torch.as_tensor(world[:3, 3])
+            mm = KeyMorph.to_world(points.double().cpu()[None], item["geometry"])[0]
             centred.append(mm - mm.mean(0))
         model.template.copy_(torch.stack(centred).mean(0))
 
