@@ -58,14 +58,14 @@ def t1t2(model_path: str | None, outdir: Path) -> None:
     from unireg.io import load_image
     from unireg.methods.keymorph import DEFAULT_ROTATIONS, detect_keypoints, register_keymorph
     from unireg.report import keypoint_figure
-    from unireg.training.checkpoint import default_model_path, load_keymorph
-    from unireg.training.keymorph import KeyMorphConfig
+    from unireg.methods import load_model, model_path
+    from unireg.methods.keymorph.training import KeyMorphConfig
 
     base = DATA / "ixi002-t1t2"
     t1 = load_image(base / "hd_bet_IXI002-Guys-0828-T1.nii.gz")
     t2 = load_image(base / "hd_bet_IXI002-Guys-0828-T2.nii.gz")
-    trained, payload = load_keymorph(model_path)
-    cfg = KeyMorphConfig(**{k: v for k, v in payload["train_config"].items()
+    trained, payload = load_model("keymorph", model_path)
+    cfg = KeyMorphConfig(**{k: v for k, v in payload.train_config.items()
                             if k in KeyMorphConfig.__dataclass_fields__})  # fmt: skip
     torch.manual_seed(cfg.seed)
     untrained = replace(cfg, coarse="").model().eval()  # a two-stage model: its trained detector
@@ -75,9 +75,9 @@ def t1t2(model_path: str | None, outdir: Path) -> None:
         if not str(getattr(cfg, key)):
             continue
         if not path.is_file():
-            path = default_model_path("keymorph").parent / path.name
+            path = model_path("keymorph").parent / path.name
         if path.is_file():
-            models.append((f"its {key} checkpoint {path.name}", load_keymorph(path)[0], 1))
+            models.append((f"its {key} checkpoint {path.name}", load_model("keymorph", path)[0], 1))
     models += [
         ("trained", trained, 1),
         (f"trained, {DEFAULT_ROTATIONS} test-time rotations", trained, DEFAULT_ROTATIONS),
@@ -93,9 +93,9 @@ def t1t2(model_path: str | None, outdir: Path) -> None:
               f"(keypoint spread {spread:.1f} mm)")  # fmt: skip
     outdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = register_keymorph(t1, t2, model=trained, payload=payload, transform="affine")
+    result = register_keymorph(t1, t2, model=trained, checkpoint=payload, transform="affine")
     print(f"T2 -> T1 affine from the keypoints in {time.perf_counter() - t0:.2f} s")
-    kps = {k: result.extras[f"keypoints_{k}"] for k in ("fixed", "moving", "aligned")}
+    kps = {k: getattr(result.extras, f"keypoints_{k}") for k in ("fixed", "moving", "aligned")}
     title = "KeyMorph: IXI002 T2 onto T1 (affine from the keypoints)"
     path = keypoint_figure(
         t1, t2, kps, outdir / "keymorph_t2_to_t1.png", warped=result.warped, title=title
@@ -109,7 +109,7 @@ def keypoint_errors(model_paths: list[str], split: str, rotations: int) -> None:
     from unireg.methods.keymorph import detect_keypoints
     from unireg.spatial.geometry import apply_matrix_np
     from unireg.spatial.keypoints import fit_affine
-    from unireg.training.checkpoint import load_keymorph
+    from unireg.methods import load_model
 
     entries = Manifest.read(DATA / "manifest.csv").select(
         dataset="ixi", split=split, with_image=True, with_labels=True
@@ -120,8 +120,8 @@ def keypoint_errors(model_paths: list[str], split: str, rotations: int) -> None:
         lab = np.asarray(labels.data[0])
         subjects.append((e.subject, load_image(e.image), lab, labels.geometry.voxel_to_world))
     for path in model_paths or [None]:
-        model, payload = load_keymorph(path)
-        names = payload.get("extra", {}).get("anatomical_labels")
+        model, payload = load_model("keymorph", path)
+        names = payload.extra.get("anatomical_labels")
         if not names:
             print(f"{path}: no anatomical labels in the checkpoint; skipped")
             continue

@@ -72,7 +72,7 @@ def run_method(spec: str, pairs: list[dict], threads: int) -> list[dict]:
             "folding": m["folding_percent"], "jacobian_std": m["jacobian_std"],
             "inverse_consistency_mm": m.get("inverse_consistency_mean_mm"),
             "time": result.elapsed, "memory_mb": (result.peak_memory or 0) / 2**20,
-            "stage_seconds": result.extras.get("stage_seconds"),
+            "stage_seconds": getattr(result.extras, "stage_seconds", None),
         })  # fmt: skip
     # cycle consistency: T_ab then T_ba (the pair run the other way), on a's grid, when both ran
     for p, row in zip(pairs, out, strict=True):

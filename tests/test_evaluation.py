@@ -99,7 +99,7 @@ def test_method_specs_parse_options():
     assert spec.options == {"preset": "accurate", "deformable": "svf", "seed": 3}
     with pytest.raises(Exception, match="key=value"):
         MethodSpec.parse("unireg:syn:oops")
-    with pytest.raises(Exception, match="unknown method family"):
+    with pytest.raises(Exception, match="unknown method 'elastix'"):
         make_method("elastix:bspline")
 
 
@@ -165,7 +165,7 @@ def test_report_draws_every_panel_with_keypoints(tmp_path):
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     fixed = Image(torch.from_numpy(vol)[None], aff)
     result = register(fixed, fixed, "affine")
-    result.extras["keypoints_fixed"] = np.array([[24.0, 26.0, 22.0], [10.0, 12.0, 20.0]])
+    result.extras.keypoints_fixed = np.array([[24.0, 26.0, 22.0], [10.0, 12.0, 20.0]])
     path = registration_report(result, fixed, fixed, tmp_path / "r.png", metrics={"dice_mean": 1})
     img = mpimg.imread(path)
     assert img.shape[0] > 300 and img.shape[1] > 1000  # 3 rows x 7 panels

@@ -212,8 +212,8 @@ def test_sitreg_with_a_strided_stem_is_symmetric_and_does_not_fold():
 def test_sitreg_training_lowers_its_loss_resumes_exactly_and_reloads(tmp_path):
     from test_keymorph import _tiny_manifest
 
-    from unireg.training import load_checkpoint
-    from unireg.training.sitreg import SITRegConfig, SITRegTrainer
+    from unireg.methods import load_checkpoint
+    from unireg.methods.sitreg.training import SITRegConfig, SITRegTrainer
 
     manifest = _tiny_manifest(tmp_path)
 
@@ -236,7 +236,7 @@ def test_sitreg_training_lowers_its_loss_resumes_exactly_and_reloads(tmp_path):
                     strict=True):  # fmt: skip
         assert torch.allclose(a, b, atol=1e-6)
     model, payload = load_checkpoint(tmp_path / "straight" / "last.pt")
-    assert payload["method"] == "sitreg" and payload["step"] == 6
+    assert payload.method == "sitreg" and payload.step == 6
     # training lowers the loss on a fixed pair (evaluated before and after 30 more steps)
     trainer = SITRegTrainer(config("longer", 30))
     g0 = trainer._generator()

@@ -11,12 +11,13 @@ import torch
 from conftest import gaussian_blob, oblique_affine
 
 from unireg.losses import one_hot, soft_dice
-from unireg.methods import KeyMorph
+from unireg.methods.keymorph import KeyMorph
 from unireg.nets import KeypointDetector
 from unireg.spatial import Geometry, random_affine, transform_points
 from unireg.spatial.grid import as_matrix, identity_grid
 from unireg.spatial.warp import sample
-from unireg.training import load_checkpoint, save_checkpoint
+from unireg.methods import load_checkpoint
+from unireg.training import Checkpoint, save_checkpoint
 
 
 def _geometries():
@@ -103,7 +104,7 @@ def test_checkpoint_reloads_an_identical_model_from_the_file_alone(tmp_path):
                            preprocessing={"spacing_mm": 2.0}, step=7)  # fmt: skip
     assert not list(tmp_path.glob("*.tmp"))
     loaded, payload = load_checkpoint(path)
-    assert payload["step"] == 7 and payload["preprocessing"] == {"spacing_mm": 2.0}
+    assert payload.step == 7 and payload.preprocessing == {"spacing_mm": 2.0}
     assert loaded.config == model.config
     x = torch.rand(1, 1, 19, 17, 15)
     model.eval()
@@ -142,7 +143,7 @@ def _tiny_manifest(tmp_path, levels=(50, 80)):
 
 
 def _tiny_config(tmp_path, name, levels=(50, 80), **extra):
-    from unireg.training.keymorph import KeyMorphConfig
+    from unireg.methods.keymorph.training import KeyMorphConfig
 
     manifest = _tiny_manifest(tmp_path, levels)
     settings = {"output": f'"{name}"', "manifest": f'"{manifest.name}"',
@@ -157,7 +158,7 @@ def _tiny_config(tmp_path, name, levels=(50, 80), **extra):
 
 @pytest.mark.parametrize("mode", ["supervised", "unsupervised"])
 def test_training_resumes_to_exactly_the_same_model(tmp_path, mode):
-    from unireg.training.keymorph import KeyMorphTrainer
+    from unireg.methods.keymorph.training import KeyMorphTrainer
 
     cfg, _ = _tiny_config(tmp_path, "straight", mode=f'"{mode}"', transform='"tps"',
                           tps_lambda='"logunif"')  # fmt: skip
@@ -177,7 +178,7 @@ def test_training_resumes_to_exactly_the_same_model(tmp_path, mode):
         assert torch.allclose(a, b, atol=1e-6), name
     # the checkpoint rebuilds the model from the file alone, config and all
     loaded, payload = load_checkpoint(tmp_path / "straight" / "last.pt")
-    assert payload["train_config"]["mode"] == mode and payload["step"] == 4
+    assert payload.train_config["mode"] == mode and payload.step == 4
     # the loss log holds every step once, across the resume, with the same losses
     logs = [(tmp_path / n / "losses.csv").read_text().splitlines() for n in ("straight", "resumed")]
     assert logs[0][0] == logs[1][0] == "step,phase,loss,seconds"
@@ -199,7 +200,7 @@ def _check_alternation(trainer, every_nth_loss):
 
 
 def test_supervised_training_with_keypoint_consistency_steps(tmp_path):
-    from unireg.training.keymorph import KeyMorphConfig, KeyMorphTrainer
+    from unireg.methods.keymorph.training import KeyMorphConfig, KeyMorphTrainer
 
     cfg, _ = _tiny_config(tmp_path, "consistency", consistency_every=2, pretrain_steps=0)
     trainer = KeyMorphTrainer(cfg)
@@ -215,7 +216,7 @@ def test_supervised_training_with_keypoint_consistency_steps(tmp_path):
 def test_supervised_training_with_interleaved_anatomical_steps(tmp_path):
     """``anatomical_every = n``: every n-th registration step is an anatomical-keypoint step
     (label centroids), the others soft Dice; it cannot be combined with consistency steps."""
-    from unireg.training.keymorph import KeyMorphConfig, KeyMorphTrainer
+    from unireg.methods.keymorph.training import KeyMorphConfig, KeyMorphTrainer
 
     # five labels: five anatomical keypoints, enough for an affine
     cfg, _ = _tiny_config(tmp_path, "interleaved", levels=(30, 45, 60, 75, 88),
@@ -225,7 +226,7 @@ def test_supervised_training_with_interleaved_anatomical_steps(tmp_path):
     assert trainer.anatomy_labels and len(trainer.anatomy) == 3
     _check_alternation(trainer, trainer._anatomical_loss)
     _, payload = load_checkpoint(tmp_path / "interleaved" / "last.pt")
-    assert payload["extra"]["anatomical_labels"] == trainer.anatomy_labels
+    assert payload.extra["anatomical_labels"] == trainer.anatomy_labels
     bad = tmp_path / "both.toml"
     bad.write_text("anatomical_every = 2\nconsistency_every = 3\n")
     with pytest.raises(ValueError, match=r"both.toml: consistency_every and anatomical_every"):
@@ -238,7 +239,7 @@ def test_skull_strip_and_contrast_inversion_augmentations(tmp_path):
     inverted inside the brain with ``invert_probability``; off, the random stream is as it
     was without these settings."""
     from unireg.training.base import skull_strip
-    from unireg.training.keymorph import KeyMorphConfig, KeyMorphTrainer
+    from unireg.methods.keymorph.training import KeyMorphConfig, KeyMorphTrainer
 
     img = torch.linspace(0, 0.8, 9**3).reshape(1, 1, 9, 9, 9)
     lab = torch.zeros(1, 1, 9, 9, 9, dtype=torch.int16)
@@ -278,7 +279,7 @@ def test_skull_strip_and_contrast_inversion_augmentations(tmp_path):
 def test_cosine_learning_rate_schedule_reaches_lr_final_and_resumes(tmp_path):
     """``lr_schedule = "cosine"`` sets each step's rate from the step alone: ``lr`` at the
     first step, ``lr_final`` at the last, falling in between, so a resume continues it."""
-    from unireg.training.keymorph import KeyMorphConfig, KeyMorphTrainer
+    from unireg.methods.keymorph.training import KeyMorphConfig, KeyMorphTrainer
 
     cfg, _ = _tiny_config(tmp_path, "cos", lr=1e-3, lr_schedule='"cosine"', lr_final=1e-5,
                           pretrain_steps=2, steps=3)  # fmt: skip
@@ -305,7 +306,7 @@ def test_cosine_learning_rate_schedule_reaches_lr_final_and_resumes(tmp_path):
 def test_a_batched_step_is_the_mean_of_its_samples_drawn_in_turn(tmp_path, phase):
     """batch_size n draws n samples one after the other from the step's generator and runs
     the detector once on all of them: the same loss as n single-sample losses in a row."""
-    from unireg.training.keymorph import KeyMorphTrainer
+    from unireg.methods.keymorph.training import KeyMorphTrainer
 
     # the toy label maps have two labels: two anatomical keypoints
     extra = {"num_keypoints": 2, "anatomical_steps": 1} if phase == "_anatomical_loss" else {}
@@ -327,7 +328,7 @@ def test_a_batched_step_is_the_mean_of_its_samples_drawn_in_turn(tmp_path, phase
 def test_anatomical_keypoints_are_the_label_centroids_of_each_subject(tmp_path):
     """Keypoint k of every subject is the centroid of the k-th largest shared label; the
     phases run pretraining, then anatomical keypoints, then registration."""
-    from unireg.training.keymorph import KeyMorphTrainer
+    from unireg.methods.keymorph.training import KeyMorphTrainer
 
     cfg, _ = _tiny_config(tmp_path, "anat", num_keypoints=2, pretrain_steps=1, steps=1,
                           anatomical_steps=2, anatomical_dataset='"toy"')  # fmt: skip
@@ -351,7 +352,7 @@ def test_anatomical_keypoints_are_the_label_centroids_of_each_subject(tmp_path):
     assert all(np.isfinite(losses)) and losses[0] != losses[1]
     # the checkpoint says which label each keypoint is
     _, payload = load_checkpoint(trainer.save("check.pt"))
-    assert payload["extra"]["anatomical_labels"] == trainer.anatomy_labels
+    assert payload.extra["anatomical_labels"] == trainer.anatomy_labels
     # more keypoints than shared labels is an error that says so
     cfg.num_keypoints = 3
     with pytest.raises(ValueError, match="share 2 labels, fewer than num_keypoints = 3"):
@@ -361,7 +362,7 @@ def test_anatomical_keypoints_are_the_label_centroids_of_each_subject(tmp_path):
 def test_training_starts_from_an_init_checkpoint(tmp_path):
     """``init`` loads a checkpoint's weights at step 0 (a resume from ``last.pt`` wins); a
     checkpoint of another network is an error naming the file."""
-    from unireg.training.keymorph import KeyMorphTrainer
+    from unireg.methods.keymorph.training import KeyMorphTrainer
 
     cfg, _ = _tiny_config(tmp_path, "first", steps=0, pretrain_steps=1)
     first = KeyMorphTrainer(cfg)
@@ -392,7 +393,7 @@ def test_training_starts_from_an_init_checkpoint(tmp_path):
     out = refined.model.detector.decoder[0].out.weight
     assert out.abs().max() > 0  # trained away from its zero start
     loaded, payload = load_checkpoint(tmp_path / "finer" / "last.pt")
-    assert payload["model_config"]["detector"]["decoder"] == 1
+    assert payload.model_config["detector"]["decoder"] == 1
     assert loaded.detector.map_stride == 1  # channels [4, 8]: maps back on the input grid
 
 
@@ -400,7 +401,7 @@ def test_a_two_stage_run_freezes_its_coarse_stage_and_stores_the_template(tmp_pa
     """``coarse``: the coarse checkpoint's detector becomes the frozen first stage (its weights,
     unchanged by training), the template is the mean of the subjects' centred label centroids
     in world mm, and the checkpoint rebuilds the two-stage model from the file alone."""
-    from unireg.training.keymorph import KeyMorphTrainer
+    from unireg.methods.keymorph.training import KeyMorphTrainer
 
     anat = {"num_keypoints": 2, "pretrain_steps": 0, "steps": 0, "anatomical_steps": 2,
             "anatomical_dataset": '"toy"'}  # fmt: skip
@@ -431,7 +432,7 @@ def test_a_two_stage_run_freezes_its_coarse_stage_and_stores_the_template(tmp_pa
     for k, v in second.model.coarse.state_dict().items():
         assert torch.equal(coarse[k], v), k  # frozen
     loaded, payload = load_checkpoint(tmp_path / "second" / "last.pt")
-    assert payload["model_config"]["coarse"] == first.model.detector.config
+    assert payload.model_config["coarse"] == first.model.detector.config
     assert torch.equal(loaded.template, second.model.template)
     # a coarse stage needs anatomical keypoints (the template is their mean)
     with pytest.raises(ValueError, match="coarse needs anatomical keypoints"):
@@ -440,7 +441,7 @@ def test_a_two_stage_run_freezes_its_coarse_stage_and_stores_the_template(tmp_pa
 
 def test_training_config_errors_name_the_file_and_setting(tmp_path):
     from unireg.cli import main
-    from unireg.training.keymorph import KeyMorphConfig
+    from unireg.methods.keymorph.training import KeyMorphConfig
 
     bad = tmp_path / "bad.toml"
     bad.write_text("num_keypoints = 8\nlearning_rate = 0.1\n")
@@ -518,7 +519,7 @@ def test_gradients_reach_the_detector_through_every_closed_form(transform):
 
 def test_pretraining_targets_follow_the_random_affine_and_deformation(tmp_path):
     """A bright dot at a keypoint of the original shows up in the warped view at the target."""
-    from unireg.training.keymorph import KeyMorphTrainer
+    from unireg.methods.keymorph.training import KeyMorphTrainer
 
     cfg, _ = _tiny_config(tmp_path, "pre", pretrain_deformation=0.05, rotation=60.0)
     trainer = KeyMorphTrainer(cfg)
@@ -594,7 +595,12 @@ def _blob_image_and_stand_in(coarse: bool = False):
     stage = KeypointDetector(3, num_keypoints=len(powers), channels=(4, 8))
     model = _IntensityCentres(stage, coarse=KeypointDetector(**stage.config) if coarse else None)
     model.seen, model.powers = [], powers
-    payload = {"preprocessing": {"spacing_mm": 2.0, "shape": [48, 48, 48], "center": "mass"}}
+    payload = Checkpoint(
+        "keymorph",
+        {},
+        {},
+        preprocessing={"spacing_mm": 2.0, "shape": [48, 48, 48], "center": "mass"},
+    )
     return image, model, payload
 
 
@@ -683,24 +689,24 @@ def test_register_keymorph_with_a_missing_model_says_how_to_get_one(tmp_path, ca
                "--quiet"])  # fmt: skip
     assert rc == 1
     err = capsys.readouterr().err
-    assert "none.pt" in err and "no KeyMorph model" in err and "unireg train keymorph" in err
+    assert "none.pt" in err and "no keymorph model" in err and "unireg train keymorph" in err
     assert not out.exists() or not any(out.iterdir())
 
 
 def test_test_time_rotations_options_are_checked(tmp_path, capsys):
     from unireg.cli import main
     from unireg.errors import UniregError
-    from unireg.evaluation.methods import KeyMorphMethod, MethodSpec
+    from unireg.evaluation.methods import make_method
 
     _tiny_manifest(tmp_path)
     out = tmp_path / "out"
     for method, n in (("affine", "4"), ("keymorph", "0")):
         rc = main(["register", str(tmp_path / "s0.nii.gz"), str(tmp_path / "s1.nii.gz"), "-o",
                    str(out), "--method", method, "--rotations", n, "--quiet"])  # fmt: skip
-        assert rc == 1 and "--rotations" in capsys.readouterr().err
+        assert rc == 1 and "rotations" in capsys.readouterr().err
         assert not out.exists() or not any(out.iterdir())
-    with pytest.raises(UniregError, match="rotations must be >= 1"):
-        KeyMorphMethod(MethodSpec.parse("keymorph:affine:rotations=0"))
+    with pytest.raises(UniregError, match="'rotations' must be >= 1"):
+        make_method("keymorph:affine:rotations=0")
 
 
 @pytest.mark.parametrize("angle", [0.0, 90.0, 180.0])
@@ -714,15 +720,15 @@ def test_the_shipped_keymorph_model_aligns_the_demo_brains_at_any_rotation(angle
     from unireg.methods.keymorph import register_keymorph
     from unireg.metrics import registration_metrics
     from unireg.spatial.transform import AffineTransform
-    from unireg.training.checkpoint import default_model_path, load_model
+    from unireg.methods import load_model, model_path
 
-    if not default_model_path("keymorph").exists():
+    if not model_path("keymorph").exists():
         pytest.skip("no KeyMorph model shipped in src/unireg/models/")
     model, payload = load_model("keymorph")
     # keypoint k is the centroid of a named label; the self-supervised start ships beside it
-    assert len(payload["extra"]["anatomical_labels"]) == model.detector.num_keypoints
-    assert load_model("keymorph", "selfsup")[1]["train_config"]["pretrain_steps"] == 1500
-    labels = payload["extra"]["anatomical_labels"]
+    assert len(payload.extra["anatomical_labels"]) == model.detector.num_keypoints
+    assert load_model("keymorph", "selfsup")[1].train_config["pretrain_steps"] == 1500
+    labels = payload.extra["anatomical_labels"]
     data = resources.files("unireg.demo_data")
     fixed = load_image(str(data / "IXI012-HH-1211-T1_ds.nii.gz"))
     fl = load_labels(str(data / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"))
@@ -732,9 +738,9 @@ def test_the_shipped_keymorph_model_aligns_the_demo_brains_at_any_rotation(angle
     moving, ml = misalign(moving, ml, matrix)
     none = registration_metrics(transform=AffineTransform.identity(3), fixed=fixed,
                                 fixed_labels=fl, moving_labels=ml, hd95=False)  # fmt: skip
-    res = register_keymorph(fixed, moving, model=model, payload=payload, transform="affine")
+    res = register_keymorph(fixed, moving, model=model, checkpoint=payload, transform="affine")
     dice = registration_metrics(res, fixed_labels=fl, moving_labels=ml, hd95=False)["dice_mean"]
-    assert res.extras["keypoint_labels"] == labels
+    assert res.extras.keypoint_labels == labels
     if angle == 0:  # keypoints.csv names each keypoint's label
         from unireg.methods.keymorph import write_keypoints_csv
 
@@ -744,10 +750,10 @@ def test_the_shipped_keymorph_model_aligns_the_demo_brains_at_any_rotation(angle
         # the soft-Dice variant: same keypoint labels, fine-tuned from the default; measured
         # 0.308 here with one detection (8 rotations: 0.361 / 0.318 / 0.333 at 0 / 90 / 180)
         tuned, tuned_payload = load_model("keymorph", "dice")
-        assert tuned_payload["extra"]["anatomical_labels"] == labels
-        assert tuned_payload["train_config"]["init"].endswith("keymorph_ixi_4mm.pt")
-        assert tuned_payload["train_config"]["skull_strip_probability"] > 0
-        one = register_keymorph(fixed, moving, model=tuned, payload=tuned_payload,
+        assert tuned_payload.extra["anatomical_labels"] == labels
+        assert tuned_payload.train_config["init"].endswith("keymorph_ixi_4mm.pt")
+        assert tuned_payload.train_config["skull_strip_probability"] > 0
+        one = register_keymorph(fixed, moving, model=tuned, checkpoint=tuned_payload,
                                 transform="affine", rotations=1)  # fmt: skip
         tuned_dice = registration_metrics(one, fixed_labels=fl, moving_labels=ml, hd95=False)
         assert tuned_dice["dice_mean"] > max(none["dice_mean"] + 0.2, 0.28), tuned_dice
@@ -760,13 +766,13 @@ def test_the_shipped_keymorph_model_aligns_the_demo_brains_at_any_rotation(angle
     # refined on the intensities from the keypoint affine: measured 0.398 at every angle
     # (affine-gn alone, from the centres of mass: 0.398 / 0.007 / 0.006), as good as the
     # keypoint affine here, and far better than where it would start without the keypoints
-    refined = register_keymorph(fixed, moving, model=model, payload=payload,
+    refined = register_keymorph(fixed, moving, model=model, checkpoint=payload,
                                 transform="affine", refine="affine-gn")  # fmt: skip
     better = registration_metrics(refined, fixed_labels=fl, moving_labels=ml, hd95=False)
     assert better["dice_mean"] > 0.38, (angle, better["dice_mean"], dice)
-    assert np.allclose(refined.extras["keypoint_matrix"], res.extras["matrix"])
-    m, fk = refined.extras["matrix"], refined.extras["keypoints_fixed"]
-    np.testing.assert_allclose(refined.extras["keypoints_aligned"], fk @ m[:3, :3].T + m[:3, 3],
+    assert np.allclose(refined.extras.keypoint_matrix, res.extras.matrix)
+    m, fk = refined.extras.matrix, refined.extras.keypoints_fixed
+    np.testing.assert_allclose(refined.extras.keypoints_aligned, fk @ m[:3, :3].T + m[:3, 3],
                                atol=1e-4)  # fmt: skip
 
 
@@ -781,15 +787,17 @@ def test_keymorph_refinement_is_affine_only_and_named_errors(tmp_path, capsys):
     torch.manual_seed(0)
     model = KeyMorph(KeypointDetector(3, num_keypoints=12, channels=(4, 8)), 40.0)
     fixed, moving = load_image(tmp_path / "s0.nii.gz"), load_image(tmp_path / "s1.nii.gz")
-    payload = {"preprocessing": {"spacing_mm": 2.0, "shape": [20, 20, 20]}}
+    payload = Checkpoint(
+        "keymorph", {}, {}, preprocessing={"spacing_mm": 2.0, "shape": [20, 20, 20]}
+    )
     for transform, refine in (("tps", "affine-gn"), ("rigid", "affine-gn"), ("affine", "syn")):
         with pytest.raises(ValueError, match="refine"):
-            register_keymorph(fixed, moving, model=model, payload=payload, transform=transform,
+            register_keymorph(fixed, moving, model=model, checkpoint=payload, transform=transform,
                               refine=refine)  # fmt: skip
     with pytest.raises(UniregError, match="refine"):
         make_method("keymorph:tps:refine=affine-gn")
     ckpt = save_checkpoint(tmp_path / "km.pt", "keymorph", model,
-                           preprocessing=payload["preprocessing"])  # fmt: skip
+                           preprocessing=payload.preprocessing)  # fmt: skip
     out = tmp_path / "out"
     rc = main(["register", str(tmp_path / "s0.nii.gz"), str(tmp_path / "s1.nii.gz"), "-o",
                str(out), "--method", "keymorph", "--model", str(ckpt), "--transform", "tps",
@@ -805,8 +813,8 @@ def test_keymorph_refinement_is_affine_only_and_named_errors(tmp_path, capsys):
 def test_the_project_training_configs_parse():
     from pathlib import Path
 
-    from unireg.training.keymorph import KeyMorphConfig
-    from unireg.training.sitreg import SITRegConfig
+    from unireg.methods.keymorph.training import KeyMorphConfig
+    from unireg.methods.sitreg.training import SITRegConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
     km = KeyMorphConfig.from_file(root / "keymorph_ixi_2mm.toml")

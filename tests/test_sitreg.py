@@ -17,7 +17,7 @@ from unireg.metrics import consistency_error
 from unireg.spatial.field import world_points
 from unireg.spatial.grid import transform_points
 from unireg.spatial.transform import AffineTransform
-from unireg.training.checkpoint import save_checkpoint
+from unireg.training.checkpoint import Checkpoint, save_checkpoint
 
 PREP = {"spacing_mm": 2.0, "shape": [24, 24, 24], "center": "mass"}
 
@@ -35,7 +35,9 @@ def test_register_sitreg_composes_the_affine_stage_and_gives_both_directions(tmp
     _tiny_manifest(tmp_path)
     fixed, moving = load_image(tmp_path / "s0.nii.gz"), load_image(tmp_path / "s1.nii.gz")
     net = _model()
-    res = register_sitreg(fixed, moving, model=net, payload={"preprocessing": PREP})
+    res = register_sitreg(
+        fixed, moving, model=net, checkpoint=Checkpoint("sitreg", {}, {}, preprocessing=PREP)
+    )
     affine = res.affine
     assert isinstance(affine, AffineTransform)
     # the transform is the network's field followed by the affine stage: x -> A(x + u(x));
@@ -49,10 +51,10 @@ def test_register_sitreg_composes_the_affine_stage_and_gives_both_directions(tmp
     # p95 (mm, on the fixed grid, 2 mm voxels) for this random ~1 mm deformation
     err = consistency_error([res.transform, res.inverse], fixed.geometry)
     assert err["mean_mm"] < 0.01 and err["p95_mm"] < 0.02
-    assert res.extras["stage_seconds"]["affine"] > 0
+    assert res.extras.stage_seconds["affine"] > 0
     # "complete" inference: the same deformation up to the resampling it avoids; measured in
     # world space the interpolation of the final fields dominates, so it is as consistent
-    comp = register_sitreg(fixed, moving, model=net, payload={"preprocessing": PREP},
+    comp = register_sitreg(fixed, moving, model=net, checkpoint=Checkpoint("sitreg", {}, {}, preprocessing=PREP),
                            inference="complete")  # fmt: skip
     diff = (comp.transform.map_points(world) - moved).norm(dim=1)
     assert float(diff.mean()) < 0.3
@@ -69,14 +71,16 @@ def test_register_sitreg_holds_the_network_fields_with_their_faces_extended(tmp_
 
     _tiny_manifest(tmp_path)
     fixed, moving = load_image(tmp_path / "s0.nii.gz"), load_image(tmp_path / "s1.nii.gz")
-    res = register_sitreg(fixed, moving, model=_model(), payload={"preprocessing": PREP})
-    grid = res.extras["network_grid"]
+    res = register_sitreg(
+        fixed, moving, model=_model(), checkpoint=Checkpoint("sitreg", {}, {}, preprocessing=PREP)
+    )
+    grid = res.extras.network_grid
     to_mm = torch.from_numpy(grid.normalized_to_world[:3, :3]).float()
     back = res.affine.inverse()
     for u, field, points in (
-        (res.extras["network_fields"][0], res.transform.transforms[0],
+        (res.extras.network_fields[0], res.transform.transforms[0],
          world_points(fixed.geometry).reshape(-1, 3)),
-        (res.extras["network_fields"][1], res.inverse.transforms[1],
+        (res.extras.network_fields[1], res.inverse.transforms[1],
          back.map_points(world_points(moving.geometry).reshape(-1, 3))),
     ):  # fmt: skip
         local = transform_points(torch.from_numpy(grid.world_to_normalized).float(), points)
@@ -95,10 +99,10 @@ def test_sitreg_swapped_images_give_the_swapped_deformations_on_the_network_grid
     img = load_image(tmp_path / "s0.nii.gz")
     other = img.with_data(load_image(tmp_path / "s2.nii.gz").data)
     net = _model(seed=2)
-    payload = {"preprocessing": {**PREP, "center": "fov"}}
-    ab = register_sitreg(img, other, model=net, payload=payload, affine="none")
-    ba = register_sitreg(other, img, model=net, payload=payload, affine="none")
-    (fwd_ab, inv_ab), (fwd_ba, inv_ba) = ab.extras["network_fields"], ba.extras["network_fields"]
+    payload = Checkpoint("sitreg", {}, {}, preprocessing={**PREP, "center": "fov"})
+    ab = register_sitreg(img, other, model=net, checkpoint=payload, affine="none")
+    ba = register_sitreg(other, img, model=net, checkpoint=payload, affine="none")
+    (fwd_ab, inv_ab), (fwd_ba, inv_ba) = ab.extras.network_fields, ba.extras.network_fields
     assert float(fwd_ab.abs().max()) > 0.01
     assert torch.equal(fwd_ab, inv_ba) and torch.equal(inv_ab, fwd_ba)
 
@@ -118,7 +122,7 @@ def test_register_cli_sitreg_writes_the_contract(tmp_path):
     assert names == {"warped.nii.gz", "warped_labels.nii.gz", "transform.nii.gz", "affine.mat",
                      "inverse_transform.nii.gz", "metrics.json"}  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["method"] == "sitreg" and metrics["affine_stage"] == "rigid"
+    assert metrics["method"] == "sitreg" and metrics["affine"] == "rigid"
     assert metrics["folding_percent"] == 0.0 and "inverse_consistency_mean_mm" in metrics
     assert set(torch.unique(load_labels(out / "warped_labels.nii.gz").data).tolist()) <= {0, 1, 2}
     ants = pytest.importorskip("ants")
@@ -154,11 +158,11 @@ def test_register_cli_sitreg_model_errors_name_the_file(tmp_path, capsys):
             str(tmp_path / "out"), "--method", "sitreg", "--quiet", "--model"]  # fmt: skip
     assert main([*args, str(tmp_path / "none.pt")]) == 1
     err = capsys.readouterr().err
-    assert "none.pt" in err and "no SITReg model" in err and "unireg train sitreg" in err
+    assert "none.pt" in err and "no sitreg model" in err and "unireg train sitreg" in err
     detector = KeypointDetector(3, num_keypoints=4, channels=(4,))
     km = save_checkpoint(tmp_path / "km.pt", "keymorph", KeyMorph(detector, 40.0))
     assert main([*args, str(km)]) == 1
-    assert "km.pt: a keymorph checkpoint, not a SITReg one" in capsys.readouterr().err
+    assert "km.pt: a keymorph checkpoint, not a sitreg one" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -169,11 +173,11 @@ def test_the_shipped_sitreg_model_improves_on_its_affine_stage_on_the_demo_brain
     from importlib import resources
 
     from unireg.metrics import registration_metrics
-    from unireg.training.checkpoint import default_model_path, load_sitreg
+    from unireg.methods import load_model, model_path
 
-    if not default_model_path("sitreg", variant).exists():
+    if not model_path("sitreg", variant).exists():
         pytest.skip("no SITReg model shipped in src/unireg/models/")
-    model, payload = load_sitreg(variant)
+    model, payload = load_model("sitreg", variant)
     lite = variant is None  # the default is the lite model
     assert model.config["stem_stride"] == (2 if lite else 1)
     data = resources.files("unireg.demo_data")
@@ -181,8 +185,8 @@ def test_the_shipped_sitreg_model_improves_on_its_affine_stage_on_the_demo_brain
     moving = load_image(str(data / "IXI013-HH-1212-T1_ds.nii.gz"))
     fl = load_labels(str(data / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"))
     ml = load_labels(str(data / "IXI013-HH-1212-T1_ds_DLMUSE.nii.gz"))
-    res = register_sitreg(fixed, moving, model=model, payload=payload, affine=affine)
-    assert res.extras["inference"] == ("fast" if lite else "standard")
+    res = register_sitreg(fixed, moving, model=model, checkpoint=payload, affine=affine)
+    assert res.extras.inference == ("fast" if lite else "standard")
     full = registration_metrics(res, fixed_labels=fl, moving_labels=ml, hd95=False)
     linear = registration_metrics(transform=res.affine, fixed=fixed, fixed_labels=fl,
                                   moving_labels=ml, hd95=False)  # fmt: skip
@@ -200,11 +204,11 @@ def test_sitreg_with_the_keymorph_stage_registers_heads_in_any_orientation():
 
     from unireg.evaluation.harness import misalign, misalignment
     from unireg.metrics import registration_metrics
-    from unireg.training.checkpoint import default_model_path, load_sitreg
+    from unireg.methods import load_model, model_path
 
-    if not (default_model_path("sitreg").exists() and default_model_path("keymorph").exists()):
+    if not (model_path("sitreg").exists() and model_path("keymorph").exists()):
         pytest.skip("the SITReg and KeyMorph models are not shipped in src/unireg/models/")
-    model, payload = load_sitreg()
+    model, payload = load_model("sitreg")
     data = resources.files("unireg.demo_data")
     fixed = load_image(str(data / "IXI012-HH-1211-T1_ds.nii.gz"))
     fl = load_labels(str(data / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"))
@@ -214,7 +218,7 @@ def test_sitreg_with_the_keymorph_stage_registers_heads_in_any_orientation():
     moving, ml = misalign(moving, ml, matrix)
     dice = {}
     for stage in ("affine-gn", "keymorph"):
-        res = register_sitreg(fixed, moving, model=model, payload=payload, affine=stage)
+        res = register_sitreg(fixed, moving, model=model, checkpoint=payload, affine=stage)
         metrics = registration_metrics(res, fixed_labels=fl, moving_labels=ml, hd95=False)
         dice[stage] = metrics["dice_mean"]
         assert metrics["folding_percent"] == 0.0
@@ -231,10 +235,10 @@ def test_sitreg_in_the_evaluation_harness(tmp_path):
     method = make_method(f"sitreg:complete:affine=none:model={ckpt}")
     fixed, moving = load_image(tmp_path / "s0.nii.gz"), load_image(tmp_path / "s1.nii.gz")
     res = method.register(fixed, moving)
-    assert res.inverse is not None and "complete" in res.extras["method"]
-    assert np.allclose(res.extras["matrix"], np.eye(4))  # no affine stage
+    assert res.inverse is not None and "complete" in res.extras.method
+    assert np.allclose(res.extras.matrix, np.eye(4))  # no affine stage
     fast = make_method(f"sitreg:fast:affine=none:model={ckpt}").register(fixed, moving)
-    assert "fast" in fast.extras["method"] and fast.inverse is not None
+    assert "fast" in fast.extras.method and fast.inverse is not None
     # a model trained with "fast" runs "fast" unless told otherwise; the Gauss-Newton affine
     # stage is composed into the written transform like any other
     torch.manual_seed(4)
@@ -242,25 +246,27 @@ def test_sitreg_in_the_evaluation_harness(tmp_path):
     lite_ckpt = save_checkpoint(tmp_path / "lite.pt", "sitreg", lite, preprocessing=PREP,
                                 train_config={"inference": "fast"})  # fmt: skip
     res = make_method(f"sitreg:affine=affine-gn:model={lite_ckpt}").register(fixed, moving)
-    assert res.extras["inference"] == "fast" and "affine-gn" in res.extras["method"]
+    assert res.extras.inference == "fast" and "affine-gn" in res.extras.method
     # (as SITReg's stage, affine-gn stops its finest level after 3 iterations, not 5)
     from unireg.methods.sitreg import STAGE_GN_LEVELS
     from unireg.solvers.gauss_newton import GN_LEVELS, affine_gauss_newton
 
     gn, trace = affine_gauss_newton(fixed, moving, levels=STAGE_GN_LEVELS["fast"])
-    assert np.allclose(res.extras["matrix"], gn.matrix.numpy(), atol=1e-6)
+    assert np.allclose(res.extras.matrix, gn.matrix.numpy(), atol=1e-6)
     assert STAGE_GN_LEVELS["fast"][-1][1] == 3 and GN_LEVELS["fast"][-1][1] == 5
     finest = STAGE_GN_LEVELS["fast"][-1][0]
     assert 1 <= sum(1 for f, _, _ in trace if f == finest) <= 3
     # (comparing the two final matrices is no test here: on this toy pair both runs settle on
     # the same degenerate map on some CPUs, so the check above counts the iterations instead)
-    assert make_method(f"sitreg:model={ckpt}").register(fixed, moving).extras["inference"] == (
+    assert make_method(f"sitreg:model={ckpt}").register(fixed, moving).extras.inference == (
         "standard"
     )
     # the shipped default is the lite model after affine-gn; "standard" names the other one
     default = make_method("sitreg")
-    assert default.model.config["stem_stride"] == 2 and default.affine == "affine-gn"
-    assert make_method("sitreg:affine=affine:model=standard").model.config["stem_stride"] == 1
+    assert default.method.model.config["stem_stride"] == 2
+    assert default.method.options.affine == "affine-gn"
+    standard = make_method("sitreg:affine=affine:model=standard")
+    assert standard.method.model.config["stem_stride"] == 1
     for bad in ("sitreg:quick", f"sitreg:affine=similarity:model={ckpt}",
                 f"sitreg:model={ckpt}:tol=1"):  # fmt: skip
         with pytest.raises(UniregError):

@@ -293,11 +293,11 @@ def test_register_is_repeatable_with_a_seed_and_reports_its_trace():
     kw = {"preset": "fast", "seed": 3, "deformable": "svf"}
     a = register(fixed, moving, "syn", **kw)
     b = register(fixed, moving, "syn", **kw)
-    assert np.array_equal(a.extras["matrix"], b.extras["matrix"])
+    assert np.array_equal(a.extras.matrix, b.extras.matrix)
     assert torch.equal(
         a.transform.displacement(fixed.geometry), b.transform.displacement(fixed.geometry)
     )
-    assert [t["model"] for t in a.extras["trace"]][:1] == ["rigid"]
+    assert [t["model"] for t in a.extras.trace][:1] == ["rigid"]
     assert a.inverse is not None and a.elapsed > 0
     # the symmetric SVF's inverse undoes the forward map (world mm)
     x = torch.tensor([[24.0, 20.0, 18.0], [10.0, 30.0, 20.0]], dtype=torch.float64)
@@ -314,7 +314,7 @@ def test_register_mi_aligns_a_multimodal_pair():
     out = register(fixed, moving, "rigid", seed=0)
     corners = np.array([[i, j, k, 1] for i in (6, 25) for j in (6, 25) for k in (6, 25)], float)
     world = corners @ fixed.geometry.voxel_to_world.T
-    err = np.linalg.norm(world @ out.extras["matrix"].T - world @ truth.T, axis=1)
+    err = np.linalg.norm(world @ out.extras.matrix.T - world @ truth.T, axis=1)
     assert err.max() < 1.0, err  # mm, with 1.5 mm voxels
 
 
@@ -366,7 +366,7 @@ def test_affine_gn_recovers_a_known_affine_of_a_real_head():
     err = np.linalg.norm(world @ result.transform.matrix.numpy().T - world @ truth.T, axis=1)
     assert err.mean() < 0.2 and err.max() < 0.5, (err.mean(), err.max())  # mm; voxels are 2 mm
     # the trace is the mean squared residual per step: lower at the end of each level
-    trace = result.extras["trace"]
+    trace = result.extras.trace
     for factor in {f for f, _, _ in trace}:
         level = [r for f, _, r in trace if f == factor]
         assert level[-1] < level[0]

@@ -6,7 +6,7 @@ grid, through world space only), the warped moving image, a checkerboard of fixe
 the fixed image's edges over the warped image, the deformed grid (every 6th grid line of the
 fixed image mapped by the transform, in mm on the slice) and the Jacobian determinant of the
 transform (world mm/mm; blue < 1 < red, black where <= 0). Method extras with keypoints
-(``extras["keypoints_fixed"]``, world mm ``(N, d)``) are drawn on the fixed image.
+(``extras.keypoints_fixed``, world mm ``(N, d)``) are drawn on the fixed image.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def registration_report(
             "deformed grid", "Jacobian det."]  # fmt: skip
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.3 * len(cols), 2.5 * len(rows)),
                              dpi=110, squeeze=False)  # fmt: skip
-    kp = result.extras.get("keypoints_fixed")
+    kp = getattr(result.extras, "keypoints_fixed", None)
     for r, axis in enumerate(rows):
         f2 = _slice(ras["fixed"], axis)
         w2 = _slice(ras["warped"], axis)

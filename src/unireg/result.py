@@ -1,17 +1,70 @@
-"""The one result type every registration method returns."""
+"""The one result type every registration method returns, its typed extras, and the one
+place a method's transform becomes a measured result (:func:`measured_result`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from unireg.io.image import Image, LabelMap, resample, save_image
 from unireg.io.transforms import save_transform
+from unireg.profiling import Measure
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import AffineTransform, Transform
+
+
+@dataclass
+class Extras:
+    """What a method reports beside its transform.
+
+    Attributes:
+        method: a readable description of the method and its settings.
+        matrix: the linear part (world mm, fixed -> moving, ``(d+1, d+1)``), when there is one.
+    """
+
+    method: str = ""
+    matrix: np.ndarray | None = None
+
+
+@dataclass
+class SolverExtras(Extras):
+    """The training-free solvers: the stages run (None for ``affine-gn``) and one trace entry
+    per stage and level (iterations, losses, seconds, converged)."""
+
+    stages: list[Any] | None = None
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class KeyMorphExtras(Extras):
+    """KeyMorph: keypoints in world mm ``(K, d)`` of both images and the fixed ones mapped by
+    the result (``aligned``), the closed form, its lambda, the label each keypoint was trained
+    to find (anatomical models), and with a refinement the keypoint affine it started from."""
+
+    keypoints_fixed: np.ndarray | None = None
+    keypoints_moving: np.ndarray | None = None
+    keypoints_aligned: np.ndarray | None = None
+    transform_kind: str = "affine"
+    tps_lambda: float | None = None
+    keypoint_labels: list[int] | None = None
+    keypoint_matrix: np.ndarray | None = None
+    refine: str = "none"
+
+
+@dataclass
+class SITRegExtras(Extras):
+    """SITReg: the inference variant, the network's grid, its forward and inverse fields
+    (normalised, over the grid's extent; coarser for "fast") and each stage's seconds."""
+
+    inference: str = "standard"
+    network_grid: Geometry | None = None
+    network_fields: tuple[torch.Tensor, torch.Tensor] | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -34,7 +87,7 @@ class RegistrationResult:
     moving: Geometry
     inverse: Transform | None = None
     warped: Image | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: Extras = field(default_factory=Extras)
     elapsed: float | None = None
     peak_memory: int | None = None
 
@@ -48,7 +101,7 @@ class RegistrationResult:
         """The linear part alone (world mm, fixed -> moving), when the method has one."""
         if isinstance(self.transform, AffineTransform):
             return self.transform
-        matrix = self.extras.get("matrix")
+        matrix = self.extras.matrix
         return None if matrix is None else AffineTransform(np.asarray(matrix))
 
     def save(
@@ -97,3 +150,23 @@ class RegistrationResult:
                 path.unlink(missing_ok=True)
             raise
         return written
+
+
+def measured_result(
+    fixed: Image,
+    moving: Image,
+    run: Callable[[], tuple[Transform, Transform | None, Extras]],
+    device: torch.device | str = "cpu",
+) -> RegistrationResult:
+    """Run a method (``run`` returns its transform fixed -> moving, its inverse or None, and
+    its extras), warp ``moving`` onto ``fixed``'s grid through the transform, and return the
+    result with the wall time and peak memory of both, as ANTs' registration reports them
+    (its warped image included)."""
+    with Measure(device) as measured:
+        transform, inverse, extras = run()
+        warped = resample(moving, fixed.geometry, transform)
+    return RegistrationResult(
+        transform=transform, fixed=fixed.geometry, moving=moving.geometry, inverse=inverse,
+        warped=warped, extras=extras, elapsed=measured.seconds,
+        peak_memory=measured.peak_bytes,
+    )  # fmt: skip

@@ -1,7 +1,8 @@
 """Volumes from a manifest, preprocessed to a fixed grid and cached on disk; pairs of them.
 
-:class:`Preprocessing` resamples every volume (in world space, through its own affine) onto an
-RAS-aligned grid of a chosen spacing and shape centred on the head, and normalises intensities.
+:class:`~unireg.io.preprocessing.Preprocessing` resamples every volume (in world space,
+through its own affine) onto an RAS-aligned grid of a chosen spacing and shape centred on the
+head, and normalises intensities.
 :class:`VolumeDataset` serves the results as tensors, reading each NIfTI once: the first access
 writes a ``.pt`` file to ``cache_dir`` (atomically), later accesses (and later runs) read it.
 The cache key covers the source files (path, size, modification time) and the preprocessing
@@ -13,12 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from itertools import permutations
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -27,119 +26,12 @@ from unireg.io.files import write_atomic
 from unireg.io.image import (
     Image,
     LabelMap,
-    check_same_grid,
     load_image,
     load_labels,
-    normalize_intensity,
-    resample,
 )
-from unireg.spatial.geometry import Geometry, apply_matrix_np
+from unireg.io.preprocessing import Preprocessing
 
 CACHE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How volumes are brought to a common grid.
-
-    Attributes:
-        spacing: output voxel size in mm (one value or one per axis).
-        shape: output grid shape; ``None`` covers the whole input field of view.
-        center: ``"fov"`` centres the grid on the input's field of view, ``"mass"`` on the
-            centre of mass of the intensity above the image's minimum (of the label map's
-            foreground for label-only volumes).
-        normalize: rescale intensities to [0, 1] by the 0.5/99.5 percentiles.
-        ndim: 2 or 3.
-    """
-
-    spacing: float | tuple[float, ...] = 2.0
-    shape: tuple[int, ...] | None = None
-    center: Literal["fov", "mass"] = "mass"
-    normalize: bool = True
-    ndim: int = 3
-
-    @classmethod
-    def from_checkpoint(cls, payload: dict[str, Any], ndim: int = 3) -> Preprocessing:
-        """The grid a checkpointed network was trained on (its payload's ``preprocessing``)."""
-        pre = payload.get("preprocessing", {})
-        return cls(
-            spacing=float(pre.get("spacing_mm", 2.0)), shape=tuple(pre.get("shape", (96, 112, 96))),
-            center=pre.get("center", "mass"), ndim=ndim,
-        )  # fmt: skip
-
-    def spacing_tuple(self) -> tuple[float, ...]:
-        sp = self.spacing
-        out = (float(sp),) * self.ndim if isinstance(sp, int | float) else tuple(map(float, sp))
-        if len(out) != self.ndim or min(out) <= 0:
-            raise ValueError(f"spacing must be {self.ndim} positive values, got {sp}")
-        return out
-
-    def target_geometry(self, source: Image) -> Geometry:
-        """The RAS-aligned output grid for a volume on ``source``'s grid."""
-        geom = source.geometry
-        d = self.ndim
-        spacing = np.array(self.spacing_tuple())
-        if self.center == "mass":
-            if source.is_label:
-                weights = (source.data[0] > 0).double()
-            else:  # intensity above the image minimum (air in MRI and in CT alike)
-                weights = source.data.double().sum(0)
-                weights = weights - weights.min()
-            total = float(weights.sum())
-            if total <= 0:
-                center = geom.center_world
-            else:
-                idx = torch.meshgrid(
-                    *[torch.arange(n, dtype=torch.float64) for n in geom.shape], indexing="ij"
-                )
-                vox = np.array([float((weights * i).sum()) / total for i in idx])
-                center = apply_matrix_np(geom.voxel_to_world, vox[None])[0]
-        elif self.center == "fov":
-            center = geom.center_world
-        else:
-            raise ValueError(f"center must be 'fov' or 'mass', got {self.center!r}")
-        if self.shape is None:
-            corners = np.array(np.meshgrid(*[[0, n - 1] for n in geom.shape], indexing="ij"))
-            world = apply_matrix_np(geom.voxel_to_world, corners.reshape(d, -1).T)
-            extent = world.max(0) - world.min(0)
-            shape = tuple(
-                int(np.ceil(e / s - 1e-6)) + 1 for e, s in zip(extent, spacing, strict=True)
-            )
-        else:
-            shape = tuple(int(n) for n in self.shape)
-            if len(shape) != d:
-                raise ValueError(f"shape {shape} is not {d}D")
-        affine = np.eye(d + 1)
-        affine[:d, :d] = np.diag(spacing)
-        affine[:d, d] = center - spacing * (np.array(shape) - 1) / 2
-        return Geometry(shape, affine)
-
-    def __call__(
-        self, image: Image | None, labels: LabelMap | None = None
-    ) -> tuple[Image | None, LabelMap | None]:
-        """Resample an image and/or its label map (on the image's grid) onto the output grid."""
-        if image is None and labels is None:
-            raise ValueError("nothing to preprocess")
-        if image is not None and labels is not None:
-            check_same_grid(image, labels)
-        source = image if image is not None else labels
-        assert source is not None
-        geom = self.target_geometry(source)
-        out_image = out_labels = None
-        if image is not None:
-            out_image = resample(image, geom)
-            if self.normalize:
-                out_image = normalize_intensity(out_image)
-        if labels is not None:
-            out = resample(labels, geom, mode="nearest")
-            assert isinstance(out, LabelMap)
-            out_labels = out
-        return out_image, out_labels
-
-    def key(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["spacing"] = list(self.spacing_tuple())
-        return d
 
 
 def _file_key(path: Path | None) -> list[Any] | None:

@@ -19,7 +19,7 @@ from unireg.evaluation.methods import (
     MethodSpec,
     MissingPeerError,
     NoRegistration,
-    UniregSolverMethod,
+    RegisteredMethod,
     make_method,
 )
 from unireg.evaluation.outputs import write_outputs
@@ -32,7 +32,7 @@ __all__ = [
     "MissingPeerError",
     "NoRegistration",
     "Pair",
-    "UniregSolverMethod",
+    "RegisteredMethod",
     "covering_geometry",
     "evaluate",
     "make_method",

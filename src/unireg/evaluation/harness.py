@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from unireg.data.manifest import Manifest
-from unireg.errors import ManifestError, UniregError
-from unireg.io.image import Image, LabelMap, check_same_grid, load_image, load_labels, resample
+from unireg.errors import ManifestError
+from unireg.io import image as image_io
+from unireg.io.image import Image, LabelMap, resample
 from unireg.metrics import registration_metrics
 from unireg.spatial.geometry import Geometry, linear_about
 from unireg.spatial.transform import AffineTransform
@@ -164,17 +165,10 @@ class Case:
 def load_pair(pair: Pair, *, channels: bool = False) -> Case:
     """Read a pair's files, checking each label map against its image's grid (``channels``:
     keep every channel of multi-channel images)."""
-    fixed = load_image(pair.fixed, channels=channels)
-    moving = load_image(pair.moving, channels=channels)
-    if fixed.ndim != moving.ndim:
-        raise UniregError(f"{pair.fixed} is {fixed.ndim}D but {pair.moving} is {moving.ndim}D")
-    fl = None if pair.fixed_labels is None else load_labels(pair.fixed_labels)
-    ml = None if pair.moving_labels is None else load_labels(pair.moving_labels)
-    if fl is not None:
-        check_same_grid(fixed, fl)
-    if ml is not None:
-        check_same_grid(moving, ml)
-    return Case(fixed, moving, fl, ml)
+    images = image_io.load_pair(
+        pair.fixed, pair.moving, pair.fixed_labels, pair.moving_labels, channels=channels
+    )
+    return Case(*images)
 
 
 METRIC_COLUMNS = [

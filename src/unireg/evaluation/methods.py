@@ -3,11 +3,8 @@
 A method is named by a spec string ``family[:name][:key=value]...``:
 
 - ``none``: no registration (the identity in world space);
-- ``unireg:<method>[:preset=accurate][:deformable=svf][:init=search]...``: the training-free
-  solvers (:mod:`unireg.solvers`; methods rigid, affine, syn, bspline, ffd);
-- ``keymorph:<rigid|affine|tps>[:lam=0.1][:model=PATH][:rotations=8][:refine=affine-gn]``:
-  KeyMorph, the shipped model unless ``model`` names a checkpoint (``rotations``: test-time
-  rotations averaged; ``refine``: the affine-gn hybrid);
+- any method of the registry by its spec string (:mod:`unireg.methods.registry`):
+  ``unireg:syn:preset=accurate``, ``keymorph:tps:lam=0.1``, ``sitreg:fast:model=standard``;
 - ``ants:<type>[:init=search][:search_factor=30][:search_iterations=10]``: ANTsPy's
   ``ants.registration`` with ``type_of_transform`` (Rigid, Affine, SyN, ...); ``init=search``
   first runs ANTs' affine initializer over the whole sphere of rotations
@@ -34,8 +31,8 @@ from typing import Any
 from unireg.errors import UniregError
 from unireg.io.image import Image, resample, save_image
 from unireg.profiling import Measure
-from unireg.result import RegistrationResult
-from unireg.spatial.transform import AffineTransform
+from unireg.result import Extras, RegistrationResult, measured_result
+from unireg.spatial.transform import AffineTransform, Transform
 
 
 class MissingPeerError(UniregError):
@@ -111,105 +108,28 @@ class NoRegistration(Method):
         self.label = spec.label
 
     def register(self, fixed: Image, moving: Image, *, seed: int = 0) -> RegistrationResult:
-        with Measure() as m:
+        def run() -> tuple[Transform, Transform | None, Extras]:
             transform = AffineTransform.identity(fixed.ndim)
-            warped = resample(moving, fixed.geometry, transform)
-        return RegistrationResult(
-            transform, fixed.geometry, moving.geometry, inverse=transform, warped=warped,
-            extras={"matrix": transform.matrix.numpy()}, elapsed=m.seconds,
-            peak_memory=m.peak_bytes,
-        )  # fmt: skip
+            return transform, transform, Extras("none", transform.matrix.numpy())
+
+        return measured_result(fixed, moving, run)
 
 
-class UniregSolverMethod(Method):
-    """unireg's training-free solvers (:func:`unireg.solvers.register`)."""
+class RegisteredMethod(Method):
+    """A method of the registry (:mod:`unireg.methods`), built once from its spec and kept
+    loaded between pairs."""
 
     def __init__(self, spec: MethodSpec) -> None:
-        from unireg.solvers.api import METHODS
+        from unireg.methods import create
 
-        self.method = spec.name or "syn"
-        if self.method not in METHODS:
-            raise UniregError(f"unknown unireg method {self.method!r}; choose from {METHODS}")
-        self.options = dict(spec.options)
         self.label = spec.label
-
-    def register(self, fixed: Image, moving: Image, *, seed: int = 0) -> RegistrationResult:
-        from unireg.solvers import register
-
-        return register(fixed, moving, self.method, seed=seed, **self.options)
-
-
-class KeyMorphMethod(Method):
-    """KeyMorph (``keymorph:affine``, ``keymorph:tps:lam=0.1``, ``keymorph:rigid:model=PATH``,
-    ``keymorph:affine:refine=affine-gn``, ``keymorph:affine:rotations=1``): the shipped model
-    by default, kept loaded; the network runs once per image and test-time rotation."""
-
-    def __init__(self, spec: MethodSpec) -> None:
-        from unireg.methods.keymorph import DEFAULT_ROTATIONS, TRANSFORMS
-        from unireg.training.checkpoint import load_user_model
-
-        self.transform = spec.name or "affine"
-        if self.transform not in TRANSFORMS:
-            raise UniregError(f"unknown keymorph transform {self.transform!r}; {TRANSFORMS}")
-        options = dict(spec.options)
-        self.lam = float(options.pop("lam", 0.1))
-        self.refine = str(options.pop("refine", "none"))
-        self.rotations = int(options.pop("rotations", DEFAULT_ROTATIONS))
-        if self.rotations < 1:
-            raise UniregError(f"keymorph: rotations must be >= 1, got {self.rotations}")
-        path = options.pop("model", None)
-        if options:
-            raise UniregError(f"unknown keymorph option(s) {sorted(options)}")
-        from unireg.methods.keymorph import check_refinement
-
         try:
-            check_refinement(self.transform, self.refine)
-        except ValueError as err:
-            raise UniregError(f"keymorph: {err}") from err
-        self.model, self.payload = load_user_model("keymorph", path)
-        self.label = spec.label
+            self.method = create(spec.label)
+        except ValueError as err:  # OptionError is both
+            raise UniregError(str(err)) from err
 
     def register(self, fixed: Image, moving: Image, *, seed: int = 0) -> RegistrationResult:
-        from unireg.methods.keymorph import register_keymorph
-
-        return register_keymorph(
-            fixed, moving, model=self.model, payload=self.payload, transform=self.transform,
-            lam=self.lam, refine=self.refine, rotations=self.rotations,
-        )  # fmt: skip
-
-
-class SITRegMethod(Method):
-    """SITReg (``sitreg``, ``sitreg:complete``, ``sitreg:fast``,
-    ``sitreg:standard:affine=rigid:model=PATH``, ``sitreg:affine=affine:model=standard``):
-    the shipped default model (lite; ``model=standard``: the shipped full-resolution one)
-    after unireg's affine stage (``affine-gn`` unless named), with the inference the model
-    was trained with unless one is named; kept loaded between pairs."""
-
-    def __init__(self, spec: MethodSpec) -> None:
-        from unireg.methods.sitreg import AFFINE_STAGES, INFERENCE
-        from unireg.training.checkpoint import load_user_model
-
-        self.variant = spec.name or None  # None: the inference the model was trained with
-        if self.variant is not None and self.variant not in INFERENCE:
-            raise UniregError(f"unknown sitreg inference {self.variant!r}: {INFERENCE}")
-        options = dict(spec.options)
-        self.affine = str(options.pop("affine", "affine-gn"))
-        self.preset = str(options.pop("preset", "fast"))
-        path = options.pop("model", None)
-        if options:
-            raise UniregError(f"unknown sitreg option(s) {sorted(options)}")
-        if self.affine not in AFFINE_STAGES:
-            raise UniregError(f"unknown sitreg affine stage {self.affine!r}; {AFFINE_STAGES}")
-        self.model, self.payload = load_user_model("sitreg", path)
-        self.label = spec.label
-
-    def register(self, fixed: Image, moving: Image, *, seed: int = 0) -> RegistrationResult:
-        from unireg.methods.sitreg import register_sitreg
-
-        return register_sitreg(
-            fixed, moving, model=self.model, payload=self.payload, affine=self.affine,
-            preset=self.preset, inference=self.variant,
-        )  # fmt: skip
+        return self.method.register(fixed, moving, seed=seed)
 
 
 class AntsMethod(Method):
@@ -257,7 +177,7 @@ class AntsMethod(Method):
             warped = resample(moving, fixed.geometry, transform)
         return RegistrationResult(
             transform, fixed.geometry, moving.geometry, inverse=inverse, warped=warped,
-            extras={"ants_type": self.type}, elapsed=m.seconds, peak_memory=m.peak_bytes,
+            extras=Extras(f"ANTs {self.type}"), elapsed=m.seconds, peak_memory=m.peak_bytes,
         )  # fmt: skip
 
 
@@ -333,16 +253,14 @@ class SimpleITKMethod(Method):
         warped = resample(moving, fixed.geometry, transform)
         return RegistrationResult(
             transform, fixed.geometry, moving.geometry, inverse=transform.inverse(),
-            warped=warped, extras={"matrix": transform.matrix.numpy()},
+            warped=warped, extras=Extras(f"SimpleITK {self.kind}", transform.matrix.numpy()),
             elapsed=measured.seconds, peak_memory=measured.peak_bytes,
         )  # fmt: skip
 
 
+# the peers and the identity; every other spec names a method of the registry
 FAMILIES: dict[str, type[Method]] = {
     "none": NoRegistration,
-    "unireg": UniregSolverMethod,
-    "keymorph": KeyMorphMethod,
-    "sitreg": SITRegMethod,
     "ants": AntsMethod,
     "sitk": SimpleITKMethod,
 }
@@ -351,9 +269,6 @@ FAMILIES: dict[str, type[Method]] = {
 def make_method(spec: str | MethodSpec) -> Method:
     """The method of a spec string (see the module docstring)."""
     parsed = MethodSpec.parse(spec) if isinstance(spec, str) else spec
-    if parsed.family not in FAMILIES:
-        raise UniregError(
-            f"unknown method family {parsed.family!r} in {parsed.label!r}; "
-            f"choose from {sorted(FAMILIES)}"
-        )
-    return FAMILIES[parsed.family](parsed)
+    if parsed.family in FAMILIES:
+        return FAMILIES[parsed.family](parsed)
+    return RegisteredMethod(parsed)

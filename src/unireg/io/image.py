@@ -268,6 +268,32 @@ def load_image_and_labels(
     return image, labels
 
 
+def load_pair(
+    fixed: str | Path,
+    moving: str | Path,
+    fixed_labels: str | Path | None = None,
+    moving_labels: str | Path | None = None,
+    *,
+    channels: bool = False,
+) -> tuple[Image, Image, LabelMap | None, LabelMap | None]:
+    """Read a registration's inputs: two images of the same dimensionality and, optionally,
+    a label map on each image's grid (checked). ``channels`` keeps every channel of
+    multi-channel images."""
+    fixed_img = load_image(fixed, channels=channels)
+    moving_img = load_image(moving, channels=channels)
+    if fixed_img.ndim != moving_img.ndim:
+        raise DimensionalityError(
+            f"is {moving_img.ndim}D but the fixed image {fixed} is {fixed_img.ndim}D", moving
+        )
+    fl = None if fixed_labels is None else load_labels(fixed_labels)
+    ml = None if moving_labels is None else load_labels(moving_labels)
+    if fl is not None:
+        check_same_grid(fixed_img, fl)
+    if ml is not None:
+        check_same_grid(moving_img, ml)
+    return fixed_img, moving_img, fl, ml
+
+
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------

@@ -31,9 +31,8 @@ import numpy as np
 import torch
 
 from unireg.errors import DimensionalityError
-from unireg.io.image import Image, LabelMap, check_same_grid, normalize_intensity, resample
-from unireg.profiling import Measure
-from unireg.result import RegistrationResult
+from unireg.io.image import Image, LabelMap, check_same_grid, normalize_intensity
+from unireg.result import RegistrationResult, SolverExtras, measured_result
 from unireg.solvers.gauss_newton import GN_LEVELS, affine_gauss_newton
 from unireg.solvers.solver import LabelPrompt, LandmarkPrompt, Level, Stage, solve
 from unireg.spatial.field import displacement_to_world
@@ -229,14 +228,13 @@ def register(
             raise ValueError("affine-gn is same-modality and takes no prompts or mask")
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
-        with Measure(dev) as measured:
+
+        def run_gn() -> tuple[Transform, Transform | None, SolverExtras]:
             affine, trace = affine_gauss_newton(fixed, moving, levels=GN_LEVELS[preset], device=dev)
-        return RegistrationResult(
-            transform=affine, fixed=fixed.geometry, moving=moving.geometry,
-            inverse=affine.inverse(), warped=resample(moving, fixed.geometry, affine),
-            extras={"method": "affine-gn", "trace": trace, "matrix": affine.matrix.numpy()},
-            elapsed=measured.seconds, peak_memory=measured.peak_bytes,
-        )  # fmt: skip
+            extras = SolverExtras("affine-gn", affine.matrix.numpy(), trace=trace)
+            return affine, affine.inverse(), extras
+
+        return measured_result(fixed, moving, run_gn, dev)
     name = method if stages is None else "custom stages"
     if stages is None:
         window = 5 if min(fixed.spacing) >= 1.5 else 7
@@ -261,26 +259,18 @@ def register(
     if mask is not None:
         check_same_grid(fixed, mask)
         mask_t = (mask.data[:1] > 0).unsqueeze(0).to(dev)
-    with Measure(dev) as measured:
+
+    def run() -> tuple[Transform, Transform | None, SolverExtras]:
         out = solve(
             _prepare(fixed, dev), _prepare(moving, dev), stages,
             fixed_geometry=fixed.geometry, moving_geometry=moving.geometry,
             prompts=prompts, mask=mask_t, seed=seed, progress=progress,
         )  # fmt: skip
         transform, inverse = world_transforms(out, fixed)
-    warped = resample(moving, fixed.geometry, transform)
-    return RegistrationResult(
-        transform=transform,
-        fixed=fixed.geometry,
-        moving=moving.geometry,
-        inverse=inverse,
-        warped=warped,
-        extras={
-            "method": name,
-            "stages": [replace(s, levels=list(s.levels)) for s in stages],
-            "trace": out.trace,
-            "matrix": out.matrix,
-        },
-        elapsed=measured.seconds,
-        peak_memory=measured.peak_bytes,
-    )
+        extras = SolverExtras(
+            name, out.matrix, stages=[replace(s, levels=list(s.levels)) for s in stages],
+            trace=out.trace,
+        )  # fmt: skip
+        return transform, inverse, extras
+
+    return measured_result(fixed, moving, run, dev)

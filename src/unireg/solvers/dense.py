@@ -45,7 +45,9 @@ class DenseModel(nn.Module):
     # -- state -------------------------------------------------------------------------------
     def _resized(self, field: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor):
         if field is None:
-            return torch.zeros(1, self.ndim, *shape, dtype=like.dtype, device=like.device)
+            return torch.zeros(
+                like.shape[0], self.ndim, *shape, dtype=like.dtype, device=like.device
+            )
         return resize_displacement(field.detach(), shape, units="voxel")
 
     def set_level(self, shape: Sequence[int], like: torch.Tensor) -> None:
@@ -242,7 +244,7 @@ class BSplineModel(DenseModel):
     def set_level(self, shape: Sequence[int], like: torch.Tensor) -> None:
         self.shape = tuple(shape)
         if self.control is None:
-            zeros = torch.zeros(1, self.ndim, *self.control_shape, dtype=like.dtype)
+            zeros = torch.zeros(like.shape[0], self.ndim, *self.control_shape, dtype=like.dtype)
             self.control = nn.Parameter(zeros.to(like.device))
 
     def voxel_field(self) -> torch.Tensor:

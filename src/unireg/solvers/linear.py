@@ -68,8 +68,9 @@ class LinearModel(nn.Module):
             raise ValueError(f"kind must be rigid, similarity or affine, got {kind!r}")
         d = fixed.ndim
         self.fixed, self.moving, self.kind, self.ndim = fixed, moving, kind, d
+        # built on the CPU (candidates may come from any device); ``.to(device)`` moves it
         m0 = torch.eye(d + 1, dtype=torch.float64) if init is None else torch.as_tensor(init)
-        m0 = m0.to(torch.float64)
+        m0 = m0.detach().to("cpu", torch.float64)
         m0 = m0.unsqueeze(0) if m0.ndim == 2 else m0
         b = m0.shape[0]
         c = torch.as_tensor(fixed.center_world if center is None else center, dtype=torch.float64)

@@ -179,8 +179,11 @@ class _Features:
         return self.cache[f]
 
 
-class _Objective:
-    """Similarity + regulariser + prompts at one level."""
+class Objective:
+    """The objective of one stage at one pyramid level: similarity + regulariser + prompts.
+
+    :meth:`linear` scores a batch of linear maps, :meth:`dense` a dense model on top of a
+    linear map; both return one value per batch element (to minimise)."""
 
     def __init__(
         self,
@@ -398,7 +401,7 @@ def solve(
             model: LinearModel | None = None
             for lv in stage.levels:
                 t0 = time.perf_counter()
-                obj = _Objective(
+                obj = Objective(
                     stage, lv.factor, ff.at(lv.factor), mf.at(lv.factor),
                     fixed_geom, moving_geom, prompts, mask, generator,
                 )  # fmt: skip
@@ -431,7 +434,7 @@ def solve(
             )  # fmt: skip
             for lv in stage.levels:
                 t0 = time.perf_counter()
-                obj = _Objective(
+                obj = Objective(
                     stage, lv.factor, ff.at(lv.factor), mf.at(lv.factor),
                     fixed_geom, moving_geom, prompts, mask, generator,
                 )  # fmt: skip
@@ -479,7 +482,7 @@ def _lr_setter(opt: Optimizer | None, model: object = None) -> Callable[[float],
 
 
 def _initial_linear(
-    stage: Stage, obj: _Objective, matrix: np.ndarray, fixed: torch.Tensor, moving: torch.Tensor
+    stage: Stage, obj: Objective, matrix: np.ndarray, fixed: torch.Tensor, moving: torch.Tensor
 ) -> LinearModel:
     """The first linear model of a stage: continue ``matrix``, or pick among moment / rotation
     search candidates by their objective at this level."""

@@ -20,7 +20,7 @@ from unireg.data import Augmentation, LabelSynthesis, Manifest, Preprocessing, V
 from unireg.data.augment import apply_affine, random_affine_matrix
 from unireg.losses import one_hot
 from unireg.spatial.geometry import Geometry
-from unireg.training.checkpoint import load_checkpoint, save_checkpoint
+from unireg.training.checkpoint import read_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -208,10 +208,10 @@ class Trainer:
         network must be the one this config builds, except for modules this config adds that
         declare themselves new-start safe (``new_modules()``: e.g. KeyMorph's decoder levels,
         which start as an identity), kept at their initial weights."""
-        model, _ = load_checkpoint(path, device=self.device)
+        state = read_checkpoint(path).float_state()
         fresh = tuple(getattr(self.model, "new_modules", lambda: [])())
         try:
-            missing, unexpected = self.model.load_state_dict(model.state_dict(), strict=False)
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
             wrong = [k for k in missing if not k.startswith(fresh)] + list(unexpected)
             if wrong:
                 raise RuntimeError(f"mismatched keys {wrong[:4]}")
@@ -220,11 +220,11 @@ class Trainer:
             raise ValueError(msg) from err
 
     def _resume(self, path: Path) -> None:
-        model, payload = load_checkpoint(path, device=self.device)
-        self.model.load_state_dict(model.state_dict())
-        if payload.get("optimizer"):
-            self.opt.load_state_dict(payload["optimizer"])
-        self.step = int(payload["step"])
+        checkpoint = read_checkpoint(path)
+        self.model.load_state_dict(checkpoint.float_state())
+        if checkpoint.optimizer:
+            self.opt.load_state_dict(checkpoint.optimizer)
+        self.step = checkpoint.step
 
     def _generator(self) -> torch.Generator:
         # one generator per step: resuming at step s draws exactly what step s drew before

@@ -1,29 +1,84 @@
 """Checkpoints that rebuild their own network: weights plus the constructor arguments, the
 method name, the unireg version, the preprocessing the model expects and (for resuming) the
-optimiser state and step. Written atomically (a temporary file renamed into place)."""
+optimiser state and step. Written atomically (a temporary file renamed into place).
+
+:class:`Checkpoint` is the typed form of a file; the network is rebuilt from it by the method's
+registry entry (:func:`unireg.methods.load_checkpoint`), so this module needs no method code.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from unireg.methods.keymorph import KeyMorph
-    from unireg.methods.sitreg import SITReg
-
 FORMAT = "unireg-checkpoint-1"
 
 
-def _builders() -> dict[str, Any]:
-    from unireg.methods.keymorph import KeyMorph
-    from unireg.methods.sitreg import SITReg
+@dataclass
+class Checkpoint:
+    """The contents of a checkpoint file.
 
-    return {"keymorph": KeyMorph.from_config, "sitreg": lambda config: SITReg(**config)}
+    Attributes:
+        method: the registry name of the method whose network this is.
+        model_config: the network's constructor arguments.
+        state_dict: its weights (float16 in shipped models).
+        preprocessing: the grid the network expects (``spacing_mm``, ``shape``, ``center``).
+        train_config: the training config that made it.
+        optimizer: the optimiser state (None in shipped models).
+        step: training steps done.
+        extra: method extras (e.g. KeyMorph's anatomical labels).
+        unireg_version: the version that wrote it.
+        path: the file it was read from, if any.
+    """
+
+    method: str
+    model_config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    train_config: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] | None = None
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    unireg_version: str = ""
+    path: Path | None = None
+
+    def float_state(self) -> dict[str, torch.Tensor]:
+        """The weights in float32 (shipped float16 weights widened)."""
+        return {k: v.float() if v.is_floating_point() else v for k, v in self.state_dict.items()}
+
+    def payload(self) -> dict[str, Any]:
+        """The dict written to disk (plain types only, so it loads with ``weights_only``)."""
+        return {
+            "format": FORMAT, "method": self.method, "unireg_version": self.unireg_version,
+            "model_config": self.model_config, "state_dict": self.state_dict,
+            "preprocessing": self.preprocessing, "train_config": self.train_config,
+            "optimizer": self.optimizer, "step": int(self.step), "extra": self.extra,
+        }  # fmt: skip
+
+    @classmethod
+    def from_payload(cls, payload: Any, path: Path | None = None) -> Checkpoint:
+        """Validate a loaded dict; a ``ValueError`` naming ``path`` if it is not one."""
+        where = f"{path}: " if path is not None else ""
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ValueError(f"{where}not a unireg checkpoint (format {FORMAT} expected)")
+        missing = [k for k in ("method", "model_config", "state_dict") if k not in payload]
+        if missing:
+            raise ValueError(f"{where}checkpoint lacks {', '.join(missing)}")
+        return cls(
+            method=str(payload["method"]), model_config=dict(payload["model_config"]),
+            state_dict=dict(payload["state_dict"]),
+            preprocessing=dict(payload.get("preprocessing") or {}),
+            train_config=dict(payload.get("train_config") or {}),
+            optimizer=payload.get("optimizer"), step=int(payload.get("step", 0)),
+            extra=dict(payload.get("extra") or {}),
+            unireg_version=str(payload.get("unireg_version", "")), path=path,
+        )  # fmt: skip
 
 
 def save_checkpoint(
@@ -43,29 +98,24 @@ def save_checkpoint(
     a finished model, not for resuming)."""
     from unireg import __version__
 
-    if not hasattr(model, "config"):
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict):
         raise TypeError("the model needs a .config dict of its constructor arguments")
     state = model.state_dict()
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    payload = {
-        "format": FORMAT,
-        "method": method,
-        "unireg_version": __version__,
-        "model_config": model.config,
-        "state_dict": state,
-        "preprocessing": preprocessing or {},
-        "train_config": train_config or {},
-        "optimizer": None if optimizer is None else optimizer.state_dict(),
-        "step": int(step),
-        "extra": extra or {},
-    }
+    checkpoint = Checkpoint(
+        method=method, model_config=config, state_dict=state,
+        preprocessing=preprocessing or {}, train_config=train_config or {},
+        optimizer=None if optimizer is None else optimizer.state_dict(), step=int(step),
+        extra=extra or {}, unireg_version=__version__,
+    )  # fmt: skip
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        torch.save(checkpoint.payload(), tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -73,11 +123,9 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(
-    path: str | Path, *, device: torch.device | str = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network from the file alone; returns ``(model, payload)`` with the model in
-    eval mode and float32 on ``device``."""
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint file (on the CPU); ``FileNotFoundError`` or ``ValueError`` naming the
+    file when it is missing, unreadable or not a unireg checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
@@ -85,97 +133,4 @@ def load_checkpoint(
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unreadable, truncated, not a torch file
         raise ValueError(f"{path}: not a readable unireg checkpoint ({err})") from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a unireg checkpoint (format {FORMAT} expected)")
-    builders = _builders()
-    method = payload["method"]
-    if method not in builders:
-        raise ValueError(f"{path}: unknown method {method!r}")
-    model = builders[method](payload["model_config"])
-    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-    model.load_state_dict(state)
-    return model.to(device).eval(), payload
-
-
-# -- the models a user runs -------------------------------------------------------------------
-
-# SITReg's default is the lite model (strided stem): more accurate on the IXI test pairs and,
-# with the affine-gn stage, 23-24x faster than ANTs SyN (docs/sitreg_ixi_evaluation.md).
-# KeyMorph's is the two-stage model: best on the IXI training pairs, the rule for the default
-# (docs/keymorph_evaluation.md, session 12)
-DEFAULT_MODELS = {"keymorph": "keymorph_ixi_4mm_upright.pt", "sitreg": "sitreg_lite_ixi_2mm.pt"}
-# the shipped models by name (``--model standard``, ``sitreg:fast:model=standard``)
-SHIPPED_VARIANTS = {
-    "sitreg": {"lite": "sitreg_lite_ixi_2mm.pt", "standard": "sitreg_ixi_2mm.pt"},
-    # KeyMorph: the anatomical-keypoint model (the default until session 12, the two-stage
-    # model's first stage), its self-supervised start, it fine-tuned further with soft Dice or
-    # with a decoder (finer maps), and the two-stage model, the default
-    # (docs/keymorph_evaluation.md)
-    "keymorph": {
-        "anatomical": "keymorph_ixi_4mm.pt",
-        "selfsup": "keymorph_ixi_4mm_selfsup.pt",
-        "dice": "keymorph_ixi_4mm_dice.pt",
-        "decoder": "keymorph_ixi_4mm_decoder.pt",
-        "upright": "keymorph_ixi_4mm_upright.pt",
-    },  # fmt: skip
-}
-_NAMES = {"keymorph": "KeyMorph", "sitreg": "SITReg"}
-
-
-def default_model_path(method: str = "keymorph", variant: str | None = None) -> Path:
-    """The model of ``method`` shipped inside the package (``unireg/models/``): the default,
-    or the named ``variant`` (:data:`SHIPPED_VARIANTS`)."""
-    name = DEFAULT_MODELS[method] if variant is None else SHIPPED_VARIANTS[method][variant]
-    return Path(__file__).resolve().parents[1] / "models" / name
-
-
-def load_model(
-    method: str, path: str | Path | None = None, device: torch.device | str = "cpu"
-) -> tuple[nn.Module, dict]:
-    """A ``method`` network and its checkpoint payload (the shipped default when ``path`` is
-    None); the payload's ``preprocessing`` says the grid the network expects. Errors name the
-    file: missing, unreadable, or a checkpoint of another method. ``path`` may also name a
-    shipped variant (:data:`SHIPPED_VARIANTS`, e.g. ``"lite"`` for SITReg)."""
-    if path is None:
-        path = default_model_path(method)
-    elif str(path) in SHIPPED_VARIANTS.get(method, {}):
-        path = default_model_path(method, str(path))
-    else:
-        path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no {_NAMES[method]} model (train one: unireg train {method} --config ...)"
-        )
-    model, payload = load_checkpoint(path, device=device)
-    if payload["method"] != method:
-        raise ValueError(f"{path}: a {payload['method']} checkpoint, not a {_NAMES[method]} one")
-    return model, payload
-
-
-def load_user_model(
-    method: str, path: str | Path | None = None, device: torch.device | str = "cpu"
-) -> tuple[Any, dict]:
-    """:func:`load_model` for a user's request (command line, evaluation spec): a missing,
-    unreadable or wrong-method file is a :class:`~unireg.errors.UniregError` naming it."""
-    from unireg.errors import UniregError
-
-    try:
-        return load_model(method, path, device)
-    except (FileNotFoundError, ValueError) as err:
-        raise UniregError(str(err)) from err
-
-
-def load_keymorph(
-    path: str | Path | None = None, device: torch.device | str = "cpu"
-) -> tuple[KeyMorph, dict]:
-    """:func:`load_model` for KeyMorph."""
-    model, payload = load_model("keymorph", path, device)
-    return model, payload  # type: ignore[return-value]
-
-
-def load_sitreg(
-    path: str | Path | None = None, device: torch.device | str = "cpu"
-) -> tuple[SITReg, dict]:
-    """:func:`load_model` for SITReg."""
-    model, payload = load_model("sitreg", path, device)
-    return model, payload  # type: ignore[return-value]
+    return Checkpoint.from_payload(payload, path)

@@ -51,13 +51,14 @@ import torch
 
 from unireg.data.augment import smooth_random_field
 from unireg.losses import mse, soft_dice
-from unireg.methods.keymorph import TRANSFORMS, KeyMorph
+from unireg.methods.keymorph import TRANSFORMS
+from unireg.methods.keymorph.model import KeyMorph
 from unireg.nets.keypoints import KeypointDetector
 from unireg.spatial.field import scaling_and_squaring
 from unireg.spatial.grid import channels_last, identity_grid, transform_points
 from unireg.spatial.warp import sample
 from unireg.training.base import TrainConfig, Trainer, TrainingVolumes
-from unireg.training.checkpoint import load_checkpoint
+from unireg.training.checkpoint import read_checkpoint
 
 
 @dataclass
@@ -111,7 +112,7 @@ class KeyMorphConfig(TrainConfig):
     def model(self) -> KeyMorph:
         coarse = None
         if self.coarse:  # its architecture; the trainer loads its weights
-            coarse = KeypointDetector(**load_checkpoint(self.coarse)[0].detector.config)
+            coarse = KeypointDetector(**read_checkpoint(self.coarse).model_config["detector"])
         return KeyMorph(
             KeypointDetector(
                 3, 1, self.num_keypoints, self.channels, self.head, decoder=self.decoder
@@ -147,10 +148,13 @@ class KeyMorphTrainer(Trainer):
         anatomical subjects of their label centroids in world mm, each subject's centred."""
         model = self.model
         assert isinstance(model, KeyMorph) and model.coarse is not None
-        source, payload = load_checkpoint(path, device=self.device)
-        if payload.get("extra", {}).get("anatomical_labels") != self.anatomy_labels:
+        source = read_checkpoint(path)
+        if source.extra.get("anatomical_labels") != self.anatomy_labels:
             raise ValueError(f"{path}: the coarse model's keypoints are not this run's labels")
-        model.coarse.load_state_dict(source.detector.state_dict())
+        prefix = "detector."
+        detector = {k[len(prefix):]: v for k, v in source.float_state().items()
+                    if k.startswith(prefix)}  # fmt: skip
+        model.coarse.load_state_dict(detector)
         centred = []
         for item, points in self.anatomy:
             mm = KeyMorph.to_world(points.double().cpu()[None], item["geometry"])[0]

@@ -24,40 +24,22 @@ topology-preserving registration by construction.
     model the same Dice as "standard" on the IXI test pairs for about half the network time,
     and a little less inverse consistent (README).
 
-- :func:`register_sitreg`: world-space registration of raw images: an affine stage (any unireg
-  affine method) then the network on its training grid, composed into one transform, with
-  its inverse.
 """
 
 from __future__ import annotations
 
-import functools
-import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unireg.data.dataset import Preprocessing
-from unireg.errors import DimensionalityError
-from unireg.io.image import Image, normalize_intensity, resample
+from unireg.methods.sitreg import INFERENCE
 from unireg.nets.blocks import ConvBlock, conv_nd
-from unireg.profiling import Measure
-from unireg.result import RegistrationResult
-from unireg.solvers import register
-from unireg.solvers.gauss_newton import GN_LEVELS, affine_gauss_newton
-from unireg.solvers.pyramid import level_geometry
 from unireg.spatial.bspline import bspline_field, invertibility_bound
-from unireg.spatial.field import (
-    compose_displacements,
-    resize_displacement,
-)
-from unireg.spatial.geometry import Geometry
+from unireg.spatial.field import compose_displacements, resize_displacement
 from unireg.spatial.grid import voxel_to_normalized_scale
 from unireg.spatial.inversion import invert_displacement
-from unireg.spatial.transform import AffineTransform, CompositeTransform, DisplacementFieldTransform
 from unireg.spatial.warp import warp
 
 
@@ -138,9 +120,6 @@ class _ResidualStage(nn.Module):
         return F.leaky_relu(x + self.res(x), 0.2, inplace=True)
 
 
-INFERENCE = ("standard", "complete", "fast")
-
-
 class SITReg(nn.Module):
     """The multi-resolution architecture: a ResNet-style feature pyramid shared by both
     images; from the coarsest level to the finest, both feature volumes are deformed half-way
@@ -182,6 +161,11 @@ class SITReg(nn.Module):
         self.updates = nn.ModuleList(
             [BoundedBSplineUpdate(ndim, c, hidden) for c in list(channels)[self.first_level :]]
         )
+
+    @classmethod
+    def from_config(cls, config: dict) -> SITReg:
+        """The network of a checkpoint's ``model_config``."""
+        return cls(**config)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = []
@@ -255,166 +239,3 @@ class SITReg(nn.Module):
 def _resized(u: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """A normalised displacement on ``shape`` (unchanged when already there)."""
     return u if tuple(u.shape[2:]) == tuple(shape) else resize_displacement(u, shape)
-
-
-# -- inference on images (world space in, RegistrationResult out) ------------------------------
-
-AFFINE_STAGES = ("affine", "affine-gn", "rigid", "keymorph", "none")
-# affine-gn as SITReg's stage: the "fast" schedule stops the finest level after 3 iterations
-# (the network takes up what is left). Chosen on 10 IXI training pairs: Dice after the lite
-# network 0.6113 against 0.6114 with affine-gn's own 5, for 12 ms less per pair.
-STAGE_GN_LEVELS = {**GN_LEVELS, "fast": ((8.0, 10), (4.0, 8), (2.0, 3))}
-
-
-def register_sitreg(
-    fixed: Image,
-    moving: Image,
-    *,
-    model: SITReg,
-    payload: dict,
-    affine: str = "affine-gn",
-    preset: str = "fast",
-    inference: str | None = None,
-    device: torch.device | str = "cpu",
-) -> RegistrationResult:
-    """Register raw ``moving`` onto ``fixed`` with a trained ``model`` and its checkpoint
-    ``payload`` (:func:`unireg.training.checkpoint.load_sitreg`).
-
-    1. ``affine`` stage (``"affine-gn"``, the default: Gauss-Newton, same modality;
-       ``"affine"``/``"rigid"``: the unireg solver with ``preset``; ``"keymorph"``: the shipped
-       KeyMorph model's keypoint affine refined by ``affine-gn``, for heads in any
-       orientation; ``"none"`` for pre-aligned pairs): ``A``, fixed world -> moving world
-       (mm).
-    2. Both images on the network's training grid ``G`` (its spacing and shape, centred on the
-       fixed image's centre of mass, RAS axes): the fixed image resampled, the moving one
-       resampled through ``A``; intensities rescaled to [0, 1].
-    3. One network pass gives both directions on ``G`` (``inference``: one of
-       :data:`INFERENCE`; by default the one the model was trained with).
-
-    The result's ``transform`` is ``x -> A(x + u(x))`` (``u`` the forward field in world mm,
-    held on the network's own grid over ``G`` and extended beyond it by its values at ``G``'s
-    faces), its ``inverse`` ``y -> z + v(z)``, ``z = A^-1(y)``; both are written by
-    :meth:`RegistrationResult.save` as one displacement field each, on the fixed and the
-    moving grid. ``extras`` hold the matrix of ``A``, ``G``, the network's own fields and the
-    time of each stage (seconds); the measured time includes the warped image.
-    """
-    if affine not in AFFINE_STAGES:
-        raise ValueError(f"unknown affine stage {affine!r}; choose from {AFFINE_STAGES}")
-    if inference is None:
-        inference = str(payload.get("train_config", {}).get("inference", "standard"))
-    if inference not in INFERENCE:
-        raise ValueError(f"unknown SITReg inference {inference!r}; choose from {INFERENCE}")
-    if fixed.ndim != moving.ndim or fixed.ndim != model.config["ndim"]:
-        raise DimensionalityError(
-            f"is {moving.ndim}D and the fixed image {fixed.ndim}D; the model is "
-            f"{model.config['ndim']}D", moving.path,
-        )  # fmt: skip
-    dev = torch.device(device)
-    with Measure(dev) as measured:
-        t0 = time.perf_counter()
-        if affine == "none":
-            linear = AffineTransform.identity(fixed.ndim)
-        elif affine == "keymorph":
-            linear = _keymorph_stage(fixed, moving, dev)
-        elif affine == "affine-gn":
-            linear, _ = affine_gauss_newton(
-                fixed, moving, levels=STAGE_GN_LEVELS[preset], device=dev
-            )
-        else:
-            stage = register(fixed, moving, affine, preset=preset, device=dev)
-            assert isinstance(stage.transform, AffineTransform)
-            linear = stage.transform
-        t1 = time.perf_counter()
-        prep = Preprocessing.from_checkpoint(payload, fixed.ndim)
-        first = fixed.with_data(fixed.data[:1].float())
-        grid = prep.target_geometry(first)
-        fixed_g = normalize_intensity(resample(first, grid))
-        moving_g = normalize_intensity(
-            resample(moving.with_data(moving.data[:1].float()), grid, linear)
-        )
-        model = model.to(dev).eval()
-        with torch.no_grad():
-            # a = moving, b = fixed: forward maps fixed's space to moving's
-            # "fast": the fields stay on their coarser grid (held there below)
-            fwd, inv = model(
-                moving_g.data.unsqueeze(0).to(dev), fixed_g.data.unsqueeze(0).to(dev),
-                inference=inference, resize=False,
-            )  # fmt: skip
-        d = fixed.ndim
-        # normalised -> world mm displacements: the linear part of G's normalised -> world map
-        to_mm = torch.from_numpy(grid.normalized_to_world[:d, :d]).float().to(dev)
-        # Both fields are held on the network's own grid (G's extent at the fields'
-        # resolution: no resampling), extended by copies of its faces to a grid covering G,
-        # the fixed field of view (where the forward field is evaluated) and the moving one
-        # mapped by A^-1 (where the inverse is). Linear interpolation on it equals sampling
-        # the network's field with its values at G's faces held beyond them (no jump to 0
-        # where G ends, which would fold there); saving writes each field on the fixed /
-        # moving grid.
-        native = level_geometry(grid, tuple(fwd.shape[2:]))
-        inv_linear = linear.inverse()
-        back = inv_linear.matrix.numpy()
-        moving_corners = back[:d, :d] @ moving.geometry.corners_world.T + back[:d, d:]
-        cover, lo = _covering(
-            native, np.concatenate([fixed.geometry.corners_world.T, moving_corners], 1)
-        )
-        pad = []
-        for axis in reversed(range(d)):  # F.pad lists the last axis first
-            pad += [lo[axis], cover.shape[axis] - native.shape[axis] - lo[axis]]
-
-        def field(u: torch.Tensor) -> DisplacementFieldTransform:
-            world = torch.einsum("ij,bj...->bi...", to_mm, u.float())
-            world = F.pad(world, pad, mode="replicate")[0]
-            return DisplacementFieldTransform(world.contiguous().cpu(), cover)
-
-        transform = CompositeTransform([field(fwd), linear])
-        inverse = CompositeTransform([inv_linear, field(inv)])
-        t2 = time.perf_counter()
-        # the warped image is part of the timed result, as it is of ANTs' registration
-        warped = resample(moving, fixed.geometry, transform)
-        t3 = time.perf_counter()
-    return RegistrationResult(
-        transform=transform, fixed=fixed.geometry, moving=moving.geometry, inverse=inverse,
-        warped=warped, elapsed=measured.seconds, peak_memory=measured.peak_bytes,
-        extras={
-            "method": f"sitreg ({inference}, affine stage {affine})", "inference": inference,
-            "matrix": linear.matrix, "network_grid": grid,
-            "stage_seconds": {"affine": t1 - t0, "network": t2 - t1, "warp": t3 - t2},
-            # normalised, over network_grid's extent (on a coarser grid for "fast")
-            "network_fields": (fwd.cpu(), inv.cpu()),
-        },
-    )  # fmt: skip
-
-
-@functools.lru_cache(maxsize=2)
-def _shipped_keymorph(device: torch.device) -> tuple[nn.Module, dict]:
-    """The shipped KeyMorph model, loaded once per device (inference only)."""
-    from unireg.training.checkpoint import load_user_model
-
-    return load_user_model("keymorph", device=device)
-
-
-def _keymorph_stage(fixed: Image, moving: Image, device: torch.device) -> AffineTransform:
-    """The ``"keymorph"`` affine stage: the shipped KeyMorph model's keypoint affine (one
-    detection per image), refined by ``affine-gn``
-    (:func:`unireg.methods.keymorph.register_keymorph`)."""
-    from unireg.methods.keymorph import register_keymorph
-
-    model, payload = _shipped_keymorph(device)
-    result = register_keymorph(
-        fixed, moving, model=model, payload=payload, transform="affine", refine="affine-gn",
-        rotations=1, device=device,
-    )  # fmt: skip
-    assert isinstance(result.transform, AffineTransform)
-    return result.transform
-
-
-def _covering(b: Geometry, world: np.ndarray) -> tuple[Geometry, list[int]]:
-    """A grid with ``b``'s axes and spacing covering ``b`` and the world points ``(d, N)``
-    (+1 voxel), and how many voxels it extends before ``b``'s first one on each axis (>= 1)."""
-    d = b.ndim
-    world = np.concatenate([b.corners_world.T, world], axis=1)
-    vox = b.world_to_voxel[:d, :d] @ world + b.world_to_voxel[:d, d:]
-    lo, hi = np.floor(vox.min(1) + 1e-6) - 1, np.ceil(vox.max(1) - 1e-6) + 1
-    affine = b.voxel_to_world.copy()
-    affine[:d, d] = b.voxel_to_world[:d, :d] @ lo + b.voxel_to_world[:d, d]
-    return Geometry(tuple(int(n) for n in hi - lo + 1), affine), [int(-v) for v in lo]

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from unireg.losses import diffusion, lncc, soft_dice
-from unireg.methods.sitreg import INFERENCE, SITReg
+from unireg.methods.sitreg import INFERENCE
+from unireg.methods.sitreg.model import SITReg
 from unireg.spatial.grid import voxel_to_normalized_scale
 from unireg.spatial.warp import warp
 from unireg.training.base import TrainConfig, Trainer

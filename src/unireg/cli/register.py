@@ -1,0 +1,174 @@
+"""``unireg register``: register MOVING onto FIXED with any registered method and write the
+command-line contract's files.
+
+The method flags are derived from the registry: every option of every method's options
+dataclass is a flag (``--tps-lambda`` is KeyMorph's ``lam``); a flag given to a method that
+does not have it is refused before any work."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from unireg.methods.base import OptionInfo
+from unireg.methods.registry import entries
+
+
+def method_flags() -> dict[str, list[tuple[str, OptionInfo]]]:
+    """Every method option by command-line flag: the (method, option) pairs that share it."""
+    out: dict[str, list[tuple[str, OptionInfo]]] = {}
+    for name, entry in entries().items():
+        for info in entry.options.infos():
+            out.setdefault(info.flag, []).append((name, info))
+    return out
+
+
+def _dest(flag: str) -> str:
+    return "opt_" + flag.lstrip("-").replace("-", "_")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The ``register`` subcommand's parser."""
+    methods = entries()
+    listing = "; ".join(f"{name}: {e.summary}" for name, e in methods.items())
+    p = sub.add_parser(
+        "register",
+        help="register a moving image onto a fixed image",
+        description=(
+            "Register MOVING onto FIXED in world space and write into OUTDIR: warped.nii.gz, "
+            "transform.nii.gz (the whole forward map as an ITK/ANTs displacement field on the "
+            "fixed grid: ants.apply_transforms(fixed, moving, [transform.nii.gz]) reproduces "
+            "warped.nii.gz), affine.mat (the linear part), inverse_transform.nii.gz (when the "
+            "method gives an inverse), warped_labels.nii.gz (with --moving-labels), "
+            "metrics.json (Dice/HD95 with both label maps; folding and Jacobian always) and "
+            f"report.png (with --report). Methods: {listing}."
+        ),
+    )
+    p.add_argument("fixed", metavar="FIXED", help="fixed (target) image")
+    p.add_argument("moving", metavar="MOVING", help="moving (source) image")
+    p.add_argument("--output", "-o", required=True, help="output folder")
+    p.add_argument("--method", choices=list(methods), default="syn")
+    group = p.add_argument_group("method options (each names the methods that take it)")
+    for flag, users in method_flags().items():
+        info = users[0][1]
+        kinds = {(i.name, i.type) for _, i in users}
+        if len(kinds) > 1:
+            raise RuntimeError(f"{flag} means different options for {[m for m, _ in users]}")
+        default = f" (default {info.default})" if info.default is not None else ""
+        kw: dict[str, Any] = {"dest": _dest(flag), "default": argparse.SUPPRESS,
+                              "help": info.help + default}  # fmt: skip
+        if info.type is bool:
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = info.type
+            if info.choices is not None:
+                kw["choices"] = list(info.choices)
+            else:
+                kw["metavar"] = info.type.__name__.upper()
+        group.add_argument(flag, **kw)
+    p.add_argument("--fixed-labels", default=None, help="label map on the fixed grid")
+    p.add_argument("--moving-labels", default=None, help="label map on the moving grid")
+    p.add_argument("--label-prompt", type=float, default=0.0, metavar="WEIGHT",
+                   help="also align the label maps (soft Dice term of this weight)")  # fmt: skip
+    p.add_argument("--fixed-mask", default=None, help="restrict the similarity to this mask")
+    p.add_argument("--no-hd95", action="store_true", help="skip HD95 in metrics.json")
+    p.add_argument("--report", action="store_true", help="also write report.png")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", "-q", action="store_true")
+    return p
+
+
+def method_options(args: argparse.Namespace) -> Any:
+    """The chosen method's validated options from the flags given; a flag of another method
+    is an :class:`~unireg.methods.base.OptionError`."""
+    from unireg.methods.base import OptionError
+
+    entry = entries()[args.method]
+    mine = {i.flag: i for i in entry.options.infos()}
+    values = {}
+    for flag, users in method_flags().items():
+        dest = _dest(flag)
+        if not hasattr(args, dest):
+            continue
+        if flag not in mine:
+            takers = ", ".join(sorted({m for m, _ in users}))
+            raise OptionError(f"{flag} is not an option of --method {args.method} ({takers})")
+        values[mine[flag].name] = getattr(args, dest)
+    return entry.options.from_mapping(values, where=f"--method {args.method}", method=entry.name)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Register MOVING onto FIXED and write the contract's files into OUTDIR."""
+    from pathlib import Path
+
+    from unireg.cli._common import device, write_json
+    from unireg.errors import UniregError
+    from unireg.io.image import check_same_grid, load_labels, load_pair
+    from unireg.methods import Prompts, create
+    from unireg.metrics import json_ready, registration_metrics
+    from unireg.result import KeyMorphExtras
+
+    entry = entries()[args.method]
+    options = method_options(args)  # before any file is read
+    if args.label_prompt > 0 and (args.fixed_labels is None or args.moving_labels is None):
+        raise UniregError("--label-prompt needs --fixed-labels and --moving-labels")
+    steering = [n for n, given in (("labels", args.label_prompt > 0),
+                                   ("mask", args.fixed_mask is not None)) if given]  # fmt: skip
+    refused = [n for n in steering if n not in entry.prompts]
+    if refused:
+        raise UniregError(f"--method {args.method} takes no {' or '.join(refused)} prompt")
+    dev = device(args.device)
+    fixed, moving, fixed_labels, moving_labels = load_pair(
+        args.fixed, args.moving, args.fixed_labels, args.moving_labels, channels=True
+    )
+    mask = None if args.fixed_mask is None else load_labels(args.fixed_mask)
+    if mask is not None:
+        check_same_grid(fixed, mask)
+    prompts = Prompts(fixed_labels, moving_labels, args.label_prompt, mask=mask)
+    progress = None if args.quiet else (lambda line: print(line, flush=True))
+    method = create(entry, options, device=str(dev))
+    result = method.register(fixed, moving, prompts=prompts, seed=args.seed, progress=progress)
+    metrics = registration_metrics(
+        result, fixed_labels=fixed_labels, moving_labels=moving_labels, hd95=not args.no_hd95
+    )
+    setting = options.to_dict()
+    metrics = {"method": args.method, "spec": options.to_spec(args.method), **setting, **metrics}
+    out = Path(args.output)
+    written = result.save(out, moving_labels=moving_labels)
+    extras = result.extras
+    try:
+        write_json(out / "metrics.json", json_ready(metrics))
+        written["metrics"] = out / "metrics.json"
+        keypoints = isinstance(extras, KeyMorphExtras) and extras.keypoints_fixed is not None
+        if keypoints:
+            from unireg.methods.keymorph.inference import write_keypoints_csv
+
+            written["keypoints"] = write_keypoints_csv(result, out / "keypoints.csv")
+        if args.report:
+            from unireg.report import keypoint_figure, registration_report
+
+            fixed_img = fixed.with_data(fixed.data.to("cpu"))
+            registration_report(result, fixed_img, moving, out / "report.png", metrics=metrics)
+            written["report"] = out / "report.png"
+            if keypoints:
+                assert isinstance(extras, KeyMorphExtras)
+                kps = {"fixed": extras.keypoints_fixed, "moving": extras.keypoints_moving,
+                       "aligned": extras.keypoints_aligned}  # fmt: skip
+                written["keypoint_figure"] = keypoint_figure(
+                    fixed_img, moving, kps, out / "keypoints.png", warped=result.warped,
+                    title=f"{extras.method}: {len(kps['fixed'])} keypoints (world mm)",
+                )  # fmt: skip
+    except BaseException:
+        for path in written.values():
+            path.unlink(missing_ok=True)
+        raise
+    if not args.quiet:
+        line = f"{options.to_spec(args.method)} in {result.elapsed:.1f} s"
+        if "dice_mean" in metrics:
+            line += f", mean Dice {metrics['dice_mean']:.4f}"
+        line += f", folding {metrics['folding_percent']:.3f} %"
+        print(line)
+        for path in written.values():
+            print(f"wrote {path}")
+    return 0

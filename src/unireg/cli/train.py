@@ -1,0 +1,60 @@
+"""``unireg train``: train a registered method from a TOML config."""
+
+from __future__ import annotations
+
+import argparse
+
+from unireg.methods.registry import trainable
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The ``train`` subcommand's parser."""
+    p = sub.add_parser(
+        "train",
+        help="train a learned method from a config file",
+        description=(
+            "Train a method from a TOML config (its settings: the method's training config, "
+            "e.g. unireg.methods.keymorph.training.KeyMorphConfig). Checkpoints (with their "
+            "config) go to OUTPUT/last.pt every checkpoint_every steps and OUTPUT/final.pt at "
+            "the end; a run resumes from last.pt."
+        ),
+    )
+    p.add_argument("method", choices=trainable())
+    p.add_argument("--config", required=True, help="TOML config file")
+    p.add_argument("--output", "-o", default=None, help="override the config's output folder")
+    p.add_argument("--steps", type=int, default=None, help="override the training steps")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train a learned method from a config file (TOML); resumes from OUTPUT/last.pt."""
+    import sys
+    from pathlib import Path
+
+    from unireg.methods.base import import_object
+    from unireg.methods.registry import get
+
+    entry = get(args.method)
+    assert entry.config is not None and entry.trainer is not None
+    config_class, trainer_class = import_object(entry.config), import_object(entry.trainer)
+    overrides: dict[str, object] = {}
+    if args.output:
+        overrides["output"] = str(Path(args.output).resolve())
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    try:
+        cfg = config_class.from_file(args.config, **overrides)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"unireg train: error: {err}", file=sys.stderr)
+        return 2
+    trainer = trainer_class(cfg)
+    if trainer.step:
+        print(f"resuming {cfg.output}/last.pt at step {trainer.step}", file=sys.stderr)
+    losses = trainer.run(progress=not args.quiet)
+    final = trainer.save("final.pt")
+    tail = losses[-20:]
+    mean = sum(tail) / len(tail) if tail else float("nan")
+    print(f"trained to step {trainer.step}; mean loss of the last {len(tail)} steps "
+          f"{mean:.4f}; checkpoint {final}")  # fmt: skip
+    return 0

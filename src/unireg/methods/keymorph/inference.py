@@ -1,0 +1,249 @@
+"""KeyMorph on images: keypoints detected on the model's training grid (optionally averaged over
+test-time rotations, or in two stages), aligned in world mm by the chosen closed form, and the
+result built by the shared pipeline (:mod:`unireg.methods.pipeline`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unireg.io.files import write_atomic
+from unireg.io.image import Image
+from unireg.methods.base import MethodEntry, OptionError, Prompts
+from unireg.methods.keymorph import DEFAULT_ROTATIONS, TRANSFORMS, KeyMorphOptions, check_refinement
+from unireg.methods.keymorph.model import KeyMorph, KeypointAlignment
+from unireg.methods.pipeline import network_grid, network_input
+from unireg.result import KeyMorphExtras, RegistrationResult, measured_result
+from unireg.spatial.field import world_points
+from unireg.spatial.geometry import Geometry, apply_matrix_np, linear_about
+from unireg.spatial.keypoints import ThinPlateSpline, fit_rigid
+from unireg.spatial.transform import AffineTransform, DisplacementFieldTransform, Transform
+from unireg.training.checkpoint import Checkpoint
+
+
+def _detector_input(image: Image, checkpoint: Checkpoint) -> tuple[torch.Tensor, Geometry]:
+    """An image on the grid the detector was trained on (spacing, shape, centred on the
+    centre of mass, RAS axes), normalised: the detector sees what it was trained on whatever
+    the input grid; keypoints are mapped back through the world."""
+    grid = network_grid(checkpoint, image)
+    return network_input(image, grid), grid
+
+
+def test_time_rotations(n: int) -> np.ndarray:
+    """``(n, 3, 3)`` rotation matrices for test-time averaging: the identity for ``n = 1``,
+    otherwise ``n`` rotations drawn uniformly from SO(3) with a fixed seed (1), so a result
+    is reproducible and no rotation favours the coordinate axes."""
+    from scipy.spatial.transform import Rotation
+
+    if n < 1:
+        raise ValueError(f"rotations must be >= 1, got {n}")
+    if n == 1:
+        return np.eye(3)[None]
+    return Rotation.random(n, random_state=1).as_matrix()
+
+
+def detect_keypoints(
+    model: KeyMorph,
+    checkpoint: Checkpoint,
+    image: Image,
+    rotations: int = 1,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Keypoints ``(1, K, 3)`` of a 3D ``image`` in its world mm (float64), on the model's
+    training grid. ``rotations > 1``: the image is turned in world space about its grid centre
+    by each of :func:`test_time_rotations` (its affine changes, its voxels are not resampled
+    twice), the keypoints are detected in every copy, turned back and averaged.
+
+    A two-stage model (``model.coarse``): that is how its coarse stage finds them; then the
+    image is turned upright about their centre (the inverse rotation of the rigid fit from
+    ``model.template`` to them) and the upright detector finds the keypoints, once, turned
+    back to the image's world. It also runs on the image unturned; the keypoints returned are
+    those of the two that fit the template best (:func:`rigid_residual`)."""
+    two_stage = model.coarse is not None
+    centre = image.geometry.center_world
+    turns = [linear_about(rot, centre) for rot in test_time_rotations(rotations)]
+    points = _detect_turned(model, checkpoint, image, turns, device, coarse=two_stage)
+    if two_stage:
+        template = model.template.detach().double().cpu().numpy()
+        # two candidate upright turns: stage 1's, and none (the head as the image's world
+        # holds it; stage 1 misjudges brain-extracted heads); stage 2, which knows upright
+        # heads only, fits the template best on the head it sees upright
+        found = [_detect_turned(model, checkpoint, image, [turn], device)
+                 for turn in (upright_turn(template, points), np.eye(4))]  # fmt: skip
+        points = min(found, key=lambda f: rigid_residual(template, f))
+    return torch.as_tensor(points)[None].to(device)
+
+
+def rigid_residual(template: np.ndarray, points: np.ndarray) -> float:
+    """Mean distance (mm) between ``points`` ``(K, d)`` and ``template`` ``(K, d)`` moved onto
+    them by their rigid (Procrustes) fit: how well the points are the template's pattern."""
+    fit = fit_rigid(torch.as_tensor(template)[None], torch.as_tensor(points)[None])[0].numpy()
+    return float(np.linalg.norm(apply_matrix_np(fit, template) - points, axis=1).mean())
+
+
+def upright_turn(template: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """World matrix ``(d+1, d+1)`` turning a head whose keypoints are ``points`` ``(K, d)``
+    (mm) to the orientation of ``template`` ``(K, d)``, about the keypoints' centre: the
+    inverse of the rotation of the rigid (Procrustes) fit from the template to the points."""
+    fit = fit_rigid(torch.as_tensor(template)[None], torch.as_tensor(points)[None])[0].numpy()
+    d = points.shape[1]
+    return linear_about(fit[:d, :d].T, points.mean(0))
+
+
+def _detect_turned(
+    model: KeyMorph,
+    checkpoint: Checkpoint,
+    image: Image,
+    turns: Sequence[np.ndarray],
+    device: torch.device | str,
+    coarse: bool = False,
+) -> np.ndarray:
+    """Mean over the world matrices ``turns`` of the keypoints ``(K, 3)`` (world mm) found in
+    ``image`` turned by each (only its affine changes), each mapped back by the turn's
+    inverse."""
+    found = []
+    for turn in turns:
+        turned = image.with_data(image.data, turn @ image.geometry.affine)
+        x, geom = _detector_input(turned, checkpoint)
+        points = model.keypoints_world(x.to(device), geom, coarse=coarse)
+        found.append(apply_matrix_np(np.linalg.inv(turn), points[0].double().cpu().numpy()))
+    return np.mean(found, axis=0)
+
+
+def register_keymorph(
+    fixed: Image,
+    moving: Image,
+    *,
+    model: KeyMorph,
+    checkpoint: Checkpoint,
+    transform: str = "affine",
+    lam: float = 0.1,
+    refine: str = "none",
+    rotations: int = DEFAULT_ROTATIONS,
+    device: torch.device | str = "cpu",
+) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed`` with a KeyMorph ``model`` and its ``checkpoint``
+    (:func:`unireg.methods.load_model`).
+
+    Keypoints are detected once per image (on the model's training grid), aligned in world
+    mm, and the chosen closed form (rigid, affine, or TPS with ``lam``) gives the transform
+    fixed -> moving: an :class:`AffineTransform`, or for TPS a displacement field on the
+    fixed grid. ``extras`` (:class:`~unireg.result.KeyMorphExtras`) hold the keypoints (world
+    mm) of both images and the aligned ones (the fixed keypoints mapped by the result).
+
+    ``refine="affine-gn"`` (affine only, same modality) is not KeyMorph: the keypoint affine
+    is the start of :func:`~unireg.solvers.gauss_newton.affine_gauss_newton` on the images,
+    whose result is returned (the keypoint one is kept as ``extras.keypoint_matrix``): the
+    keypoints give robustness to any head orientation, the intensities the accuracy.
+
+    ``rotations``: each image's keypoints are the average over that many test-time rotations
+    (:func:`detect_keypoints`; 1: one detection per image).
+    """
+    if transform not in TRANSFORMS:
+        raise OptionError(f"unknown transform {transform!r}; choose from {TRANSFORMS}")
+    check_refinement(transform, refine)
+    if fixed.ndim != 3 or moving.ndim != 3:
+        raise ValueError("the KeyMorph models are 3D")
+    dev = torch.device(device)
+
+    @torch.no_grad()
+    def run() -> tuple[Transform, Transform | None, KeyMorphExtras]:
+        net = model.to(dev).eval()
+        fk = detect_keypoints(net, checkpoint, fixed, rotations, dev)
+        mk = detect_keypoints(net, checkpoint, moving, rotations, dev)
+        alignment = net.align(fk, mk, fixed.geometry, transform, lam)
+        assert isinstance(alignment, KeypointAlignment)
+        matrix: np.ndarray | None = None
+        result_tf: Transform
+        if transform == "tps":  # solved in float64, evaluated on the grid in float32
+            assert isinstance(alignment.transform, ThinPlateSpline)
+            grid_tps = replace(alignment, transform=alignment.transform.to(torch.float32))
+            pts = world_points(fixed.geometry, dtype=torch.float32, device=dev).reshape(1, -1, 3)
+            moved = grid_tps.map_world(pts)
+            disp = (moved - pts).reshape(*fixed.shape, 3).permute(3, 0, 1, 2).float().cpu()
+            result_tf = DisplacementFieldTransform(disp, fixed.geometry)
+        else:
+            matrix = alignment.world_matrix()[0].cpu().numpy()
+            result_tf = AffineTransform(matrix)
+        aligned = alignment.map_world(fk)[0].cpu().numpy()
+        keypoint_matrix = matrix
+        if refine == "affine-gn":
+            from unireg.solvers.gauss_newton import affine_gauss_newton
+
+            result_tf, _ = affine_gauss_newton(fixed, moving, init=result_tf, device=dev)
+            matrix = result_tf.matrix.numpy()
+            aligned = fk[0].cpu().numpy() @ matrix[:3, :3].T + matrix[:3, 3]
+        refined = "" if refine == "none" else f", refined by {refine}"
+        lam_text = f", lambda {lam:g}" if transform == "tps" else ""
+        labels = checkpoint.extra.get("anatomical_labels")
+        if labels is not None and len(labels) != fk.shape[1]:
+            labels = None
+        extras = KeyMorphExtras(
+            method=f"keymorph ({transform}{lam_text}{refined})", matrix=matrix,
+            keypoints_fixed=fk[0].cpu().numpy(), keypoints_moving=mk[0].cpu().numpy(),
+            keypoints_aligned=aligned, transform_kind=transform,
+            tps_lambda=lam if transform == "tps" else None,
+            # keypoint k: the centroid of label k
+            keypoint_labels=None if labels is None else [int(v) for v in labels],
+            keypoint_matrix=keypoint_matrix if refine != "none" else None, refine=refine,
+        )  # fmt: skip
+        inverse = result_tf.inverse() if isinstance(result_tf, AffineTransform) else None
+        return result_tf, inverse, extras
+
+    return measured_result(fixed, moving, run, dev)
+
+
+def write_keypoints_csv(result: RegistrationResult, path: str | Path) -> Path:
+    """``keypoints.csv``: per keypoint, the fixed, moving and aligned (the fixed keypoint
+    mapped by the transform) positions in world mm (RAS), the residual to the moving
+    keypoint and, for a model trained on anatomical keypoints, the label whose centroid the
+    keypoint was trained to be (``label``)."""
+    extras = result.extras
+    if not isinstance(extras, KeyMorphExtras) or extras.keypoints_fixed is None:
+        raise ValueError("keypoints.csv needs a KeyMorph result")
+    fk, mk = np.asarray(extras.keypoints_fixed), np.asarray(extras.keypoints_moving)
+    ak = np.asarray(extras.keypoints_aligned)
+    path = Path(path)
+    labels = extras.keypoint_labels
+    rows = ["index,fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z,"
+            "aligned_x,aligned_y,aligned_z,residual_mm" + (",label" if labels else "")]  # fmt: skip
+    for i, (f, m, a) in enumerate(zip(fk, mk, ak, strict=True)):
+        vals = [*f, *m, *a, float(np.linalg.norm(a - m))]
+        rows.append(f"{i}," + ",".join(f"{v:.4f}" for v in vals)
+                    + (f",{labels[i]}" if labels else ""))  # fmt: skip
+    write_atomic(path, lambda tmp: Path(tmp).write_text("\n".join(rows) + "\n"))
+    return path
+
+
+class KeyMorphMethod:
+    """KeyMorph behind the :class:`~unireg.methods.base.Method` protocol: the model loaded
+    once, each pair registered with the options' closed form."""
+
+    def __init__(self, entry: MethodEntry, options: KeyMorphOptions, device: str = "cpu"):
+        from unireg.methods.registry import load_model
+
+        self.entry, self.options, self.device = entry, options, torch.device(device)
+        model, self.checkpoint = load_model("keymorph", options.model, device=self.device)
+        assert isinstance(model, KeyMorph)
+        self.model = model
+
+    def register(
+        self,
+        fixed: Image,
+        moving: Image,
+        *,
+        prompts: Prompts | None = None,
+        seed: int = 0,
+        progress: Callable[[str], None] | None = None,
+    ) -> RegistrationResult:
+        if prompts is not None and prompts.uses():
+            raise OptionError(f"keymorph takes no {', '.join(prompts.uses())}")
+        o = self.options
+        return register_keymorph(
+            fixed, moving, model=self.model, checkpoint=self.checkpoint, transform=o.transform,
+            lam=o.lam, refine=o.refine, rotations=o.rotations, device=self.device,
+        )  # fmt: skip

@@ -1,0 +1,84 @@
+"""The inference pipeline every learned method shares: images onto the network's grid, a field
+on that grid turned into a world transform, and (with :func:`unireg.result.measured_result`)
+the warped image and the result.
+
+1. :func:`network_grid` and :func:`network_input`: the grid the network was trained on (its
+   checkpoint's preprocessing: spacing, shape, centred on the head, RAS axes) and an image
+   resampled onto it (optionally through a world transform) with intensities in [0, 1].
+2. The method's network on that grid.
+3. :func:`field_transform`: a normalised displacement on the network's grid as a world-mm
+   :class:`~unireg.spatial.transform.DisplacementFieldTransform`, extended beyond the grid by
+   its face values so that it covers the fixed and moving fields of view.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unireg.io.image import Image, normalize_intensity, resample
+from unireg.io.preprocessing import Preprocessing
+from unireg.solvers.pyramid import level_geometry
+from unireg.spatial.geometry import Geometry
+from unireg.spatial.transform import DisplacementFieldTransform, Transform
+from unireg.training.checkpoint import Checkpoint
+
+
+def preprocessing(checkpoint: Checkpoint, ndim: int) -> Preprocessing:
+    """The preprocessing a network was trained with (from its checkpoint)."""
+    return Preprocessing.from_settings(checkpoint.preprocessing, ndim)
+
+
+def network_grid(checkpoint: Checkpoint, image: Image) -> Geometry:
+    """The network's grid placed for ``image`` (centred on its head)."""
+    first = image.with_data(image.data[:1].float())
+    return preprocessing(checkpoint, image.ndim).target_geometry(first)
+
+
+def network_input(image: Image, grid: Geometry, through: Transform | None = None) -> torch.Tensor:
+    """``image`` (first channel) resampled onto ``grid`` through ``through`` (grid world ->
+    image world; identity when None), intensities to [0, 1]: ``(1, 1, *grid.shape)``."""
+    first = image.with_data(image.data[:1].float())
+    return normalize_intensity(resample(first, grid, through)).data.unsqueeze(0)
+
+
+def field_transform(
+    displacement: torch.Tensor, grid: Geometry, cover: np.ndarray
+) -> DisplacementFieldTransform:
+    """A network's field as a world transform.
+
+    Args:
+        displacement: normalised displacement ``(1, d, *s)`` over ``grid``'s extent (``s`` may
+            be coarser than ``grid``'s shape).
+        grid: the network's grid (world placement).
+        cover: world points ``(d, N)`` (mm) the transform must reach, e.g. the corners of the
+            fixed field of view.
+
+    The field is held on its own grid (``grid``'s extent at the field's resolution: no
+    resampling), extended by copies of its faces to a grid covering ``cover``: linear
+    interpolation on it equals sampling the field with its face values held beyond the
+    faces (no jump to zero where ``grid`` ends, which would fold there).
+    """
+    d = grid.ndim
+    native = level_geometry(grid, tuple(displacement.shape[2:]))
+    covering, lo = covering_grid(native, cover)
+    pad = []
+    for axis in reversed(range(d)):  # F.pad lists the last axis first
+        pad += [lo[axis], covering.shape[axis] - native.shape[axis] - lo[axis]]
+    to_mm = torch.from_numpy(grid.normalized_to_world[:d, :d]).float().to(displacement.device)
+    world = torch.einsum("ij,bj...->bi...", to_mm, displacement.float())
+    world = F.pad(world, pad, mode="replicate")[0]
+    return DisplacementFieldTransform(world.contiguous().cpu(), covering)
+
+
+def covering_grid(b: Geometry, world: np.ndarray) -> tuple[Geometry, list[int]]:
+    """A grid with ``b``'s axes and spacing covering ``b`` and the world points ``(d, N)``
+    (+1 voxel), and how many voxels it extends before ``b``'s first one on each axis (>= 1)."""
+    d = b.ndim
+    world = np.concatenate([b.corners_world.T, world], axis=1)
+    vox = b.world_to_voxel[:d, :d] @ world + b.world_to_voxel[:d, d:]
+    lo, hi = np.floor(vox.min(1) + 1e-6) - 1, np.ceil(vox.max(1) - 1e-6) + 1
+    affine = b.voxel_to_world.copy()
+    affine[:d, d] = b.voxel_to_world[:d, :d] @ lo + b.voxel_to_world[:d, d]
+    return Geometry(tuple(int(n) for n in hi - lo + 1), affine), [int(-v) for v in lo]

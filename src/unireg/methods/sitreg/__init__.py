@@ -1,0 +1,79 @@
+"""SITReg (Honkamaa & Marttinen, MELBA 2024): a multi-resolution network that is symmetric,
+inverse-consistent and topology-preserving by construction.
+
+- :mod:`.model`: the network (:class:`SITReg`), its bounded B-spline updates and the
+  symmetric update;
+- :mod:`.inference`: registering raw images in world space after an affine stage
+  (:func:`register_sitreg`);
+- :mod:`.training`: training from a config (:class:`SITRegTrainer`).
+
+This module holds the method's options and registry entry and imports no torch; the names
+above load on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from unireg.methods.base import MethodEntry, MethodOptions, lazy_exports, option
+
+INFERENCE = ("standard", "complete", "fast")
+AFFINE_STAGES = ("affine", "affine-gn", "rigid", "keymorph", "none")
+
+
+@dataclass(frozen=True)
+class SITRegOptions(MethodOptions):
+    """SITReg at inference: the inference variant, the affine stage run first, the solver
+    preset of that stage, and the model."""
+
+    method = "sitreg"
+
+    inference: str | None = option(
+        None, choices=INFERENCE, positional=True,
+        help="sitreg: 'complete' evaluates every update on the full grid (slower, closer "
+        "inverse); 'fast' keeps the finest update on its own half-resolution grid (default: "
+        "the one the model was trained with)",
+    )  # fmt: skip
+    affine: str = option(
+        "affine-gn", choices=AFFINE_STAGES, flag="--affine-stage",
+        help="sitreg: the linear stage run first ('affine-gn': Gauss-Newton, same modality; "
+        "'keymorph': KeyMorph's keypoints then affine-gn, for heads in any orientation; "
+        "'none' for pre-aligned pairs)",
+    )  # fmt: skip
+    preset: str = option(
+        "fast", choices=("fast", "accurate"),
+        help="solvers: the preset (pyramid and iterations); sitreg: that of its affine stage",
+    )  # fmt: skip
+    model: str | None = option(
+        None,
+        help="keymorph, sitreg: checkpoint file or shipped model name (default: the shipped "
+        "default; `unireg models` lists them)",
+    )
+
+
+ENTRY = MethodEntry(
+    name="sitreg",
+    summary="learned symmetric, inverse-consistent deformation after an affine stage "
+    "(writes inverse_transform.nii.gz)",
+    options=SITRegOptions,
+    factory="unireg.methods.sitreg.inference:SITRegMethod",
+    models={"lite": "sitreg_lite_ixi_2mm.pt", "standard": "sitreg_ixi_2mm.pt"},
+    network="unireg.methods.sitreg.model:SITReg.from_config",
+    trainer="unireg.methods.sitreg.training:SITRegTrainer",
+    config="unireg.methods.sitreg.training:SITRegConfig",
+)
+METHODS = (ENTRY,)
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "BoundedBSplineUpdate": "model",
+        "SITReg": "model",
+        "symmetric_update": "model",
+        "SITRegMethod": "inference",
+        "STAGE_GN_LEVELS": "inference",
+        "register_sitreg": "inference",
+        "SITRegConfig": "training",
+        "SITRegTrainer": "training",
+    },
+)

@@ -1,0 +1,65 @@
+"""The training-free solvers (:mod:`unireg.solvers`) as registered methods: ``rigid``,
+``affine``, ``affine-gn``, ``syn``, ``bspline`` and ``ffd``, each a named chain of solver
+stages with a preset. Spec strings may prefix them with ``unireg:`` (``unireg:syn``).
+
+This module holds their options and registry entries and imports no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from unireg.methods.base import MethodEntry, MethodOptions, OptionError, lazy_exports, option
+
+PRESETS = ("fast", "accurate")
+
+
+@dataclass(frozen=True)
+class SolverOptions(MethodOptions):
+    """A solver method's settings (see :func:`unireg.solvers.register`)."""
+
+    method = "solver"
+
+    preset: str = option(
+        "fast", choices=PRESETS,
+        help="solvers: the preset (pyramid and iterations); sitreg: that of its affine stage",
+    )  # fmt: skip
+    multimodal: bool = option(False, help="solvers: MI for the deformable stage")
+    init: str = option(
+        "moments", choices=("moments", "search"),
+        help="solvers: linear initialisation; 'search' also tries a grid of rotations (large "
+        "rotations)",
+    )  # fmt: skip
+    deformable: str = option(
+        "greedy", choices=("greedy", "svf"),
+        help="syn's model: greedy compositive or symmetric SVF (gives the inverse)",
+    )  # fmt: skip
+
+    def check(self, where: str = "", method: str = "") -> None:
+        if self.deformable != "greedy" and method != "syn":
+            raise OptionError(f"{where}: deformable is syn's option")
+        if method == "affine-gn" and (self.multimodal or self.init != "moments"):
+            raise OptionError(f"{where}: affine-gn is same-modality and starts from moments")
+
+
+_SUMMARIES = {
+    "rigid": "rigid (moments or rotation search), MI",
+    "affine": "rigid then affine, MI; LNCC refinement for one modality",
+    "affine-gn": "affine by Gauss-Newton on local intensities (one modality, fastest)",
+    "syn": "affine then diffeomorphic (greedy or symmetric SVF), LNCC; MI with --multimodal",
+    "bspline": "affine then cubic B-spline free-form deformation, LNCC",
+    "ffd": "affine then smoothed free-form displacement, LNCC",
+}
+METHODS = tuple(
+    MethodEntry(
+        name=name,
+        summary=summary,
+        options=SolverOptions,
+        family="unireg",
+        factory="unireg.methods.solver.method:SolverMethod",
+        prompts=() if name == "affine-gn" else ("labels", "landmarks", "mask"),
+    )  # fmt: skip
+    for name, summary in _SUMMARIES.items()
+)
+
+__getattr__ = lazy_exports(__name__, {"SolverMethod": "method"})
