@@ -16,20 +16,35 @@ from collections.abc import Sequence
 from unireg import __version__
 from unireg.errors import UniregError
 
-# verb -> module, in the order ``--help`` lists them
-VERBS = ("register", "apply", "metrics", "evaluate", "train", "models", "demo", "synthesize",
-         "info")  # fmt: skip
+# verb (module unireg.cli.VERB) -> its line in ``unireg --help``, in that order
+VERBS = {
+    "register": "register a moving image onto a fixed image",
+    "apply": "apply saved transform(s) to an image or label map",
+    "metrics": "Dice and HD95 between two label maps",
+    "evaluate": "run methods side by side on pairs under misalignment; tables and plots",
+    "train": "train a learned method from a config file",
+    "models": "list the methods, their options and shipped models",
+    "demo": "register two real brains shipped with unireg and write a report",
+    "synthesize": "draw a synthetic image of random contrast from a label map",
+    "info": "print grid, orientation and range of image files",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``unireg`` command (no torch, no NumPy)."""
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``unireg`` command (no torch, no NumPy). With ``argv``, only
+    the verb it names gets its full parser (the others a placeholder with their help line),
+    so a command starts without building every verb's options."""
     parser = argparse.ArgumentParser(
         prog="unireg",
         description="unireg: learning-based medical image registration in physical space.",
     )
     parser.add_argument("--version", action="version", version=f"unireg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for verb in VERBS:
+    named = None if argv is None else next((a for a in argv if a in VERBS), "")
+    for verb, line in VERBS.items():
+        if named is not None and verb != named:
+            sub.add_parser(verb, help=line, add_help=False)
+            continue
         module = importlib.import_module(f"unireg.cli.{verb}")
         p = module.add_parser(sub)
         p.set_defaults(verb_module=module.__name__)
@@ -38,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``unireg`` console script."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

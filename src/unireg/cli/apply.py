@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from unireg.cli import VERBS
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``apply`` subcommand's parser."""
     p = sub.add_parser(
         "apply",
-        help="apply saved transform(s) to an image or label map",
+        help=VERBS["apply"],
         description=(
             "Resample IMAGE onto the grid of --reference through TRANSFORM(s): ITK/ANTs affines "
             "(.mat, .txt, .tfm) or displacement fields (.nii.gz). Several transforms are "

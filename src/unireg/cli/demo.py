@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from unireg.cli import VERBS
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``demo`` subcommand's parser."""
     p = sub.add_parser(
         "demo",
-        help="register two real brains shipped with unireg and write a report",
+        help=VERBS["demo"],
         description=(
             "Registers IXI013 onto IXI012 (2 mm T1 with skull, DLMUSE labels; shipped inside "
             "the package with their CC BY-SA 3.0 attribution) with the best available method, "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from unireg.cli import VERBS
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``evaluate`` subcommand's parser."""
     p = sub.add_parser(
         "evaluate",
-        help="run methods side by side on pairs under misalignment; tables and plots",
+        help=VERBS["evaluate"],
         description=(
             "Run every method on the same pairs in the same run. Pairs come from a CSV "
             "(fixed,moving[,fixed_labels,moving_labels]) or from a manifest (all ordered pairs "

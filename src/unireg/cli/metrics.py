@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from unireg.cli import VERBS
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``metrics`` subcommand's parser."""
     p = sub.add_parser(
         "metrics",
-        help="Dice and HD95 between two label maps",
+        help=VERBS["metrics"],
         description=(
             "Dice per label and its mean over the labels present in the fixed map (0 is "
             "background), and the 95th-percentile Hausdorff distance in mm (voxel spacing "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from unireg.cli import VERBS
 from unireg.methods.registry import MODELS_DIR, entries
 
 
@@ -11,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``models`` subcommand's parser."""
     p = sub.add_parser(
         "models",
-        help="list the methods, their options and shipped models",
+        help=VERBS["models"],
         description=(
             "Every registered method with its options (flag, spec key, default) and, for "
             "learned methods, the models shipped inside the package (the first is the "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from unireg.cli import VERBS
 from unireg.methods.base import OptionInfo
 from unireg.methods.registry import entries
 
@@ -33,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     listing = "; ".join(f"{name}: {e.summary}" for name, e in methods.items())
     p = sub.add_parser(
         "register",
-        help="register a moving image onto a fixed image",
+        help=VERBS["register"],
         description=(
             "Register MOVING onto FIXED in world space and write into OUTDIR: warped.nii.gz, "
             "transform.nii.gz (the whole forward map as an ITK/ANTs displacement field on the "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from unireg.cli import VERBS
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``synthesize`` subcommand's parser."""
     p = sub.add_parser(
         "synthesize",
-        help="draw a synthetic image of random contrast from a label map",
+        help=VERBS["synthesize"],
         description=(
             "SynthSeg-style synthesis: random smooth deformation, a random mean and standard "
             "deviation per label, blur, lower resolution, bias field, noise and gamma. The image "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from unireg.cli import VERBS
 from unireg.methods.registry import trainable
 
 
@@ -11,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``train`` subcommand's parser."""
     p = sub.add_parser(
         "train",
-        help="train a learned method from a config file",
+        help=VERBS["train"],
         description=(
             "Train a method from a TOML config (its settings: the method's training config, "
             "e.g. unireg.methods.keymorph.training.KeyMorphConfig). Checkpoints (with their "
