@@ -56,10 +56,10 @@ def tps_memory(keypoints: int = 128, shape=(160, 192, 224), chunk: int = 2**16) 
 
 def t1t2(model_path: str | None, outdir: Path) -> None:
     from unireg.io import load_image
-    from unireg.methods.keymorph import DEFAULT_ROTATIONS, detect_keypoints, register_keymorph
-    from unireg.report import keypoint_figure
     from unireg.methods import load_model, model_path
+    from unireg.methods.keymorph import DEFAULT_ROTATIONS, detect_keypoints, register_keymorph
     from unireg.methods.keymorph.training import KeyMorphConfig
+    from unireg.report import keypoint_figure
 
     base = DATA / "ixi002-t1t2"
     t1 = load_image(base / "hd_bet_IXI002-Guys-0828-T1.nii.gz")
@@ -106,10 +106,10 @@ def t1t2(model_path: str | None, outdir: Path) -> None:
 def keypoint_errors(model_paths: list[str], split: str, rotations: int) -> None:
     from unireg.data.manifest import Manifest
     from unireg.io import load_image, load_labels
+    from unireg.methods import load_model
     from unireg.methods.keymorph import detect_keypoints
     from unireg.spatial.geometry import apply_matrix_np
     from unireg.spatial.keypoints import fit_affine
-    from unireg.methods import load_model
 
     entries = Manifest.read(DATA / "manifest.csv").select(
         dataset="ixi", split=split, with_image=True, with_labels=True

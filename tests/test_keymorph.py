@@ -11,12 +11,12 @@ import torch
 from conftest import gaussian_blob, oblique_affine
 
 from unireg.losses import one_hot, soft_dice
+from unireg.methods import load_checkpoint
 from unireg.methods.keymorph import KeyMorph
 from unireg.nets import KeypointDetector
 from unireg.spatial import Geometry, random_affine, transform_points
 from unireg.spatial.grid import as_matrix, identity_grid
 from unireg.spatial.warp import sample
-from unireg.methods import load_checkpoint
 from unireg.training import Checkpoint, save_checkpoint
 
 
@@ -238,8 +238,8 @@ def test_skull_strip_and_contrast_inversion_augmentations(tmp_path):
     rescaled to the stripped image's 99.5th percentile) with ``skull_strip_probability`` and
     inverted inside the brain with ``invert_probability``; off, the random stream is as it
     was without these settings."""
-    from unireg.training.base import skull_strip
     from unireg.methods.keymorph.training import KeyMorphConfig, KeyMorphTrainer
+    from unireg.training.base import skull_strip
 
     img = torch.linspace(0, 0.8, 9**3).reshape(1, 1, 9, 9, 9)
     lab = torch.zeros(1, 1, 9, 9, 9, dtype=torch.int16)
@@ -717,10 +717,10 @@ def test_the_shipped_keymorph_model_aligns_the_demo_brains_at_any_rotation(angle
 
     from unireg.evaluation.harness import misalign, misalignment
     from unireg.io import load_image, load_labels
+    from unireg.methods import load_model, model_path
     from unireg.methods.keymorph import register_keymorph
     from unireg.metrics import registration_metrics
     from unireg.spatial.transform import AffineTransform
-    from unireg.methods import load_model, model_path
 
     if not model_path("keymorph").exists():
         pytest.skip("no KeyMorph model shipped in src/unireg/models/")

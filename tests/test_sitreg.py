@@ -54,8 +54,8 @@ def test_register_sitreg_composes_the_affine_stage_and_gives_both_directions(tmp
     assert res.extras.stage_seconds["affine"] > 0
     # "complete" inference: the same deformation up to the resampling it avoids; measured in
     # world space the interpolation of the final fields dominates, so it is as consistent
-    comp = register_sitreg(fixed, moving, model=net, checkpoint=Checkpoint("sitreg", {}, {}, preprocessing=PREP),
-                           inference="complete")  # fmt: skip
+    ckpt = Checkpoint("sitreg", {}, {}, preprocessing=PREP)
+    comp = register_sitreg(fixed, moving, model=net, checkpoint=ckpt, inference="complete")
     diff = (comp.transform.map_points(world) - moved).norm(dim=1)
     assert float(diff.mean()) < 0.3
     err_c = consistency_error([comp.transform, comp.inverse], fixed.geometry)
@@ -172,8 +172,8 @@ def test_the_shipped_sitreg_model_improves_on_its_affine_stage_on_the_demo_brain
     # accuracy on the test split is measured by bench/registration_benchmark.py)
     from importlib import resources
 
-    from unireg.metrics import registration_metrics
     from unireg.methods import load_model, model_path
+    from unireg.metrics import registration_metrics
 
     if not model_path("sitreg", variant).exists():
         pytest.skip("no SITReg model shipped in src/unireg/models/")
@@ -203,8 +203,8 @@ def test_sitreg_with_the_keymorph_stage_registers_heads_in_any_orientation():
     from importlib import resources
 
     from unireg.evaluation.harness import misalign, misalignment
-    from unireg.metrics import registration_metrics
     from unireg.methods import load_model, model_path
+    from unireg.metrics import registration_metrics
 
     if not (model_path("sitreg").exists() and model_path("keymorph").exists()):
         pytest.skip("the SITReg and KeyMorph models are not shipped in src/unireg/models/")
