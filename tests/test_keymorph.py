@@ -712,7 +712,7 @@ def test_test_time_rotations_options_are_checked(tmp_path, capsys):
 @pytest.mark.parametrize("angle", [0.0, 90.0, 180.0])
 def test_the_shipped_keymorph_model_aligns_the_demo_brains_at_any_rotation(angle, tmp_path):
     # a sanity check of the shipped file (the demo subjects are IXI *training* subjects; the
-    # accuracy on the test split is measured by `unireg evaluate`, docs/keymorph_evaluation.md)
+    # accuracy on the test split is measured by `unireg evaluate`, docs/methods/keymorph.md)
     from importlib import resources
 
     from unireg.evaluation.harness import misalign, misalignment
@@ -758,8 +758,8 @@ def test_the_shipped_keymorph_model_aligns_the_demo_brains_at_any_rotation(angle
         tuned_dice = registration_metrics(one, fixed_labels=fl, moving_labels=ml, hd95=False)
         assert tuned_dice["dice_mean"] > max(none["dice_mean"] + 0.2, 0.28), tuned_dice
     # the two-stage default, measured with 8 test-time rotations in stage 1: 0.401 / 0.422 /
-    # 0.417 at 0 / 90 / 180 degrees (one: 0.421 / 0.418 / 0.431; session 10's model, the
-    # default before: 0.366 / 0.335 / 0.348; unregistered 0.073 / 0.005 / 0.008); a detector
+    # 0.417 at 0 / 90 / 180 degrees (one: 0.421 / 0.418 / 0.431; the `anatomical` model:
+    # 0.366 / 0.335 / 0.348; unregistered 0.073 / 0.005 / 0.008); a detector
     # that is not rotation-robust stays near 0.01 at 90 degrees
     assert dice > none["dice_mean"] + 0.3, (angle, dice, none["dice_mean"])
     assert dice > 0.37, (angle, dice)
