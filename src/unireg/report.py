@@ -20,7 +20,7 @@ import torch
 from unireg.io.files import write_atomic
 from unireg.io.image import Image, normalize_intensity, reorient, resample
 from unireg.metrics import transform_jacobian
-from unireg.result import RegistrationResult
+from unireg.result import KeyMorphExtras, RegistrationResult
 from unireg.spatial.field import world_points
 
 
@@ -92,7 +92,7 @@ def registration_report(
             "deformed grid", "Jacobian det."]  # fmt: skip
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.3 * len(cols), 2.5 * len(rows)),
                              dpi=110, squeeze=False)  # fmt: skip
-    kp = getattr(result.extras, "keypoints_fixed", None)
+    kp = result.extras.keypoints_fixed if isinstance(result.extras, KeyMorphExtras) else None
     for r, axis in enumerate(rows):
         f2 = _slice(ras["fixed"], axis)
         w2 = _slice(ras["warped"], axis)

@@ -54,6 +54,15 @@ def option(
     return field(default=default, metadata=meta)
 
 
+def model_option() -> Any:
+    """The ``model`` option of learned methods: a checkpoint file or a shipped model's name."""
+    return option(
+        None,
+        help="keymorph, sitreg: checkpoint file or shipped model name (default: the shipped "
+        "default; `unireg models` lists them)",
+    )
+
+
 @dataclass(frozen=True)
 class OptionInfo:
     """One option as the command line, the spec strings and the docs see it."""

@@ -13,27 +13,59 @@ the warped image and the result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from unireg.io.image import Image, normalize_intensity, resample
 from unireg.io.preprocessing import Preprocessing
+from unireg.methods.base import MethodEntry, MethodOptions, OptionError, Prompts
+from unireg.result import RegistrationResult
 from unireg.solvers.pyramid import level_geometry
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import DisplacementFieldTransform, Transform
 from unireg.training.checkpoint import Checkpoint
 
 
-def preprocessing(checkpoint: Checkpoint, ndim: int) -> Preprocessing:
-    """The preprocessing a network was trained with (from its checkpoint)."""
-    return Preprocessing.from_settings(checkpoint.preprocessing, ndim)
+class LearnedMethod:
+    """A learned method behind the :class:`~unireg.methods.base.Method` protocol: its model
+    (``options.model``, the shipped default when None) loaded once on ``device``, then each
+    pair registered by :meth:`run`. Learned methods take no prompts."""
+
+    def __init__(self, entry: MethodEntry, options: MethodOptions, device: str = "cpu"):
+        from unireg.methods.registry import load_model
+
+        self.entry, self.options, self.device = entry, options, torch.device(device)
+        model: Any = getattr(options, "model", None)
+        self.model, self.checkpoint = load_model(entry.name, model, device=self.device)
+
+    def register(
+        self,
+        fixed: Image,
+        moving: Image,
+        *,
+        prompts: Prompts | None = None,
+        seed: int = 0,
+        progress: Callable[[str], None] | None = None,
+    ) -> RegistrationResult:
+        if prompts is not None and prompts.uses():
+            raise OptionError(f"{self.entry.name} takes no {', '.join(prompts.uses())}")
+        return self.run(fixed, moving)
+
+    def run(self, fixed: Image, moving: Image) -> RegistrationResult:
+        """Register one pair with the loaded model and the options."""
+        raise NotImplementedError
 
 
 def network_grid(checkpoint: Checkpoint, image: Image) -> Geometry:
-    """The network's grid placed for ``image`` (centred on its head)."""
+    """The network's grid placed for ``image`` (centred on its head), from the preprocessing
+    the network was trained with."""
     first = image.with_data(image.data[:1].float())
-    return preprocessing(checkpoint, image.ndim).target_geometry(first)
+    prep = Preprocessing.from_settings(checkpoint.preprocessing, image.ndim)
+    return prep.target_geometry(first)
 
 
 def network_input(image: Image, grid: Geometry, through: Transform | None = None) -> torch.Tensor:

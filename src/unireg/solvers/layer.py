@@ -149,9 +149,9 @@ def register_features(
         for m in matrices
     ]).to(ff)  # fmt: skip
     u = u_star.clone().requires_grad_(True)
-    loss_options = dict(dense.loss_options)
-    loss_options.pop("generator", None)
-    total = dense_objective(ff, mf, u, loss=dense.loss, loss_options=loss_options, matrix=norm)
+    total = dense_objective(
+        ff, mf, u, loss=dense.loss, loss_options=dense.loss_options, matrix=norm
+    )
     (grad,) = torch.autograd.grad(total.sum(), u, create_graph=True)
     # the solver's steps are in voxels, smoothed: the same metric for the implicit step
     scale = voxel_to_normalized_scale(tuple(ff.shape[2:]), grad)

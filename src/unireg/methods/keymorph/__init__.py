@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unireg.methods.base import MethodEntry, MethodOptions, OptionError, lazy_exports, option
+from unireg.methods.base import (
+    MethodEntry,
+    MethodOptions,
+    OptionError,
+    lazy_exports,
+    model_option,
+    option,
+)
 
 TRANSFORMS = ("rigid", "affine", "tps")
 # intensity refinements of a keypoint alignment: none, or the Gauss-Newton affine (same
@@ -55,11 +62,7 @@ class KeyMorphOptions(MethodOptions):
         help="keymorph (affine): refine the keypoint affine on the intensities with affine-gn "
         "(same modality)",
     )  # fmt: skip
-    model: str | None = option(
-        None,
-        help="keymorph, sitreg: checkpoint file or shipped model name (default: the shipped "
-        "default; `unireg models` lists them)",
-    )
+    model: str | None = model_option()
 
     def check(self, where: str = "", method: str = "") -> None:
         try:

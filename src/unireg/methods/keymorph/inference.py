@@ -4,7 +4,7 @@ result built by the shared pipeline (:mod:`unireg.methods.pipeline`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,10 +13,10 @@ import torch
 
 from unireg.io.files import write_atomic
 from unireg.io.image import Image
-from unireg.methods.base import MethodEntry, OptionError, Prompts
+from unireg.methods.base import OptionError
 from unireg.methods.keymorph import DEFAULT_ROTATIONS, TRANSFORMS, KeyMorphOptions, check_refinement
 from unireg.methods.keymorph.model import KeyMorph, KeypointAlignment
-from unireg.methods.pipeline import network_grid, network_input
+from unireg.methods.pipeline import LearnedMethod, network_grid, network_input
 from unireg.result import KeyMorphExtras, RegistrationResult, measured_result
 from unireg.spatial.field import world_points
 from unireg.spatial.geometry import Geometry, apply_matrix_np, linear_about
@@ -219,30 +219,15 @@ def write_keypoints_csv(result: RegistrationResult, path: str | Path) -> Path:
     return path
 
 
-class KeyMorphMethod:
+class KeyMorphMethod(LearnedMethod):
     """KeyMorph behind the :class:`~unireg.methods.base.Method` protocol: the model loaded
     once, each pair registered with the options' closed form."""
 
-    def __init__(self, entry: MethodEntry, options: KeyMorphOptions, device: str = "cpu"):
-        from unireg.methods.registry import load_model
+    options: KeyMorphOptions
 
-        self.entry, self.options, self.device = entry, options, torch.device(device)
-        model, self.checkpoint = load_model("keymorph", options.model, device=self.device)
-        assert isinstance(model, KeyMorph)
-        self.model = model
-
-    def register(
-        self,
-        fixed: Image,
-        moving: Image,
-        *,
-        prompts: Prompts | None = None,
-        seed: int = 0,
-        progress: Callable[[str], None] | None = None,
-    ) -> RegistrationResult:
-        if prompts is not None and prompts.uses():
-            raise OptionError(f"keymorph takes no {', '.join(prompts.uses())}")
+    def run(self, fixed: Image, moving: Image) -> RegistrationResult:
         o = self.options
+        assert isinstance(self.model, KeyMorph)
         return register_keymorph(
             fixed, moving, model=self.model, checkpoint=self.checkpoint, transform=o.transform,
             lam=o.lam, refine=o.refine, rotations=o.rotations, device=self.device,

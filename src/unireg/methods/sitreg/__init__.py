@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unireg.methods.base import MethodEntry, MethodOptions, lazy_exports, option
+from unireg.methods.base import MethodEntry, MethodOptions, lazy_exports, model_option, option
+from unireg.methods.solver import preset_option
 
 INFERENCE = ("standard", "complete", "fast")
 AFFINE_STAGES = ("affine", "affine-gn", "rigid", "keymorph", "none")
@@ -40,15 +41,8 @@ class SITRegOptions(MethodOptions):
         "'keymorph': KeyMorph's keypoints then affine-gn, for heads in any orientation; "
         "'none' for pre-aligned pairs)",
     )  # fmt: skip
-    preset: str = option(
-        "fast", choices=("fast", "accurate"),
-        help="solvers: the preset (pyramid and iterations); sitreg: that of its affine stage",
-    )  # fmt: skip
-    model: str | None = option(
-        None,
-        help="keymorph, sitreg: checkpoint file or shipped model name (default: the shipped "
-        "default; `unireg models` lists them)",
-    )
+    preset: str = preset_option()
+    model: str | None = model_option()
 
 
 ENTRY = MethodEntry(

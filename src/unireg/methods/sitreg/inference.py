@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from unireg.errors import DimensionalityError
 from unireg.io.image import Image
-from unireg.methods.base import MethodEntry, OptionError, Prompts
-from unireg.methods.pipeline import field_transform, network_grid, network_input
+from unireg.methods.base import OptionError
+from unireg.methods.pipeline import LearnedMethod, field_transform, network_grid, network_input
 from unireg.methods.sitreg import AFFINE_STAGES, INFERENCE, SITRegOptions
 from unireg.methods.sitreg.model import SITReg
 from unireg.result import RegistrationResult, SITRegExtras, measured_result
@@ -151,30 +150,15 @@ def _keymorph_stage(fixed: Image, moving: Image, device: torch.device) -> Affine
     return result.transform
 
 
-class SITRegMethod:
+class SITRegMethod(LearnedMethod):
     """SITReg behind the :class:`~unireg.methods.base.Method` protocol: the model loaded once,
     each pair registered after the options' affine stage."""
 
-    def __init__(self, entry: MethodEntry, options: SITRegOptions, device: str = "cpu"):
-        from unireg.methods.registry import load_model
+    options: SITRegOptions
 
-        self.entry, self.options, self.device = entry, options, torch.device(device)
-        model, self.checkpoint = load_model("sitreg", options.model, device=self.device)
-        assert isinstance(model, SITReg)
-        self.model = model
-
-    def register(
-        self,
-        fixed: Image,
-        moving: Image,
-        *,
-        prompts: Prompts | None = None,
-        seed: int = 0,
-        progress: Callable[[str], None] | None = None,
-    ) -> RegistrationResult:
-        if prompts is not None and prompts.uses():
-            raise OptionError(f"sitreg takes no {', '.join(prompts.uses())}")
+    def run(self, fixed: Image, moving: Image) -> RegistrationResult:
         o = self.options
+        assert isinstance(self.model, SITReg)
         return register_sitreg(
             fixed, moving, model=self.model, checkpoint=self.checkpoint, affine=o.affine,
             preset=o.preset, inference=o.inference, device=self.device,

@@ -8,10 +8,19 @@ This module holds their options and registry entries and imports no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from unireg.methods.base import MethodEntry, MethodOptions, OptionError, lazy_exports, option
 
 PRESETS = ("fast", "accurate")
+
+
+def preset_option() -> Any:
+    """The ``preset`` option of the solvers and of the solver stages other methods run."""
+    return option(
+        "fast", choices=PRESETS,
+        help="solvers: the preset (pyramid and iterations); sitreg: that of its affine stage",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -20,10 +29,7 @@ class SolverOptions(MethodOptions):
 
     method = "solver"
 
-    preset: str = option(
-        "fast", choices=PRESETS,
-        help="solvers: the preset (pyramid and iterations); sitreg: that of its affine stage",
-    )  # fmt: skip
+    preset: str = preset_option()
     multimodal: bool = option(False, help="solvers: MI for the deformable stage")
     init: str = option(
         "moments", choices=("moments", "search"),
