@@ -33,11 +33,12 @@ class Extras:
 
 @dataclass
 class SolverExtras(Extras):
-    """The training-free solvers: the stages run (None for ``affine-gn``) and one trace entry
-    per stage and level (iterations, losses, seconds, converged)."""
+    """The training-free solvers: the stages run (None for ``affine-gn``) and the trace: for
+    the stages one dict per stage and level (iterations, losses, seconds, converged), for
+    ``affine-gn`` one ``(factor, iteration, residual)`` per iteration."""
 
     stages: list[Any] | None = None
-    trace: list[dict[str, Any]] = field(default_factory=list)
+    trace: list[Any] = field(default_factory=list)
 
 
 @dataclass

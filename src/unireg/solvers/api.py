@@ -34,7 +34,7 @@ from unireg.errors import DimensionalityError
 from unireg.io.image import Image, LabelMap, check_same_grid, normalize_intensity
 from unireg.result import RegistrationResult, SolverExtras, measured_result
 from unireg.solvers.gauss_newton import GN_LEVELS, affine_gauss_newton
-from unireg.solvers.solver import LabelPrompt, LandmarkPrompt, Level, Stage, solve
+from unireg.solvers.solver import LabelPrompt, LandmarkPrompt, Level, SolveResult, Stage, solve
 from unireg.spatial.field import displacement_to_world
 from unireg.spatial.transform import (
     AffineTransform,
@@ -163,7 +163,7 @@ def preset_stages(
 
 
 def world_transforms(
-    result, fixed: Image | LabelMap, *, dtype: torch.dtype = torch.float32
+    result: SolveResult, fixed: Image | LabelMap, *, dtype: torch.dtype = torch.float32
 ) -> tuple[Transform, Transform | None]:
     """World-mm forward (fixed -> moving) and inverse transforms of a :class:`SolveResult`."""
     geom = fixed.geometry

@@ -16,6 +16,8 @@ step" at every level; warping converts to normalised units. All models share one
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -42,8 +44,17 @@ class DenseModel(nn.Module):
         self.smooth_field = float(smooth_field)
         self.shape: tuple[int, ...] | None = None
 
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The shape of the current level's grid (after :meth:`set_level`)."""
+        if self.shape is None:
+            raise RuntimeError("set_level() first")
+        return self.shape
+
     # -- state -------------------------------------------------------------------------------
-    def _resized(self, field: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor):
+    def _resized(
+        self, field: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor
+    ) -> torch.Tensor:
         if field is None:
             return torch.zeros(
                 like.shape[0], self.ndim, *shape, dtype=like.dtype, device=like.device
@@ -94,7 +105,7 @@ class DenseModel(nn.Module):
         sigma = self.smooth_gradient
         before = []
         for p in params:
-            if sigma > 0:
+            if sigma > 0 and p.grad is not None:
                 p.grad = gaussian_blur(p.grad, sigma)
             before.append(p.detach().clone())
         optimizer.step()
@@ -111,6 +122,8 @@ class FreeFormModel(DenseModel):
     field (the "elastic" + "fluid" smoothing of demons-type methods). Not invertible in
     general."""
 
+    field: nn.Parameter
+
     def set_level(self, shape: Sequence[int], like: torch.Tensor) -> None:
         old = None if self.shape is None else self.field
         self.shape = tuple(shape)
@@ -120,7 +133,7 @@ class FreeFormModel(DenseModel):
         return self.field
 
     def displacement(self) -> torch.Tensor:
-        return self.field * voxel_to_normalized_scale(self.shape, self.field)
+        return self.field * voxel_to_normalized_scale(self.grid, self.field)
 
 
 class GreedyModel(DenseModel):
@@ -133,6 +146,9 @@ class GreedyModel(DenseModel):
     ``W(x + s) = W(x) + grad W(x) . s``: it needs the warped image and its finite-difference
     gradient only, not the backward pass of the resampling (the costly part on CPUs)."""
 
+    field: torch.Tensor  # voxel units, updated by composition (not a parameter)
+    update: nn.Parameter
+
     def set_level(self, shape: Sequence[int], like: torch.Tensor) -> None:
         old = None if self.shape is None else self.field
         self.shape = tuple(shape)
@@ -143,7 +159,7 @@ class GreedyModel(DenseModel):
         return self.field
 
     def displacement(self) -> torch.Tensor:
-        return self.field * voxel_to_normalized_scale(self.shape, self.field)
+        return self.field * voxel_to_normalized_scale(self.grid, self.field)
 
     def pair(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -153,7 +169,7 @@ class GreedyModel(DenseModel):
         return fixed, linear
 
     def map_points(self, points: torch.Tensor) -> torch.Tensor:
-        s = self.update * voxel_to_normalized_scale(self.shape, self.update)
+        s = self.update * voxel_to_normalized_scale(self.grid, self.update)
         moved = points + channels_last(sample(s, points, mode="linear", padding="border"))
         return super().map_points(moved)
 
@@ -182,10 +198,11 @@ class GreedyModel(DenseModel):
                 s = gaussian_blur(s, self.smooth_gradient)
             # keep id + s a diffeomorphism: every row of its Jacobian's off-identity part sums
             # to at most 1/2 in absolute value, so det(I + grad s) > 0 (diagonal dominance)
-            rows = sum(central_difference(s, a).abs().amax(dim=tuple(range(2, s.ndim)))
-                       for a in range(self.ndim))  # fmt: skip
+            per_axis = [central_difference(s, a).abs().amax(dim=tuple(range(2, s.ndim)))
+                        for a in range(self.ndim)]  # fmt: skip
+            rows = functools.reduce(operator.add, per_axis)
             s = s * (0.5 / rows.max().clamp_min(0.5))
-            scale = voxel_to_normalized_scale(self.shape, s)
+            scale = voxel_to_normalized_scale(self.grid, s)
             u = compose_displacements(self.field * scale, s * scale) / scale
             if self.smooth_field > 0:
                 u = gaussian_blur(u, self.smooth_field)
@@ -197,6 +214,8 @@ class SVFModel(DenseModel):
     """Stationary velocity field ``v``; the map is ``exp(v)`` by scaling and squaring, so its
     inverse is ``exp(-v)``. Symmetric (default): both images move half-way,
     ``sim(F o exp(-v/2), M o exp(v/2))``, so neither image is privileged."""
+
+    velocity: nn.Parameter
 
     has_inverse = True
 
@@ -213,7 +232,7 @@ class SVFModel(DenseModel):
         return self.velocity
 
     def _exp(self, fraction: float) -> torch.Tensor:
-        v = self.velocity * voxel_to_normalized_scale(self.shape, self.velocity)
+        v = self.velocity * voxel_to_normalized_scale(self.grid, self.velocity)
         return scaling_and_squaring(v * fraction, self.steps)
 
     def displacement(self) -> torch.Tensor:
@@ -235,7 +254,9 @@ class BSplineModel(DenseModel):
     the full-resolution fixed grid, the same control grid at every level (the dense field of
     any level is evaluated exactly from it). Not invertible in general; use ``bending``."""
 
-    def __init__(self, ndim: int, full_shape: Sequence[int], control_spacing: float = 4.0, **kw):
+    def __init__(
+        self, ndim: int, full_shape: Sequence[int], control_spacing: float = 4.0, **kw: float
+    ):
         super().__init__(ndim, **kw)
         self.full_shape = tuple(full_shape)
         self.control_shape = control_grid_shape(self.full_shape, control_spacing)
@@ -247,15 +268,20 @@ class BSplineModel(DenseModel):
             zeros = torch.zeros(like.shape[0], self.ndim, *self.control_shape, dtype=like.dtype)
             self.control = nn.Parameter(zeros.to(like.device))
 
+    def _control(self) -> nn.Parameter:
+        if self.control is None:
+            raise RuntimeError("set_level() first")
+        return self.control
+
     def voxel_field(self) -> torch.Tensor:
         # control points are in full-resolution voxels; express them in this level's voxels
-        full = voxel_to_normalized_scale(self.full_shape, self.control)
-        level = voxel_to_normalized_scale(self.shape, self.control)
-        return bspline_field(self.control, self.shape) * (full / level)
+        full = voxel_to_normalized_scale(self.full_shape, self._control())
+        level = voxel_to_normalized_scale(self.grid, self._control())
+        return bspline_field(self._control(), self.grid) * (full / level)
 
     def displacement(self) -> torch.Tensor:
-        full = voxel_to_normalized_scale(self.full_shape, self.control)
-        return bspline_field(self.control, self.shape) * full
+        full = voxel_to_normalized_scale(self.full_shape, self._control())
+        return bspline_field(self._control(), self.grid) * full
 
     def step(self, optimizer: Optimizer | None) -> None:
         assert optimizer is not None
@@ -279,7 +305,9 @@ def dense_model(
     if name == "greedy":
         return GreedyModel(ndim, **kw)
     if name == "svf":
-        return SVFModel(ndim, symmetric=symmetric, **kw)
+        return SVFModel(
+            ndim, symmetric=symmetric, smooth_gradient=smooth_gradient, smooth_field=smooth_field
+        )
     if name == "bspline":
         return BSplineModel(ndim, full_shape, control_spacing, **kw)
     raise ValueError(f"unknown dense model {name!r}; choose ffd, greedy, svf or bspline")

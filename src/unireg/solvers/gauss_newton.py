@@ -45,7 +45,8 @@ def local_normalize(x: torch.Tensor, window: int, eps: float) -> torch.Tensor:
     n = window ** (x.ndim - 2)
     mean = box_sum(x, window, padding="replicate") / n
     var = (box_sum(x * x, window, padding="replicate") / n - mean * mean).clamp_min(0)
-    return (x - mean) / torch.sqrt(var + eps)
+    out: torch.Tensor = (x - mean) / torch.sqrt(var + eps)
+    return out
 
 
 def _voxel_gradient(x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +124,7 @@ def affine_gauss_newton(
         # the moving image and its world-mm gradient, sampled together: dM/dy = W2V^T dM/dv
         w2v = torch.from_numpy(gm.world_to_voxel[:d, :d]).float().to(dev)
         grad = torch.einsum("ji,bj...->bi...", w2v, _voxel_gradient(mn))
-        stack = torch.cat([mn, grad], 1)
+        sampled = torch.cat([mn, grad], 1)  # the image and its gradient, sampled together
         x = world_points(gf, device=dev, dtype=torch.float32).reshape(-1, d)
         target = fn.reshape(-1)
         lever1 = torch.cat([((x - c) / scale_mm).T, x.new_ones(1, x.shape[0])])  # (d + 1, N)
@@ -131,7 +132,7 @@ def affine_gauss_newton(
         for it in range(int(iterations)):
             y = (x - c) @ a.T + c + t
             pts = transform_points(to_moving, y).reshape(1, -1, d)
-            s = sample(stack, pts, padding="zeros")[0]  # (1 + d, N)
+            s = sample(sampled, pts, padding="zeros")[0]  # (1 + d, N)
             inside = (pts[0].abs() <= 1).all(-1).to(s.dtype)
             r = (s[0] - target) * inside
             g = s[1:] * inside  # (d, N): dr/dy

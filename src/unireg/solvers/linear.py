@@ -41,7 +41,8 @@ def _rotation(r: torch.Tensor, d: int) -> torch.Tensor:
         ],
         -2,
     )
-    return torch.linalg.matrix_exp(skew)
+    rot: torch.Tensor = torch.linalg.matrix_exp(skew)
+    return rot
 
 
 class LinearModel(nn.Module):
@@ -53,6 +54,11 @@ class LinearModel(nn.Module):
         init: initial world maps ``(B, d+1, d+1)`` or ``(d+1, d+1)`` (default identity).
         center: rotation centre in fixed world mm (default the fixed grid's centre).
     """
+
+    # buffers
+    m0_linear: torch.Tensor
+    m0_center: torch.Tensor
+    center: torch.Tensor
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ Training code keeps using ``torch.optim``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -44,8 +45,9 @@ class Optimizer:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {kind!r}")
         self.kind = kind
         self.params = list(params)
-        self.param_groups = [{"params": self.params, "lr": float(lr)}]
-        self.state: dict[int, AdamState | torch.Tensor] = {}
+        self.param_groups: list[dict[str, Any]] = [{"params": self.params, "lr": float(lr)}]
+        self.adam: dict[int, AdamState] = {}
+        self.momentum: dict[int, torch.Tensor] = {}
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -53,17 +55,17 @@ class Optimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        lr = self.param_groups[0]["lr"]
+        lr = float(self.param_groups[0]["lr"])
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
             if self.kind == "adam":
-                state = self.state.setdefault(i, AdamState(p))
+                state = self.adam.setdefault(i, AdamState(p))
                 p.add_(state.direction(p.grad, lr))
             else:
-                buf = self.state.get(i)
+                buf = self.momentum.get(i)
                 buf = p.grad.clone() if buf is None else buf.mul_(0.9).add_(p.grad)
-                self.state[i] = buf
+                self.momentum[i] = buf
                 p.add_(buf, alpha=-lr)
 
 

@@ -19,14 +19,14 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from unireg.losses import get_loss, one_hot, soft_dice
 from unireg.solvers.dense import DenseModel, dense_model
-from unireg.solvers.linear import LinearModel, moments_candidates, search_candidates
+from unireg.solvers.linear import Kind, LinearModel, moments_candidates, search_candidates
 from unireg.solvers.optim import Optimizer, make_optimizer
 from unireg.solvers.pyramid import downsample, level_geometry
 from unireg.spatial.geometry import Geometry, normalized_map_matrix
@@ -377,7 +377,9 @@ def solve(
     trace: list[dict[str, Any]] = []
     dense: DenseModel | None = None
 
-    def report(stage: Stage, lv: Level, shape: tuple, losses: list[float], conv: bool, t0: float):
+    def report(
+        stage: Stage, lv: Level, shape: tuple[int, ...], losses: list[float], conv: bool, t0: float
+    ) -> None:
         entry = {
             "model": stage.model,
             "factor": lv.factor,
@@ -411,12 +413,15 @@ def solve(
                 lr = stage.lr if lv.lr is None else lv.lr
                 opt = make_optimizer(list(model.parameters()), stage.optimizer, lr)
 
-                def step(model: LinearModel = model, opt=opt, obj=obj) -> torch.Tensor:
+                def step(
+                    model: LinearModel = model, opt: Optimizer = opt, obj: Objective = obj
+                ) -> torch.Tensor:
                     opt.zero_grad()
                     per = obj.linear(model)
-                    per.sum().backward()
+                    torch.autograd.backward(per.sum())
                     opt.step()
-                    return per.detach().min()
+                    best: torch.Tensor = per.detach().min()
+                    return best
 
                 losses, conv = _run_level(step, _lr_setter(opt), lr, lv.iterations, stage)
                 if model.batch > 1:  # keep the best candidate after the first level
@@ -444,19 +449,24 @@ def solve(
                     dtype=ff.full.dtype, device=ff.full.device,
                 )  # fmt: skip
                 lr = stage.lr if lv.lr is None else lv.lr
-                opt = dense.make_optimizer(stage.optimizer, lr)
+                dopt = dense.make_optimizer(stage.optimizer, lr)
 
-                def dstep(opt=opt, obj=obj, norm=norm, dense=dense) -> torch.Tensor:
+                def dstep(
+                    opt: Optimizer | None = dopt,
+                    obj: Objective = obj,
+                    norm: torch.Tensor = norm,
+                    dense: DenseModel = dense,
+                ) -> torch.Tensor:
                     if opt is not None:
                         opt.zero_grad()
                     for p in dense.parameters():
                         p.grad = None
                     loss = obj.dense(dense, norm).sum()
-                    loss.backward()
+                    torch.autograd.backward(loss)
                     dense.step(opt)
                     return loss.detach()
 
-                losses, conv = _run_level(dstep, _lr_setter(opt, dense), lr, lv.iterations, stage)
+                losses, conv = _run_level(dstep, _lr_setter(dopt, dense), lr, lv.iterations, stage)
                 report(stage, lv, obj.shape, losses, conv, t0)
     result = SolveResult(matrix=matrix, trace=trace)
     if dense is not None:
@@ -470,7 +480,7 @@ def solve(
     return result
 
 
-def _lr_setter(opt: Optimizer | None, model: object = None) -> Callable[[float], None]:
+def _lr_setter(opt: Optimizer | None, model: Any = None) -> Callable[[float], None]:
     def set_lr(lr: float) -> None:
         if opt is not None:
             for group in opt.param_groups:
@@ -487,9 +497,10 @@ def _initial_linear(
     """The first linear model of a stage: continue ``matrix``, or pick among moment / rotation
     search candidates by their objective at this level."""
     geoms = (obj.fixed_geom, obj.moving_geom)
+    kind = cast(Kind, stage.model)
     device = fixed.device
     if stage.init == "geometry":
-        return LinearModel(*geoms, stage.model, init=matrix).to(device)
+        return LinearModel(*geoms, kind, init=matrix).to(device)
     f1, m1 = fixed[:, :1], moving[:, :1]  # moments of the first channel
     level_geoms = (
         level_geometry(obj.fixed_geom, tuple(f1.shape[2:])),
@@ -503,7 +514,7 @@ def _initial_linear(
     with torch.no_grad():
         for start in range(0, len(cands), 64):
             chunk = cands[start : start + 64]
-            m = LinearModel(*geoms, stage.model, init=chunk).to(device)
+            m = LinearModel(*geoms, kind, init=chunk).to(device)
             scores.append(obj.linear(m, sampled=False).double().cpu())
     order = torch.argsort(torch.cat(scores))[: max(int(stage.search_top), 1)]
-    return LinearModel(*geoms, stage.model, init=cands[order]).to(device)
+    return LinearModel(*geoms, kind, init=cands[order]).to(device)

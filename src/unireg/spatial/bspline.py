@@ -87,16 +87,19 @@ def _difference_weight_bound(spacing: tuple[float, ...], phases: int) -> float:
     worst = 0.0
     for signs in itertools.product((1.0, -1.0), repeat=d - 1):
         signs = (1.0, *signs)  # an overall sign flip changes nothing
-        total = 0.0
+        perm = [2 * a for a in range(d)] + [2 * a + 1 for a in range(d)]
+        terms = []
         for i in range(d):
-            term = None
-            for j in range(d):
-                w = per_axis[j][1] * signs[i] if j == i else per_axis[j][0]
-                # outer product over (phase, control) pairs of every axis
-                term = w if term is None else term[..., None, None] * w
+            # outer product over (phase, control) pairs of every axis
+            factors = [per_axis[j][1] * signs[i] if j == i else per_axis[j][0] for j in range(d)]
+            term = factors[0]
+            for w in factors[1:]:
+                term = term[..., None, None] * w
             # term: (p0, k0, p1, k1, ...) -> (phases..., controls...)
-            perm = [2 * a for a in range(d)] + [2 * a + 1 for a in range(d)]
-            total = total + term.permute(*perm)
+            terms.append(term.permute(*perm))
+        total = terms[0]
+        for term in terms[1:]:  # in order, as the sum was always taken
+            total = total + term
         sums = total.abs().flatten(d).sum(-1)
         worst = max(worst, float(sums.max()))
     return worst

@@ -128,7 +128,8 @@ def point_map_jacobian_determinant(points: torch.Tensor) -> torch.Tensor:
     d = points.shape[-1]
     grads = torch.gradient(points, dim=tuple(range(1, d + 1)))  # d tensors (B, *S, d)
     jac = torch.stack(grads, dim=-1)  # (B, *S, d_out, d_in)
-    return torch.linalg.det(jac)
+    det: torch.Tensor = torch.linalg.det(jac)
+    return det
 
 
 def scaling_and_squaring(
@@ -141,7 +142,7 @@ def scaling_and_squaring(
     """
     if steps < 0:
         raise ValueError("steps must be >= 0")
-    disp = velocity / (2**steps)
+    disp: torch.Tensor = velocity / (2**steps)
     for _ in range(steps):
         disp = compose_displacements(disp, disp, padding=padding)
     return disp

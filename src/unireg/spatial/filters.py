@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,9 @@ class _Correlate(torch.autograd.Function):
     The kernel is a constant (no gradient)."""
 
     @staticmethod
-    def forward(ctx, x, taps, dim, dilation, stride):  # type: ignore[override]
+    def forward(
+        ctx: Any, x: torch.Tensor, taps: list[float], dim: int, dilation: int, stride: int
+    ) -> torch.Tensor:
         n = x.shape[dim] - dilation * (len(taps) - 1)
         out = x.narrow(dim, 0, n) * taps[0]
         for i, w in enumerate(taps[1:], start=1):
@@ -40,7 +43,7 @@ class _Correlate(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         taps, dim, dilation, stride, size, n = ctx.settings
         if stride > 1:  # scatter the strided outputs back onto the dense valid positions
             shape = list(grad.shape)
@@ -89,7 +92,10 @@ def filter_axis(
         raise ValueError("the kernel reaches beyond the (padded) input")
     if not k.requires_grad:
         taps = [float(v) for v in k.detach().cpu().tolist()]
-        return _Correlate.apply(x, taps, axis + 2, int(dilation), int(stride))
+        out: torch.Tensor = _Correlate.apply(  # type: ignore[no-untyped-call]
+            x, taps, axis + 2, int(dilation), int(stride)
+        )
+        return out
     channels = x.shape[1]
     shape = [1] * d
     shape[axis] = k.numel()

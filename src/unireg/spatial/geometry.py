@@ -41,7 +41,8 @@ def normalized_to_voxel_matrix(shape: tuple[int, ...]) -> np.ndarray:
 def apply_matrix_np(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Apply a homogeneous ``(d+1) x (d+1)`` matrix to points ``(..., d)`` (NumPy, float64)."""
     d = matrix.shape[0] - 1
-    return points @ matrix[:d, :d].T + matrix[:d, d]
+    out: np.ndarray = points @ matrix[:d, :d].T + matrix[:d, d]
+    return out
 
 
 def linear_about(linear: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -112,12 +113,14 @@ class Geometry:
     @cached_property
     def normalized_to_world(self) -> np.ndarray:
         """Normalised coordinates -> world mm."""
-        return self.affine @ normalized_to_voxel_matrix(self.shape)
+        out: np.ndarray = self.affine @ normalized_to_voxel_matrix(self.shape)
+        return out
 
     @cached_property
     def world_to_normalized(self) -> np.ndarray:
         """World mm -> normalised coordinates."""
-        return self.voxel_to_normalized @ self.world_to_voxel
+        out: np.ndarray = self.voxel_to_normalized @ self.world_to_voxel
+        return out
 
     @property
     def center_world(self) -> np.ndarray:
@@ -129,7 +132,8 @@ class Geometry:
         """World positions (mm) of the grid's ``2^d`` corner voxel centres, ``(2^d, d)``."""
         d = self.ndim
         idx = np.array(list(itertools.product(*[(0, n - 1) for n in self.shape])), float)
-        return idx @ self.voxel_to_world[:d, :d].T + self.voxel_to_world[:d, d]
+        out: np.ndarray = idx @ self.voxel_to_world[:d, :d].T + self.voxel_to_world[:d, d]
+        return out
 
     def same_grid(self, other: Geometry, atol: float = 1e-4) -> bool:
         """True when both grids have the same shape and the same affine (to ``atol`` mm)."""
@@ -150,19 +154,21 @@ def normalized_map_matrix(
     Returns ``N_m A_m^-1 T A_f N_f^-1``: fixed-grid normalised points to moving-grid normalised
     points, where ``T`` maps fixed world mm to moving world mm.
     """
-    return (
+    out: np.ndarray = (
         moving.world_to_normalized
         @ np.asarray(world_matrix, np.float64)
         @ fixed.normalized_to_world
     )
+    return out
 
 
 def world_map_matrix(
     normalized_matrix: np.ndarray, fixed: Geometry, moving: Geometry
 ) -> np.ndarray:
     """Inverse of :func:`normalized_map_matrix`: a normalised-frame affine as a world-mm affine."""
-    return (
+    out: np.ndarray = (
         moving.normalized_to_world
         @ np.asarray(normalized_matrix, np.float64)
         @ fixed.world_to_normalized
     )
+    return out

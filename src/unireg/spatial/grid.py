@@ -123,7 +123,7 @@ def affine_grid(matrix: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     batch = matrix.shape[0]
     # out = t + sum_a M[:, a] * x_a: one small table per axis, summed by broadcasting, so
     # only the last sum writes a grid-sized tensor
-    out = None
+    out: torch.Tensor | None = None
     for a, n in enumerate(shape):
         coords = axis_coordinates(n, device=matrix.device, dtype=matrix.dtype)
         term = coords.view(1, n, 1) * matrix[:, None, :d, a]  # (B, n, d)
@@ -133,6 +133,7 @@ def affine_grid(matrix: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         view[1 + a] = n
         term = term.view(view)
         out = term if out is None else out + term
+    assert out is not None, "a grid has at least one axis"
     return out.expand(batch, *shape, d).contiguous()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -71,10 +72,12 @@ def _anderson(
     n = v[0].numel()
     # x_{k+1} = x_k + beta r_k - G gamma, G the differences of x + beta r, and gamma
     # minimising |r_k - dF gamma|, dF the differences of the residuals
-    dg = u.new_empty(b, m, n) if m else None
-    df = u.new_empty(b, m, n) if m else None
+    # (empty when m is 0: the plain iteration never reads them)
+    dg = u.new_empty(b, m, n)
+    df = u.new_empty(b, m, n)
     gram = u.new_zeros(b, m, m)
-    prev_g = prev_r = None
+    prev_g: torch.Tensor | None = None
+    prev_r: torch.Tensor | None = None
     total = 0  # differences written so far; the newest sits at slot (total - 1) % m
     residual = float("inf")
     for it in range(1, max_iter + 1):
@@ -89,6 +92,7 @@ def _anderson(
             prev_g, prev_r = g_flat, r_flat
             v = g_flat.reshape(v.shape)
             continue
+        assert prev_r is not None
         slot = total % m
         torch.sub(g_flat, prev_g, out=dg[:, slot])
         torch.sub(r_flat, prev_r, out=df[:, slot])
@@ -114,7 +118,14 @@ def _anderson(
 
 class _InvertDisplacement(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, tol, max_iter, memory, info_box):  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        u: torch.Tensor,
+        tol: float,
+        max_iter: int,
+        memory: int,
+        info_box: list[InversionInfo],
+    ) -> torch.Tensor:
         with torch.no_grad():
             v, info = _anderson(u.detach(), tol, max_iter, memory)
         info_box.append(info)
@@ -123,7 +134,7 @@ class _InvertDisplacement(torch.autograd.Function):
         return v
 
     @staticmethod
-    def backward(ctx, grad_v):  # type: ignore[override]
+    def backward(ctx: Any, grad_v: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         u, v = ctx.saved_tensors
         tol, max_iter = ctx.settings
         shape = tuple(u.shape[2:])
@@ -176,7 +187,9 @@ def invert_displacement(
     if displacement.ndim not in (4, 5) or displacement.shape[1] != displacement.ndim - 2:
         raise ValueError(f"expected a (B, d, *shape) displacement, got {tuple(displacement.shape)}")
     box: list[InversionInfo] = []
-    v = _InvertDisplacement.apply(displacement, float(tol), int(max_iter), int(memory), box)
+    v: torch.Tensor = _InvertDisplacement.apply(  # type: ignore[no-untyped-call]
+        displacement, float(tol), int(max_iter), int(memory), box
+    )
     info = box[0]
     if not info.converged:
         warnings.warn(

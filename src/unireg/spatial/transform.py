@@ -9,6 +9,7 @@ image at ``T(x)`` for every voxel ``x`` of a reference (fixed) grid. All arithme
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ class Transform:
         moving: Geometry,
         reference: Geometry,
         *,
-        method: str = "nearest",
+        method: Literal["nearest", "onehot"] = "nearest",
         background: int = 0,
     ) -> torch.Tensor:
         """Resample an integer label map ``(B, 1, *moving.shape)`` onto the reference grid."""
