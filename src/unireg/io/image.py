@@ -202,8 +202,12 @@ def load_image(
         channels: allow a 4th (channel) axis; otherwise a multi-channel file is an error.
 
     Raises:
-        ImageNotFoundError, UnsupportedFormatError, EmptyFileError, UnreadableFileError,
-        DimensionalityError, NonFiniteError.
+        ImageNotFoundError: the file does not exist.
+        UnsupportedFormatError: its extension is not one unireg reads.
+        EmptyFileError: it is empty or holds no voxels.
+        UnreadableFileError: it cannot be parsed.
+        DimensionalityError: it has the wrong number of dimensions.
+        NonFiniteError: it holds NaN or infinite values.
     """
     path = Path(path)
     image_suffix(path)

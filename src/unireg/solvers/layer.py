@@ -50,11 +50,13 @@ def dense_objective(
     """The feature objective of a dense map, one value per batch element ``(B,)``.
 
     Args:
-        fixed, moving: features ``(B, C, *shape)`` on their own grids.
+        fixed: features ``(B, C, *shape)``.
+        moving: features ``(B, C, *moving_shape)`` on their own grid.
         displacement: normalised displacement ``(B, d, *fixed_shape)`` applied before
             ``matrix``: a fixed point ``x`` is compared with the moving features at
             ``A(x + u(x))``.
-        loss, loss_options: a similarity of :func:`unireg.losses.get_loss`.
+        loss: a similarity of :func:`unireg.losses.get_loss`.
+        loss_options: its options.
         matrix: normalised fixed -> moving linear maps ``(B, d+1, d+1)`` (default identity).
         mask: fixed-grid weights ``(B, 1, *fixed_shape)``.
     """
@@ -108,11 +110,13 @@ def register_features(
     """Register ``moving`` features onto ``fixed`` features, differentiably.
 
     Args:
-        fixed, moving: ``(B, C, *shape)`` feature tensors, or mappings from pyramid factor to
-            such tensors (factor 1 required), e.g. a network's multi-scale outputs.
+        fixed: ``(B, C, *shape)`` feature tensors, or a mapping from pyramid factor to such
+            tensors (factor 1 required), e.g. a network's multi-scale outputs.
+        moving: the same for the moving images.
         stages: as for :func:`~unireg.solvers.solve`; the last must be dense.
-        fixed_geometry, moving_geometry: world placement of the full-resolution grids (one
-            for the whole batch; default unit voxels).
+        fixed_geometry: world placement of the full-resolution fixed grid (one for the whole
+            batch; default unit voxels).
+        moving_geometry: the same for the moving grid.
         step: ``eta``, the step (voxels per unit gradient) of the implicit gradient.
         seed: seeds the solver.
 

@@ -345,11 +345,13 @@ def solve(
     """Register ``moving`` features onto ``fixed`` features with ``stages``.
 
     Args:
-        fixed, moving: ``(1, C, *shape)`` tensors (same C), or mappings from pyramid factor to
-            such tensors (factor 1 required; missing levels are computed).
+        fixed: ``(1, C, *shape)`` tensor, or a mapping from pyramid factor to such tensors
+            (factor 1 required; missing levels are computed).
+        moving: the same for the moving image (same C, its own shape).
         stages: linear stages first, then at most one dense stage.
-        fixed_geometry, moving_geometry: world placement of the grids (default: unit voxels
-            at the origin). Rigid maps are rigid in these world coordinates.
+        fixed_geometry: world placement of the fixed grid (default: unit voxels at the
+            origin). Rigid maps are rigid in these world coordinates.
+        moving_geometry: the same for the moving grid.
         init: initial world map ``(d+1, d+1)`` (default identity).
         prompts: extra objective terms (label maps, landmarks).
         mask: fixed-grid weights ``(1, 1, *fixed_shape)`` for the similarity.
