@@ -3,6 +3,7 @@ tests that need it skip with a message when it is absent."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -16,6 +17,44 @@ IXI_T1 = SHARED_DATA / "ixi" / "t1"
 IXI_LABELS = SHARED_DATA / "ixi" / "labels"
 
 torch.set_num_threads(2)
+
+_SHARED_TOKENS = ("shared_file(", "SHARED_DATA", "IXI_T1", "IXI_LABELS")
+
+
+def _source(obj: object) -> str:
+    try:
+        return inspect.getsource(obj)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return ""
+
+
+def _reads_shared(source: str, helpers: set[str]) -> bool:
+    return any(t in source for t in _SHARED_TOKENS) or any(f"{h}(" in source for h in helpers)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests that read ``../shared/data`` (``-m shared_data`` / ``-m "not
+    shared_data"``): those whose code, one of their fixtures, or a helper of their module that
+    they call reads it."""
+    helpers: dict[str, set[str]] = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is None or module.__name__ in helpers:
+            continue
+        helpers[module.__name__] = {
+            name for name, obj in vars(module).items()
+            if inspect.isfunction(obj) and not name.startswith("test_")
+            and any(t in _source(obj) for t in _SHARED_TOKENS)
+        }  # fmt: skip
+    for item in items:
+        module = getattr(item, "module", None)
+        mine = helpers.get(module.__name__, set()) if module is not None else set()
+        sources = [_source(getattr(item, "function", None))]
+        info = getattr(item, "_fixtureinfo", None)
+        for defs in info.name2fixturedefs.values() if info is not None else ():
+            sources += [_source(d.func) for d in defs]
+        if any(_reads_shared(src, mine) for src in sources):
+            item.add_marker(pytest.mark.shared_data)
 
 
 def shared_file(*parts: str) -> Path:
@@ -85,3 +124,10 @@ def gaussian_blob(shape: tuple[int, ...], center, sigma: float = 2.5) -> torch.T
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
     c = torch.tensor(center, dtype=torch.float64)
     return torch.exp(-((grid - c) ** 2).sum(-1) / (2 * sigma**2))
+
+
+def voxel_lengths(u: torch.Tensor) -> torch.Tensor:
+    """Per-voxel vector length, in voxel units, of a normalised displacement ``(B, d, *S)``."""
+    shape = u.shape[2:]
+    s = torch.tensor([(n - 1) / 2 for n in shape], dtype=u.dtype).view(1, -1, *[1] * len(shape))
+    return (u * s).norm(dim=1)

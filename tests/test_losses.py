@@ -283,6 +283,7 @@ def test_chunked_mutual_information_matches_plain_autograd(keep, monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_mutual_information_aligns_a_real_t1_t2_pair():
     """IXI002's T1 and T2 (separate acquisitions of one session, each on its own oblique grid)
     brought onto one 2 mm grid through their world affines: MI is largest at no shift."""

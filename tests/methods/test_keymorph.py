@@ -709,6 +709,7 @@ def test_test_time_rotations_options_are_checked(tmp_path, capsys):
         make_method("keymorph:affine:rotations=0")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("angle", [0.0, 90.0, 180.0])
 def test_the_shipped_keymorph_model_aligns_the_demo_brains_at_any_rotation(angle, tmp_path):
     # a sanity check of the shipped file (the demo subjects are IXI *training* subjects; the
@@ -816,7 +817,7 @@ def test_the_project_training_configs_parse():
     from unireg.methods.keymorph.training import KeyMorphConfig
     from unireg.methods.sitreg.training import SITRegConfig
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     km = KeyMorphConfig.from_file(root / "keymorph_ixi_2mm.toml")
     assert km.rotation == 180.0 and km.spacing_mm == 2.0 and km.num_keypoints == 64
     anat = KeyMorphConfig.from_file(root / "keymorph_ixi_4mm_anatomical.toml")

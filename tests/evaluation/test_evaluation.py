@@ -142,6 +142,7 @@ def test_pairs_csv_errors_name_the_file(tmp_path):
         pairs_from_csv(bad)
 
 
+@pytest.mark.slow
 def test_demo_runs_on_the_shipped_brains(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "-o", str(out), "--method", "affine"]) == 0

@@ -286,6 +286,7 @@ def test_label_prompt_resolves_what_intensity_cannot():
 # -- image-level API ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_register_is_repeatable_with_a_seed_and_reports_its_trace():
     fixed = _image((24, 24, 20), spacing=(2.0, 2.0, 2.0), seed=7)
     truth = _about_centre(_rigid_world([5.0, 3.0, -4.0], [2.0, 1.0, 0.0]), fixed.geometry)

@@ -166,6 +166,7 @@ def test_register_cli_sitreg_model_errors_name_the_file(tmp_path, capsys):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("variant", "affine"), [("standard", "affine"), (None, "affine-gn")])
 def test_the_shipped_sitreg_model_improves_on_its_affine_stage_on_the_demo_brains(variant, affine):
     # a sanity check of the shipped files (the demo subjects are IXI *training* subjects; the
@@ -197,6 +198,7 @@ def test_the_shipped_sitreg_model_improves_on_its_affine_stage_on_the_demo_brain
     assert full["inverse_consistency_mean_mm"] < (0.25 if lite else 0.1)
 
 
+@pytest.mark.slow
 def test_sitreg_with_the_keymorph_stage_registers_heads_in_any_orientation():
     # the default affine stage (affine-gn, from the centres of mass) cannot bring a head
     # turned by 180 degrees within the network's reach; KeyMorph's keypoints can

@@ -105,6 +105,7 @@ def test_register_errors_name_the_file_and_leave_nothing(pair, tmp_path, capsys)
     assert "nope.nii.gz" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_register_real_ixi_pair_beats_no_registration(tmp_path):
     f = shared_file("ixi", "t1", "IXI012-HH-1211-T1_ds.nii.gz")
     m = shared_file("ixi", "t1", "IXI013-HH-1212-T1_ds.nii.gz")

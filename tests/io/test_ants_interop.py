@@ -115,6 +115,7 @@ def ants_registration(tmp_path_factory, request):
     return fixed_path, moving_path, fa, ma, reg
 
 
+@pytest.mark.slow
 def test_ants_registration_read_and_applied_by_unireg(ants_registration):
     fixed_path, moving_path, fa, ma, reg = ants_registration
     fixed, moving = load_image(fixed_path), load_image(moving_path)
@@ -165,6 +166,7 @@ def test_2d_transforms_match_ants(tmp_path):
         assert interior_difference(ours, theirs) < 1e-4, name
 
 
+@pytest.mark.slow
 def test_different_oblique_anisotropic_grids_match_ants(tmp_path):
     """IXI002: T2 (256x256x130, 0.94x0.94x1.25 mm, oblique) onto T1 (150x256x256, 1.2x0.94x0.94,
     another oblique grid): plain resampling and a transform, unireg against ANTs."""
