@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pathlib is imported when an error is raised (the CLI's --help needs none)
+    from pathlib import Path
 
 
 class UniregError(Exception):
     """Base class of every error unireg raises on purpose."""
 
     def __init__(self, message: str, path: str | Path | None = None) -> None:
+        from pathlib import Path
+
         self.path = None if path is None else Path(path)
         super().__init__(f"{self.path}: {message}" if self.path is not None else message)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from unireg.cli import VERBS
-from unireg.methods.registry import MODELS_DIR, entries
+from unireg.methods.registry import entries
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Print the registry (reads no model file)."""
-    from unireg.methods.registry import get
+    from unireg.methods.registry import get, models_dir
 
     chosen = [get(args.method)] if args.method else list(entries().values())
     for entry in chosen:
@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
             choices = f", one of {'/'.join(map(str, info.choices))}" if info.choices else ""
             print(f"  {info.flag:<16} {where}, default {info.default}{choices}")
         for i, (name, file) in enumerate(entry.models.items()):
-            size = (MODELS_DIR / file).stat().st_size / 2**20 if (MODELS_DIR / file).exists() else 0
+            path = models_dir() / file
+            size = path.stat().st_size / 2**20 if path.exists() else 0
             tag = " (default)" if i == 0 else ""
             print(f"  model {name:<11} {file} {size:.1f} MB{tag}")
     return 0

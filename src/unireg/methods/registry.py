@@ -15,13 +15,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unireg.errors import UniregError
 from unireg.methods.base import Method, MethodEntry, MethodOptions, OptionError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pathlib, torch: imported when used (the CLI's --help needs neither)
+    from pathlib import Path
+
     from torch import nn
 
     from unireg.training.checkpoint import Checkpoint
@@ -33,7 +34,12 @@ PACKAGES = (
     "unireg.methods.sitreg",
 )
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+
+def models_dir() -> Path:
+    """``unireg/models/``: the shipped models."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "models"
 
 
 @cache
@@ -109,13 +115,15 @@ def create(
 def model_path(method: str, model: str | Path | None = None) -> Path:
     """The checkpoint file of ``model`` for ``method``: its default shipped model when None,
     a shipped model by name (``entry.models``), or a path."""
+    from pathlib import Path
+
     entry = get(method)
     if model is None:
         if entry.default_model is None:
             raise OptionError(f"{method} ships no model")
-        return MODELS_DIR / entry.models[entry.default_model]
+        return models_dir() / entry.models[entry.default_model]
     if str(model) in entry.models:
-        return MODELS_DIR / entry.models[str(model)]
+        return models_dir() / entry.models[str(model)]
     return Path(model)
 
 
