@@ -141,5 +141,19 @@ def test_a_new_method_is_one_package_and_one_registry_line(tmp_path, monkeypatch
         metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
         assert metrics["method"] == "shift" and metrics["mm"] == 4.0
         assert (tmp_path / "out" / "transform.nii.gz").exists()
+        # the config form: a TOML table of the same options, overridden by flags
+        config = tmp_path / "shift.toml"
+        config.write_text("[shift]\nmm = 1.5\n")
+        for extra, expected in (([], 1.5), (["--mm", "3"], 3.0)):
+            out = tmp_path / f"out{expected}"
+            image_path = str(tmp_path / "f.nii.gz")
+            rc = main(["register", image_path, image_path, "-o", str(out), "--method", "shift",
+                       "--options", str(config), "-q", *extra])  # fmt: skip
+            assert rc == 0
+            assert json.loads((out / "metrics.json").read_text())["mm"] == expected
+        config.write_text("[shift]\nmm = 'far'\n")
+        rc = main(["register", "nothing.nii.gz", "nothing.nii.gz", "-o", str(tmp_path / "bad"),
+                   "--method", "shift", "--options", str(config)])  # fmt: skip
+        assert rc == 1 and not (tmp_path / "bad").exists()
     finally:
         registry.entries.cache_clear()

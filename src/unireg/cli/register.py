@@ -75,19 +75,29 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 in metrics.json")
     p.add_argument("--report", action="store_true", help="also write report.png")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--options",
+        default=None,
+        metavar="TOML",
+        help="the method's options from a TOML file (its [METHOD] table, or the top level; "
+        "keys as in spec strings); flags given override it",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", "-q", action="store_true")
     return p
 
 
 def method_options(args: argparse.Namespace) -> Any:
-    """The chosen method's validated options from the flags given; a flag of another method
-    is an :class:`~unireg.methods.base.OptionError`."""
+    """The chosen method's validated options from ``--options`` (a TOML file) and the flags
+    given, which override it; a flag of another method, or a bad file or value, is an
+    :class:`~unireg.methods.base.OptionError`."""
     from unireg.methods.base import OptionError
 
     entry = entries()[args.method]
     mine = {i.flag: i for i in entry.options.infos()}
-    values = {}
+    values: dict[str, Any] = {}
+    if getattr(args, "options", None):
+        values.update(_options_file(args.options, entry.name))
     for flag, users in method_flags().items():
         dest = _dest(flag)
         if not hasattr(args, dest):
@@ -97,6 +107,24 @@ def method_options(args: argparse.Namespace) -> Any:
             raise OptionError(f"{flag} is not an option of --method {args.method} ({takers})")
         values[mine[flag].name] = getattr(args, dest)
     return entry.options.from_mapping(values, where=f"--method {args.method}", method=entry.name)
+
+
+def _options_file(path: str, method: str) -> dict[str, Any]:
+    """A method's option table from a TOML file: its ``[METHOD]`` table if it has one, else
+    the file's top level."""
+    import tomllib
+
+    from unireg.methods.base import OptionError
+
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise OptionError(f"{path}: not a readable TOML options file ({err})") from err
+    chosen = table.get(method, table)
+    if not isinstance(chosen, dict):
+        raise OptionError(f"{path}: [{method}] is not a table")
+    return chosen
 
 
 def run(args: argparse.Namespace) -> int:
