@@ -52,3 +52,20 @@ class TransformFormatError(UniregError):
 
 class ManifestError(UniregError):
     """A dataset manifest (CSV) is malformed: missing columns, bad rows, missing files."""
+
+
+class OrientationError(UniregError):
+    """The file's voxel-to-world mapping is missing (qform and sform codes 0), not finite,
+    or singular."""
+
+
+class ImageTooLargeError(UniregError):
+    """The header claims more voxels than the available memory can take."""
+
+
+class LabelValueError(UniregError):
+    """A label map holds values that are not integers or do not fit a 32-bit integer."""
+
+
+class ConstantImageError(UniregError):
+    """An image with one value everywhere, or a label map or mask with no foreground."""

@@ -54,7 +54,7 @@ def test_register_writes_the_contract_and_ants_reproduces_the_warp(pair, tmp_pat
     assert rc == 0
     names = {p.name for p in out.iterdir()}
     assert names == {"warped.nii.gz", "warped_labels.nii.gz", "transform.nii.gz", "affine.mat",
-                     "inverse_transform.nii.gz", "metrics.json"}  # fmt: skip
+                     "inverse_transform.nii.gz", "metrics.json", "manifest.json"}  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     flab, mlab = load_labels(fl), load_labels(ml)
     before = label_metrics(flab, resample(mlab, flab.geometry), hd95=False)["dice_mean"]
@@ -97,9 +97,10 @@ def test_register_errors_name_the_file_and_leave_nothing(pair, tmp_path, capsys)
     assert "flat.nii.gz" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
     # a label map on another grid than its image
-    assert main(["register", str(f), str(m), "-o", str(out), "--fixed-labels", str(ml), "-q"]) == 1
+    labels = ["--fixed-labels", str(ml), "--moving-labels", str(ml)]
+    assert main(["register", str(f), str(m), "-o", str(out), *labels, "-q"]) == 1
     err = capsys.readouterr().err
-    assert "moving_labels.nii.gz" in err or "fixed.nii.gz" in err
+    assert "GridMismatchError" in err and "moving_labels.nii.gz" in err
     assert not out.exists() or not any(out.iterdir())
     assert main(["register", str(f), str(tmp_path / "nope.nii.gz"), "-o", str(out), "-q"]) == 1
     assert "nope.nii.gz" in capsys.readouterr().err

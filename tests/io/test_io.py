@@ -16,6 +16,7 @@ from unireg.errors import (
     EmptyFileError,
     GridMismatchError,
     ImageNotFoundError,
+    LabelValueError,
     NonFiniteError,
     UniregError,
     UnreadableFileError,
@@ -182,7 +183,7 @@ def test_label_grid_mismatch(tmp_path):
 
 def test_non_integer_label_map(tmp_path):
     nib.save(nib.Nifti1Image(np.full((4, 4, 4), 1.5, np.float32), np.eye(4)), tmp_path / "l.nii")
-    with pytest.raises(UnreadableFileError, match="non-integer"):
+    with pytest.raises(LabelValueError, match="non-integer"):
         load_labels(tmp_path / "l.nii")
 
 

@@ -450,7 +450,7 @@ def test_training_config_errors_name_the_file_and_setting(tmp_path):
     bad.write_text('transform = "bspline"\n')
     with pytest.raises(ValueError, match="transform"):
         KeyMorphConfig.from_file(bad)
-    assert main(["train", "keymorph", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert main(["train", "keymorph", "--config", str(tmp_path / "missing.toml")]) == 1
 
 
 @pytest.mark.parametrize("transform", ["affine", "tps"])
@@ -475,7 +475,7 @@ def test_register_cli_keymorph_writes_the_contract(tmp_path, transform):
     # to a near-degenerate map, and the ANTs check below is about the file, not the model)
     assert rc == 0
     names = {p.name for p in out.iterdir()}
-    expected = {"warped.nii.gz", "warped_labels.nii.gz", "transform.nii.gz", "metrics.json",
+    expected = {"warped.nii.gz", "warped_labels.nii.gz", "transform.nii.gz", "metrics.json", "manifest.json",
                 "keypoints.csv", "report.png", "keypoints.png"}  # fmt: skip
     if transform == "affine":
         expected |= {"affine.mat", "inverse_transform.nii.gz"}

@@ -120,7 +120,7 @@ def test_register_cli_sitreg_writes_the_contract(tmp_path):
     assert rc == 0
     names = {p.name for p in out.iterdir()}
     assert names == {"warped.nii.gz", "warped_labels.nii.gz", "transform.nii.gz", "affine.mat",
-                     "inverse_transform.nii.gz", "metrics.json"}  # fmt: skip
+                     "inverse_transform.nii.gz", "metrics.json", "manifest.json"}  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "sitreg" and metrics["affine"] == "rigid"
     assert metrics["folding_percent"] == 0.0 and "inverse_consistency_mean_mm" in metrics

@@ -3,6 +3,10 @@
 Building the parser imports only argparse and the method registry (plain Python), so
 ``unireg --help`` and ``unireg VERB --help`` start at once; each verb imports torch and the
 code it runs only when it runs.
+
+Exit codes: 0 success; 1 a named error (bad input, option or output path: one line naming the
+file and the problem); 2 a command-line usage error; 3 an unexpected internal error (one line;
+``--debug`` prints the traceback); 4 out of memory; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -30,6 +34,21 @@ VERBS = {
 }
 
 
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_MEMORY, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+
+
+def add_orientation_flag(p: argparse.ArgumentParser) -> None:
+    """``--assume-orientation``: axis codes for input files that carry no orientation."""
+    p.add_argument(
+        "--assume-orientation",
+        default=None,
+        metavar="CODES",
+        help="for NIfTI inputs with qform and sform codes 0 (no orientation), which are refused "
+        "otherwise: the directions of the array axes, e.g. RAS or LPS (voxel sizes from the "
+        "header, centred on the origin); files with an orientation keep theirs",
+    )
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser of the ``unireg`` command (no torch, no NumPy). With ``argv``, only
     the verb it names gets its full parser (the others a placeholder with their help line),
@@ -39,6 +58,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         description="unireg: learning-based medical image registration in physical space.",
     )
     parser.add_argument("--version", action="version", version=f"unireg {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, print the full traceback (may also be given after the verb)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     named = None if argv is None else next((a for a in argv if a in VERBS), "")
     for verb, line in VERBS.items():
@@ -54,19 +78,44 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``unireg`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    args.command_line = ["unireg", *argv]
+    where = f"unireg {args.command}"
     try:
         return int(importlib.import_module(args.verb_module).run(args))
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         sys.stdout = open(os.devnull, "w")  # silence the flush at exit
         return 0
     except UniregError as e:
-        print(f"unireg {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        _report(where, f"{type(e).__name__}: {e}", debug)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _report(where, "interrupted; no output was published", debug)
+        return EXIT_INTERRUPTED
+    except MemoryError as e:
+        _report(where, f"out of memory ({e or 'allocation failed'}); try smaller images, "
+                "--device cuda, or fewer threads", debug)  # fmt: skip
+        return EXIT_MEMORY
+    except Exception as e:
+        _report(where, f"internal error ({type(e).__name__}: {e}); rerun with --debug for the "
+                "traceback and report it", debug)  # fmt: skip
+        return EXIT_INTERNAL
+
+
+def _report(where: str, message: str, debug: bool) -> None:
+    """One line on stderr; with ``--debug`` the traceback first."""
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    first = message.strip().splitlines()[0] if message.strip() else message
+    print(f"{where}: error: {first}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

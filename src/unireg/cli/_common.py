@@ -18,6 +18,28 @@ def device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_output_file(path: str | Path, what: str = "--output") -> Path:
+    """Refuse an output file path before any work: a known image extension, not a folder,
+    and a writable place (its folder, or the nearest existing folder above it)."""
+    import os
+
+    from unireg.io.image import image_suffix
+    from unireg.io.outputs import OutputPathError
+
+    out = Path(path)
+    image_suffix(out)
+    if out.is_dir():
+        raise OutputPathError(f"{what} is a folder; give a file name such as out.nii.gz", out)
+    if out.exists() and not os.access(out, os.W_OK):
+        raise OutputPathError(f"{what} exists and is not writable", out)
+    folder = out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{what}: cannot write into this folder (no permission)", folder)
+    return out
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as indented JSON, atomically."""
     from unireg.io.files import write_atomic

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from unireg.cli import VERBS
+from unireg.cli import VERBS, add_orientation_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="default: linear for images, nearest for label maps",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_orientation_flag(p)
     p.add_argument("--quiet", "-q", action="store_true")
     return p
 
@@ -43,19 +44,20 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Apply saved transform(s) to an image or label map, onto the reference grid."""
     import time
-    from pathlib import Path
 
-    from unireg.cli._common import device
+    from unireg.cli._common import check_output_file, device
     from unireg.errors import DimensionalityError, UniregError
-    from unireg.io.image import image_suffix, load_image, resample, save_image
+    from unireg.io.image import load_image, resample, save_image
     from unireg.io.transforms import load_transforms
 
-    out = Path(args.output)
-    image_suffix(out)  # fail on a bad output name before any work
+    out = check_output_file(args.output)  # a bad output path fails before any work
     dev = device(args.device)
     transform = load_transforms(args.transforms)
-    reference = load_image(args.reference, channels=True)
-    moving = load_image(args.image, label=args.labels, channels=not args.labels)
+    orient = args.assume_orientation
+    reference = load_image(args.reference, channels=True, assume_orientation=orient)
+    moving = load_image(
+        args.image, label=args.labels, channels=not args.labels, assume_orientation=orient
+    )
     for what, img in (("reference", reference), ("image", moving)):
         if img.ndim != transform.ndim:
             raise DimensionalityError(

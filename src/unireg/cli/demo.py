@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from unireg.cli import VERBS
 
@@ -29,6 +30,26 @@ def run(args: argparse.Namespace) -> int:
     from importlib import resources
     from pathlib import Path
 
+    data = resources.files("unireg.demo_data")
+    fixed_p = Path(str(data / "IXI012-HH-1211-T1_ds.nii.gz"))
+    moving_p = Path(str(data / "IXI013-HH-1212-T1_ds.nii.gz"))
+    fixed_l = Path(str(data / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"))
+    moving_l = Path(str(data / "IXI013-HH-1212-T1_ds_DLMUSE.nii.gz"))
+    from unireg.cli.register import OUTPUTS
+    from unireg.io.outputs import OutputFolder
+
+    folder = OutputFolder(args.output, (*OUTPUTS, "metrics.md"), command="unireg demo")
+    with folder:
+        out = folder.stage
+        assert out is not None
+        _demo(args, out, data, fixed_p, moving_p, fixed_l, moving_l)
+        written = folder.commit({"command": getattr(args, "command_line", ["unireg", "demo"])})
+    for name in written:
+        print(f"wrote {folder.target / name}")
+    return 0
+
+
+def _demo(args: argparse.Namespace, out: Any, data: Any, *paths: Any) -> None:
     from unireg.cli._common import write_json
     from unireg.evaluation import Pair, evaluate, make_method, markdown_table, summarize
     from unireg.io.files import write_atomic
@@ -36,13 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from unireg.metrics import json_ready, registration_metrics
     from unireg.report import registration_report
 
-    data = resources.files("unireg.demo_data")
-    fixed_p = Path(str(data / "IXI012-HH-1211-T1_ds.nii.gz"))
-    moving_p = Path(str(data / "IXI013-HH-1212-T1_ds.nii.gz"))
-    fixed_l = Path(str(data / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"))
-    moving_l = Path(str(data / "IXI013-HH-1212-T1_ds_DLMUSE.nii.gz"))
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    fixed_p, moving_p, fixed_l, moving_l = paths
     print(f"unireg demo: registering {moving_p.name} onto {fixed_p.name} (IXI, CC BY-SA 3.0; "
           f"see {data / 'ATTRIBUTION.txt'})")  # fmt: skip
     fixed, moving = load_image(fixed_p), load_image(moving_p)
@@ -51,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     method = make_method(spec)
     result = method.register(fixed, moving, seed=0)
     metrics = registration_metrics(result, fixed_labels=flab, moving_labels=mlab)
-    written = result.save(out, moving_labels=mlab)
+    result.save(out, moving_labels=mlab)
     write_json(out / "metrics.json", json_ready({"method": spec, **metrics}))
     registration_report(result, fixed, moving, out / "report.png", metrics=metrics,
                         title=f"unireg demo: {spec}, IXI013 onto IXI012")  # fmt: skip
@@ -67,6 +82,3 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table(summarize(table_rows))
     write_atomic(out / "metrics.md", lambda tmp: tmp.write_text(table))
     print(table)
-    for path in [*written.values(), out / "metrics.json", out / "metrics.md", out / "report.png"]:
-        print(f"wrote {path}")
-    return 0

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from unireg.cli import add_orientation_flag
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``info`` subcommand's parser."""
     p = sub.add_parser("info", help="print grid, orientation and range of image files")
     p.add_argument("images", nargs="+", metavar="IMAGE")
+    add_orientation_flag(p)
     return p
 
 
@@ -19,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from unireg.io.image import load_image
 
     for p in args.images:
-        img = load_image(p, channels=True)
+        img = load_image(p, channels=True, assume_orientation=args.assume_orientation)
         data = img.data
         codes = "".join(nib.aff2axcodes(img.affine))
         print(

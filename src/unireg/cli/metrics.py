@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from unireg.cli import VERBS
+from unireg.cli import VERBS, add_orientation_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="comma-separated labels (default: all in fixed)")
     p.add_argument("--no-hd95", action="store_true", help="Dice only (faster)")
     p.add_argument("--json", action="store_true", help="print JSON (NaN as null)")
+    add_orientation_flag(p)
     return p
 
 
@@ -32,11 +33,12 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from unireg.errors import DimensionalityError, UniregError
-    from unireg.io.image import load_labels, resample
+    from unireg.io.image import check_has_labels, load_labels, resample
     from unireg.metrics import json_ready, label_metrics
 
-    fixed = load_labels(args.fixed_labels)
-    moving = load_labels(args.moving_labels)
+    fixed = load_labels(args.fixed_labels, assume_orientation=args.assume_orientation)
+    moving = load_labels(args.moving_labels, assume_orientation=args.assume_orientation)
+    check_has_labels(fixed, "fixed label map")
     if fixed.ndim != moving.ndim:
         raise DimensionalityError(
             f"is {moving.ndim}D but the fixed label map is {fixed.ndim}D", moving.path

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from unireg.cli import VERBS
+from unireg.cli import VERBS, add_orientation_flag
 from unireg.methods.base import OptionInfo
 from unireg.methods.registry import entries
 
@@ -83,6 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "keys as in spec strings); flags given override it",
     )
     p.add_argument("--seed", type=int, default=0)
+    add_orientation_flag(p)
     p.add_argument("--quiet", "-q", action="store_true")
     return p
 
@@ -127,77 +128,118 @@ def _options_file(path: str, method: str) -> dict[str, Any]:
     return chosen
 
 
-def run(args: argparse.Namespace) -> int:
-    """Register MOVING onto FIXED and write the contract's files into OUTDIR."""
-    from pathlib import Path
+# the files `unireg register` may write into OUTDIR (the command-line contract)
+OUTPUTS = (
+    "warped.nii.gz", "warped_labels.nii.gz", "transform.nii.gz", "affine.mat",
+    "inverse_transform.nii.gz", "metrics.json", "keypoints.csv", "report.png", "keypoints.png",
+)  # fmt: skip
 
-    from unireg.cli._common import device, write_json
+
+def check_arguments(args: argparse.Namespace) -> Any:
+    """Everything about the command line that can be checked without reading a file: the
+    method's options and the combinations of flags. Returns the validated options."""
     from unireg.errors import UniregError
-    from unireg.io.image import check_same_grid, load_labels, load_pair
-    from unireg.methods import Prompts, create
-    from unireg.metrics import json_ready, registration_metrics
-    from unireg.result import KeyMorphExtras
 
     entry = entries()[args.method]
-    options = method_options(args)  # before any file is read
+    options = method_options(args)
+    if args.fixed_labels is not None and args.moving_labels is None:
+        raise UniregError(
+            "--fixed-labels needs --moving-labels (Dice compares the warped moving labels "
+            "with the fixed ones)"
+        )
     if args.label_prompt > 0 and (args.fixed_labels is None or args.moving_labels is None):
         raise UniregError("--label-prompt needs --fixed-labels and --moving-labels")
+    if args.label_prompt < 0:
+        raise UniregError(f"--label-prompt must be >= 0, got {args.label_prompt}")
     steering = [n for n, given in (("labels", args.label_prompt > 0),
                                    ("mask", args.fixed_mask is not None)) if given]  # fmt: skip
     refused = [n for n in steering if n not in entry.prompts]
     if refused:
         raise UniregError(f"--method {args.method} takes no {' or '.join(refused)} prompt")
+    return options
+
+
+def provenance(args: argparse.Namespace) -> dict[str, Any]:
+    """What made this result: the command line and each input file's path, size and
+    SHA-256 (recorded in metrics.json and manifest.json)."""
+    import sys
+
+    from unireg.io.outputs import file_record
+
+    named = {"fixed": args.fixed, "moving": args.moving, "fixed_labels": args.fixed_labels,
+             "moving_labels": args.moving_labels, "fixed_mask": args.fixed_mask,
+             "options": args.options}  # fmt: skip
+    command = getattr(args, "command_line", None) or ["unireg", *sys.argv[1:]]
+    return {
+        "command": list(command),
+        "inputs": {k: file_record(v) for k, v in named.items() if v is not None},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Register MOVING onto FIXED and write the contract's files into OUTDIR, all at once."""
+    from unireg import __version__
+    from unireg.cli._common import device, write_json
+    from unireg.io.image import check_registrable, check_same_grid, load_labels, load_pair
+    from unireg.io.outputs import OutputFolder
+    from unireg.methods import Prompts, create
+    from unireg.metrics import json_ready, registration_metrics
+    from unireg.result import KeyMorphExtras
+
+    entry = entries()[args.method]
+    options = check_arguments(args)  # before any file is read
     dev = device(args.device)
-    fixed, moving, fixed_labels, moving_labels = load_pair(
-        args.fixed, args.moving, args.fixed_labels, args.moving_labels, channels=True
-    )
-    mask = None if args.fixed_mask is None else load_labels(args.fixed_mask)
-    if mask is not None:
-        check_same_grid(fixed, mask)
-    prompts = Prompts(fixed_labels, moving_labels, args.label_prompt, mask=mask)
-    progress = None if args.quiet else (lambda line: print(line, flush=True))
-    method = create(entry, options, device=str(dev))
-    result = method.register(fixed, moving, prompts=prompts, seed=args.seed, progress=progress)
-    metrics = registration_metrics(
-        result, fixed_labels=fixed_labels, moving_labels=moving_labels, hd95=not args.no_hd95
-    )
-    setting = options.to_dict()
-    metrics = {"method": args.method, "spec": options.to_spec(args.method), **setting, **metrics}
-    out = Path(args.output)
-    written = result.save(out, moving_labels=moving_labels)
-    extras = result.extras
-    try:
-        write_json(out / "metrics.json", json_ready(metrics))
-        written["metrics"] = out / "metrics.json"
+    with OutputFolder(args.output, OUTPUTS, command="unireg register") as folder:
+        fixed, moving, fixed_labels, moving_labels = load_pair(
+            args.fixed, args.moving, args.fixed_labels, args.moving_labels, channels=True,
+            assume_orientation=args.assume_orientation,
+        )  # fmt: skip
+        mask = None
+        if args.fixed_mask is not None:
+            mask = load_labels(args.fixed_mask, assume_orientation=args.assume_orientation)
+            check_same_grid(fixed, mask)
+        check_registrable(fixed, moving, fixed_labels, moving_labels, mask)
+        made = provenance(args)
+        prompts = Prompts(fixed_labels, moving_labels, args.label_prompt, mask=mask)
+        progress = None if args.quiet else (lambda line: print(line, flush=True))
+        method = create(entry, options, device=str(dev))
+        result = method.register(fixed, moving, prompts=prompts, seed=args.seed, progress=progress)
+        metrics = registration_metrics(
+            result, fixed_labels=fixed_labels, moving_labels=moving_labels, hd95=not args.no_hd95
+        )
+        setting = options.to_dict()
+        spec = options.to_spec(args.method)
+        metrics = {"method": args.method, "spec": spec, **setting, **metrics,
+                   "unireg_version": __version__, **made}  # fmt: skip
+        stage = folder.stage
+        assert stage is not None
+        result.save(stage, moving_labels=moving_labels)
+        write_json(stage / "metrics.json", json_ready(metrics))
+        extras = result.extras
         keypoints = isinstance(extras, KeyMorphExtras) and extras.keypoints_fixed is not None
         if keypoints:
             from unireg.methods.keymorph.inference import write_keypoints_csv
 
-            written["keypoints"] = write_keypoints_csv(result, out / "keypoints.csv")
+            write_keypoints_csv(result, stage / "keypoints.csv")
         if args.report:
             from unireg.report import keypoint_figure, registration_report
 
             fixed_img = fixed.with_data(fixed.data.to("cpu"))
-            registration_report(result, fixed_img, moving, out / "report.png", metrics=metrics)
-            written["report"] = out / "report.png"
+            registration_report(result, fixed_img, moving, stage / "report.png", metrics=metrics)
             if keypoints:
                 assert isinstance(extras, KeyMorphExtras)
                 kps = {"fixed": extras.keypoints_fixed, "moving": extras.keypoints_moving,
                        "aligned": extras.keypoints_aligned}  # fmt: skip
-                written["keypoint_figure"] = keypoint_figure(
-                    fixed_img, moving, kps, out / "keypoints.png", warped=result.warped,
+                keypoint_figure(
+                    fixed_img, moving, kps, stage / "keypoints.png", warped=result.warped,
                     title=f"{extras.method}: {len(kps['fixed'])} keypoints (world mm)",
                 )  # fmt: skip
-    except BaseException:
-        for path in written.values():
-            path.unlink(missing_ok=True)
-        raise
+        written = folder.commit({"method": args.method, "spec": spec, **made})
     if not args.quiet:
-        line = f"{options.to_spec(args.method)} in {result.elapsed:.1f} s"
+        line = f"{spec} in {result.elapsed:.1f} s"
         if "dice_mean" in metrics:
             line += f", mean Dice {metrics['dice_mean']:.4f}"
         line += f", folding {metrics['folding_percent']:.3f} %"
         print(line)
-        for path in written.values():
-            print(f"wrote {path}")
+        print(f"wrote {folder.target}: {', '.join(written)}")
     return 0

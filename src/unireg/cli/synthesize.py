@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from unireg.cli import VERBS
+from unireg.cli import VERBS, add_orientation_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-deformation", action="store_true", help="keep the anatomy as it is")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_orientation_flag(p)
     p.add_argument("--quiet", "-q", action="store_true")
     return p
 
@@ -32,28 +33,34 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Draw synthetic images of random contrast from a label map (SynthSeg-style)."""
     import time
-    from pathlib import Path
 
-    from unireg.cli._common import device
+    from unireg.cli._common import check_output_file, device
     from unireg.data.synthesis import LabelSynthesis
-    from unireg.io.image import Image, LabelMap, image_suffix, load_labels, save_image
+    from unireg.errors import UniregError
+    from unireg.io.image import Image, LabelMap, check_has_labels, load_labels, save_image
+    from unireg.io.outputs import publish_files
 
-    out = Path(args.output)
-    image_suffix(out)
-    labels_out = None if args.labels_output is None else Path(args.labels_output)
-    if labels_out is not None:
-        image_suffix(labels_out)
+    out = check_output_file(args.output)
+    labels_out = None
+    if args.labels_output is not None:
+        labels_out = check_output_file(args.labels_output, "--labels-output")
+        if labels_out.absolute() == out.absolute():
+            raise UniregError("--labels-output and --output name the same file", out)
     dev = device(args.device)
-    labels = load_labels(args.labels)
+    labels = load_labels(args.labels, assume_orientation=args.assume_orientation)
+    check_has_labels(labels, "label map")
     synth = LabelSynthesis(deformation=0.0 if args.no_deformation else 3.0)
     start = time.perf_counter()
     result = synth(labels.data[None].to(dev), seed=args.seed)
     elapsed = time.perf_counter() - start
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(Image(result["image"][0].cpu(), labels.affine), out)
+    image = Image(result["image"][0].cpu(), labels.affine)
+    jobs = [(out, lambda tmp: save_image(image, tmp))]
     if labels_out is not None:
-        labels_out.parent.mkdir(parents=True, exist_ok=True)
-        save_image(LabelMap(result["labels"][0].cpu(), labels.affine), labels_out)
+        deformed = LabelMap(result["labels"][0].cpu(), labels.affine)
+        jobs.append((labels_out, lambda tmp: save_image(deformed, tmp)))
+    for path, _ in jobs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    publish_files(jobs)  # both files appear, or neither
     if not args.quiet:
         k = result["label_values"].numel()
         print(f"wrote {out}: {k} labels, seed {args.seed}, {elapsed:.2f} s")

@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
+    from unireg.errors import UniregError
     from unireg.methods.base import import_object
     from unireg.methods.registry import get
 
@@ -46,12 +47,13 @@ def run(args: argparse.Namespace) -> int:
         overrides["steps"] = args.steps
     try:
         cfg = config_class.from_file(args.config, **overrides)
+    except UniregError:
+        raise
     except (FileNotFoundError, ValueError, TypeError) as err:
-        print(f"unireg train: error: {err}", file=sys.stderr)
-        return 2
+        raise UniregError(f"bad training config ({err})", args.config) from err
     trainer = trainer_class(cfg)
-    if trainer.step:
-        print(f"resuming {cfg.output}/last.pt at step {trainer.step}", file=sys.stderr)
+    if trainer.resumed_from is not None:
+        print(f"resuming {trainer.resumed_from} at step {trainer.step}", file=sys.stderr)
     losses = trainer.run(progress=not args.quiet)
     final = trainer.save("final.pt")
     tail = losses[-20:]

@@ -26,7 +26,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path`` atomically.
 
     On any error the temporary file is removed and ``path`` is left untouched, so no
-    half-written output ever exists under the final name.
+    half-written output ever exists under the final name. The file gets the permissions the
+    umask allows (as ``open`` would give it), not the temporary file's 0600.
     """
     path = Path(path)
     if not path.parent.exists():
@@ -36,10 +37,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> Path:

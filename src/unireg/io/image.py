@@ -23,12 +23,21 @@ from nibabel.orientations import (
 )
 
 from unireg.errors import (
+    ConstantImageError,
     DimensionalityError,
     EmptyFileError,
     GridMismatchError,
+    ImageTooLargeError,
     NonFiniteError,
+    OrientationError,
     UnreadableFileError,
     UnsupportedFormatError,
+)
+from unireg.io.checks import (
+    check_affine,
+    check_claimed_size,
+    check_label_values,
+    orientation_affine,
 )
 from unireg.io.files import check_input_file, write_atomic
 from unireg.spatial.geometry import Geometry
@@ -166,7 +175,7 @@ def _spatial_layout(shape: tuple[int, ...], ndim: int | None, path: Path) -> tup
     # Drop trailing singleton axes beyond the third (e.g. time = 1).
     while len(dims) > 3 and dims[-1] == 1:
         dims.pop()
-    if ndim == 2 and len(dims) == 3 and dims[2] == 1:
+    if ndim != 3 and len(dims) == 3 and dims[2] == 1:  # a 2D slice stored as (X, Y, 1)
         dims.pop()
     if len(dims) == 2:
         spatial, channels = 2, 1
@@ -182,6 +191,14 @@ def _spatial_layout(shape: tuple[int, ...], ndim: int | None, path: Path) -> tup
         )
     if ndim is not None and spatial != ndim:
         raise DimensionalityError(f"expected a {ndim}D image, got array of shape {shape}", path)
+    thin = [axis for axis in range(spatial) if dims[axis] < 2]
+    if thin:
+        raise DimensionalityError(
+            f"array of shape {shape} has a single voxel along axis {thin[0]}; unireg needs at "
+            "least 2 voxels along every spatial axis (a 2D slice is stored as (X, Y) or "
+            "(X, Y, 1), in the axial plane)",
+            path,
+        )
     return spatial, channels
 
 
@@ -191,6 +208,7 @@ def load_image(
     label: bool = False,
     ndim: int | None = None,
     channels: bool = False,
+    assume_orientation: str | None = None,
 ) -> Image:
     """Read a NIfTI (``.nii``, ``.nii.gz``) or MGZ/MGH file with its world affine.
 
@@ -200,6 +218,13 @@ def load_image(
         ndim: require 2 or 3 spatial dimensions (``None`` accepts either). A 2D slice stored as
             ``(X, Y, 1)`` is read as 2D when ``ndim=2``.
         channels: allow a 4th (channel) axis; otherwise a multi-channel file is an error.
+        assume_orientation: axis codes (``"RAS"``, ``"LPS"``...) for a NIfTI file that carries
+            no orientation (qform and sform codes 0); such a file is refused without it. The
+            array's axes then point along the codes, voxel sizes from the header, centred on
+            the world origin.
+
+    Before any voxel is read, the header's claimed size is checked against the file (and, for
+    gzip files, the size it decompresses to) and against the free memory.
 
     Raises:
         ImageNotFoundError: the file does not exist.
@@ -208,18 +233,32 @@ def load_image(
         UnreadableFileError: it cannot be parsed.
         DimensionalityError: it has the wrong number of dimensions.
         NonFiniteError: it holds NaN or infinite values.
+        OrientationError: no orientation, or a non-finite or singular affine.
+        ImageTooLargeError: the header claims more than the free memory can take.
+        LabelValueError: (``label``) values that are not integers or do not fit 32 bits.
     """
     path = Path(path)
     image_suffix(path)
     check_input_file(path, "image")
+    readable = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
     try:
         img = nib.load(str(path))
-        array = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
+        shape = tuple(int(n) for n in img.header.get_data_shape())
+        dtype = img.get_data_dtype()
+    except readable as e:
         raise UnreadableFileError(f"cannot read image ({type(e).__name__}: {e})", path) from e
-    if array.size == 0:
-        raise EmptyFileError(f"image holds no voxels (shape {array.shape})", path)
-    spatial, nchan = _spatial_layout(array.shape, ndim, path)
+    if not shape or min(shape) == 0:
+        raise EmptyFileError(f"image holds no voxels (shape {shape})", path)
+    spatial, nchan = _spatial_layout(shape, ndim, path)
+    check_claimed_size(path, shape, dtype, int(getattr(img.dataobj, "offset", 0)), label=label)
+    affine = affine_from_4x4(_file_affine(img, path, shape, assume_orientation), spatial)
+    check_affine(affine, path, spatial)
+    try:
+        array = np.asanyarray(img.dataobj)
+    except readable as e:
+        raise UnreadableFileError(f"cannot read image ({type(e).__name__}: {e})", path) from e
+    except MemoryError as e:
+        raise ImageTooLargeError(f"not enough memory to read shape {shape}", path) from e
     if nchan > 1 and not channels:
         raise DimensionalityError(
             f"expected a single-channel image, got array of shape {array.shape}", path
@@ -229,20 +268,42 @@ def load_image(
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise NonFiniteError(f"{bad} voxels are NaN or infinite", path)
-    affine = affine_from_4x4(np.asarray(img.affine, dtype=np.float64), spatial)
     if label:
-        if np.issubdtype(array.dtype, np.floating):
-            if not np.all(array == np.round(array)):
-                raise UnreadableFileError("label map holds non-integer values", path)
+        check_label_values(array, path)
         data = torch.from_numpy(np.ascontiguousarray(array).astype(np.int64))
         return LabelMap(data, affine, path)
     data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     return Image(data, affine, path)
 
 
-def load_labels(path: str | Path, *, ndim: int | None = None) -> LabelMap:
+def _file_affine(
+    img: nib.spatialimages.SpatialImage,
+    path: Path,
+    shape: tuple[int, ...],
+    assume_orientation: str | None,
+) -> np.ndarray:
+    """A file's 4x4 voxel-to-world affine; a NIfTI file with qform and sform codes 0 has
+    none (nibabel would make one up) and needs ``assume_orientation``."""
+    header = img.header
+    if isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+            if assume_orientation is None:
+                raise OrientationError(
+                    "has no orientation (qform_code and sform_code are both 0), so where its "
+                    "voxels lie in the world is unknown; fix the header, or give "
+                    "--assume-orientation RAS (or LPS, ...) if you know the axes",
+                    path,
+                )
+            zooms = tuple(float(z) for z in header.get_zooms()[:3])
+            return orientation_affine(assume_orientation, zooms, shape)
+    return np.asarray(img.affine, dtype=np.float64)
+
+
+def load_labels(
+    path: str | Path, *, ndim: int | None = None, assume_orientation: str | None = None
+) -> LabelMap:
     """Read a label map (see :func:`load_image`)."""
-    out = load_image(path, label=True, ndim=ndim)
+    out = load_image(path, label=True, ndim=ndim, assume_orientation=assume_orientation)
     assert isinstance(out, LabelMap)
     return out
 
@@ -279,23 +340,70 @@ def load_pair(
     moving_labels: str | Path | None = None,
     *,
     channels: bool = False,
+    assume_orientation: str | None = None,
 ) -> tuple[Image, Image, LabelMap | None, LabelMap | None]:
     """Read a registration's inputs: two images of the same dimensionality and, optionally,
     a label map on each image's grid (checked). ``channels`` keeps every channel of
-    multi-channel images."""
-    fixed_img = load_image(fixed, channels=channels)
-    moving_img = load_image(moving, channels=channels)
+    multi-channel images; ``assume_orientation`` is for files without one
+    (:func:`load_image`)."""
+    orient = assume_orientation
+    fixed_img = load_image(fixed, channels=channels, assume_orientation=orient)
+    moving_img = load_image(moving, channels=channels, assume_orientation=orient)
     if fixed_img.ndim != moving_img.ndim:
         raise DimensionalityError(
             f"is {moving_img.ndim}D but the fixed image {fixed} is {fixed_img.ndim}D", moving
         )
-    fl = None if fixed_labels is None else load_labels(fixed_labels)
-    ml = None if moving_labels is None else load_labels(moving_labels)
+    fl = None if fixed_labels is None else load_labels(fixed_labels, assume_orientation=orient)
+    ml = None if moving_labels is None else load_labels(moving_labels, assume_orientation=orient)
     if fl is not None:
         check_same_grid(fixed_img, fl)
     if ml is not None:
         check_same_grid(moving_img, ml)
     return fixed_img, moving_img, fl, ml
+
+
+# --------------------------------------------------------------------------------------------
+# Checks of loaded inputs
+# --------------------------------------------------------------------------------------------
+
+
+def check_not_constant(image: Image, what: str) -> None:
+    """Refuse an image whose voxels all hold one value: there is nothing to register."""
+    data = image.data
+    lo, hi = float(data.min()), float(data.max())
+    if hi <= lo:
+        raise ConstantImageError(
+            f"{what} image is constant (every voxel {lo:g}); nothing to register", image.path
+        )
+
+
+def check_has_labels(labels: LabelMap, what: str) -> None:
+    """Refuse a label map (or mask) with no voxel other than background 0."""
+    if not bool((labels.data != 0).any()):
+        raise ConstantImageError(f"{what} holds no voxel other than background 0", labels.path)
+
+
+def check_registrable(
+    fixed: Image,
+    moving: Image,
+    fixed_labels: LabelMap | None = None,
+    moving_labels: LabelMap | None = None,
+    mask: LabelMap | None = None,
+) -> None:
+    """The checks every registration makes on its loaded inputs before running: both images
+    carry contrast, label maps and a mask select something, the images' channels agree."""
+    check_not_constant(fixed, "fixed")
+    check_not_constant(moving, "moving")
+    if fixed.data.shape[0] != moving.data.shape[0]:
+        raise DimensionalityError(
+            f"has {moving.data.shape[0]} channel(s) but the fixed image {fixed.path} has "
+            f"{fixed.data.shape[0]}",
+            moving.path,
+        )
+    for labels, what in ((fixed_labels, "fixed label map"), (moving_labels, "moving label map"),
+                         (mask, "fixed mask")):  # fmt: skip
+        if labels is not None:
+            check_has_labels(labels, what)
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,6 +98,14 @@ def _matrix_from_itk(name: str, params: np.ndarray, fixed: np.ndarray, path: Pat
     if not (np.all(np.isfinite(params)) and np.all(np.isfinite(fixed))):
         raise NonFiniteError("transform parameters are NaN or infinite", path)
     lin = params[: d * d].reshape(d, d)
+    sv = np.linalg.svd(lin, compute_uv=False)
+    if sv[-1] <= 1e-8 * max(sv[0], 1.0):
+        raise TransformFormatError(
+            f"the affine's linear part is singular (singular values {sv.round(8).tolist()}): it "
+            "collapses space onto a plane, line or point, so it is no registration and has no "
+            "inverse",
+            path,
+        )
     t = params[d * d :]
     lps = np.eye(d + 1)
     lps[:d, :d] = lin

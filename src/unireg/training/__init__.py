@@ -4,13 +4,21 @@ Each method's trainer lives in its own package (``unireg.methods.keymorph.traini
 networks are rebuilt from checkpoints by :func:`unireg.methods.load_checkpoint`."""
 
 from unireg.training.base import TrainConfig, Trainer, TrainingVolumes
-from unireg.training.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from unireg.training.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    read_checkpoint,
+    read_latest_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = [
     "Checkpoint",
+    "CheckpointError",
     "TrainConfig",
     "Trainer",
     "TrainingVolumes",
     "read_checkpoint",
+    "read_latest_checkpoint",
     "save_checkpoint",
 ]

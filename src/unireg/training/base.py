@@ -20,7 +20,12 @@ from unireg.data import Augmentation, LabelSynthesis, Manifest, Preprocessing, V
 from unireg.data.augment import apply_affine, random_affine_matrix
 from unireg.losses import one_hot
 from unireg.spatial.geometry import Geometry
-from unireg.training.checkpoint import read_checkpoint, save_checkpoint
+from unireg.training.checkpoint import (
+    Checkpoint,
+    read_checkpoint,
+    read_latest_checkpoint,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -197,9 +202,10 @@ class Trainer:
         self.out = Path(cfg.output)
         self.synth = LabelSynthesis(deformation=0.0, resolution=1.0)
         self.aug = Augmentation(bias_field=cfg.bias_field, noise=cfg.noise)
-        last = self.out / "last.pt"
-        if last.exists():
-            self._resume(last)
+        latest = read_latest_checkpoint(self.out / "last.pt")  # falls back to last.prev.pt
+        self.resumed_from = None if latest is None else latest.path
+        if latest is not None:
+            self._resume(latest)
         elif cfg.init:
             self._initialise(Path(cfg.init))
 
@@ -219,8 +225,7 @@ class Trainer:
             msg = f"{path}: init checkpoint does not fit this config's model ({err})"
             raise ValueError(msg) from err
 
-    def _resume(self, path: Path) -> None:
-        checkpoint = read_checkpoint(path)
+    def _resume(self, checkpoint: Checkpoint) -> None:
         self.model.load_state_dict(checkpoint.float_state())
         if checkpoint.optimizer:
             self.opt.load_state_dict(checkpoint.optimizer)
@@ -341,6 +346,7 @@ class Trainer:
             preprocessing={"spacing_mm": self.cfg.spacing_mm, "shape": list(self.cfg.shape),
                            "center": "mass", "normalize": "percentile 0.5-99.5"},
             train_config=asdict(self.cfg), extra=self.checkpoint_extra(),
+            keep_previous=name == "last.pt",
         )  # fmt: skip
 
     def checkpoint_extra(self) -> dict[str, Any]:

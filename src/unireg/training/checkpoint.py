@@ -1,6 +1,8 @@
 """Checkpoints that rebuild their own network: weights plus the constructor arguments, the
 method name, the unireg version, the preprocessing the model expects and (for resuming) the
-optimiser state and step. Written atomically (a temporary file renamed into place).
+optimiser state and step. Written atomically (a temporary file renamed into place), with a
+SHA-256 digest of the contents that reading verifies; ``keep_previous`` keeps the checkpoint
+it replaces as ``NAME.prev.pt`` to fall back to (:func:`read_latest_checkpoint`).
 
 :class:`Checkpoint` is the typed form of a file; the network is rebuilt from it by the method's
 registry entry (:func:`unireg.methods.load_checkpoint`), so this module needs no method code.
@@ -8,8 +10,9 @@ registry entry (:func:`unireg.methods.load_checkpoint`), so this module needs no
 
 from __future__ import annotations
 
+import hashlib
 import os
-import tempfile
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,41 @@ from typing import Any
 import torch
 from torch import nn
 
+from unireg.errors import UniregError
+from unireg.io.files import write_atomic
+
 FORMAT = "unireg-checkpoint-1"
+
+
+class CheckpointError(UniregError, ValueError):
+    """A checkpoint file is missing, unreadable, not a unireg checkpoint or corrupt."""
+
+
+def content_digest(payload: Any) -> str:
+    """SHA-256 over a checkpoint payload's contents, walked in a fixed order: dict keys
+    sorted, tensors by dtype, shape and bytes. Independent of how ``torch.save`` lays the file
+    out, so a flipped byte anywhere in the weights or the optimiser state changes it."""
+    digest = hashlib.sha256()
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            digest.update(f"D{len(obj)}".encode())
+            for key in sorted(obj, key=repr):
+                digest.update(repr(key).encode())
+                walk(obj[key])
+        elif isinstance(obj, list | tuple):
+            digest.update(f"L{len(obj)}".encode())
+            for item in obj:
+                walk(item)
+        else:
+            digest.update(f"V{obj!r}".encode())
+
+    walk(payload)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -66,10 +103,10 @@ class Checkpoint:
         """Validate a loaded dict; a ``ValueError`` naming ``path`` if it is not one."""
         where = f"{path}: " if path is not None else ""
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"{where}not a unireg checkpoint (format {FORMAT} expected)")
+            raise CheckpointError(f"{where}not a unireg checkpoint (format {FORMAT} expected)")
         missing = [k for k in ("method", "model_config", "state_dict") if k not in payload]
         if missing:
-            raise ValueError(f"{where}checkpoint lacks {', '.join(missing)}")
+            raise CheckpointError(f"{where}checkpoint lacks {', '.join(missing)}")
         return cls(
             method=str(payload["method"]), model_config=dict(payload["model_config"]),
             state_dict=dict(payload["state_dict"]),
@@ -92,10 +129,12 @@ def save_checkpoint(
     step: int = 0,
     extra: dict[str, Any] | None = None,
     half: bool = False,
+    keep_previous: bool = False,
 ) -> Path:
     """Write ``model`` (which must carry ``model.config``, its constructor arguments) to
-    ``path``. ``half`` stores floating-point weights as float16 (half the size; for shipping
-    a finished model, not for resuming)."""
+    ``path``, with a digest of its contents. ``half`` stores floating-point weights as float16
+    (half the size; for shipping a finished model, not for resuming). ``keep_previous`` first
+    moves an existing ``path`` to :func:`previous_path` (what a resume falls back to)."""
     from unireg import __version__
 
     config = getattr(model, "config", None)
@@ -112,25 +151,61 @@ def save_checkpoint(
     )  # fmt: skip
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(checkpoint.payload(), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    payload = checkpoint.payload()
+    payload["sha256"] = content_digest(payload)
+
+    def write(tmp: Path) -> None:
+        torch.save(payload, tmp)
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))  # then tmp -> path: never no checkpoint
+
+    return write_atomic(path, write)
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where ``save_checkpoint(..., keep_previous=True)`` keeps the checkpoint it replaced:
+    ``last.pt`` -> ``last.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint file (on the CPU); ``FileNotFoundError`` or ``ValueError`` naming the
-    file when it is missing, unreadable or not a unireg checkpoint."""
+    """Read a checkpoint file (on the CPU) and verify its digest (files written without one,
+    by older versions, are read unverified); :class:`CheckpointError` (a ``ValueError``)
+    naming the file when it is missing, unreadable, not a unireg checkpoint or corrupt."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+        raise CheckpointError(f"{path}: no such checkpoint")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unreadable, truncated, not a torch file
-        raise ValueError(f"{path}: not a readable unireg checkpoint ({err})") from err
+        raise CheckpointError(f"{path}: not a readable unireg checkpoint ({err})") from err
+    if isinstance(payload, dict) and "sha256" in payload:
+        stored = payload.pop("sha256")
+        if content_digest(payload) != stored:
+            raise CheckpointError(f"{path}: corrupt checkpoint (contents do not match its digest)")
     return Checkpoint.from_payload(payload, path)
+
+
+def read_latest_checkpoint(path: str | Path) -> Checkpoint | None:
+    """The checkpoint to resume from: ``path`` when it reads and verifies, else the previous
+    one (:func:`previous_path`) with a message on stderr saying why; None when neither file
+    exists. Raises :class:`CheckpointError` when the files exist but none is usable."""
+    path = Path(path)
+    prev = previous_path(path)
+    if not path.exists() and not prev.exists():
+        return None
+    problems = []
+    for candidate in (path, prev):
+        if not candidate.exists():
+            continue
+        try:
+            checkpoint = read_checkpoint(candidate)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            print(f"{problems[0]}; resuming from {candidate} (step {checkpoint.step})",
+                  file=sys.stderr)  # fmt: skip
+        return checkpoint
+    raise CheckpointError("; ".join(problems) + "; no usable checkpoint to resume from")
