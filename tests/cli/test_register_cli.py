@@ -119,3 +119,61 @@ def test_register_real_ixi_pair_beats_no_registration(tmp_path):
     # measured 0.55-0.64 on the IXI pairs (no registration: 0.04-0.2; ANTs SyN: 0.59-0.63)
     assert metrics["dice_mean"] > 0.5
     assert metrics["folding_percent"] < 0.01
+
+
+def test_metrics_json_and_the_manifest_record_version_command_and_inputs(pair, tmp_path):
+    import hashlib
+
+    from unireg import __version__
+    from unireg.io.outputs import manifest_problems
+
+    f, m, fl, ml = pair
+    out = tmp_path / "prov"
+    argv = ["register", str(f), str(m), "-o", str(out), "--method", "affine",
+            "--fixed-labels", str(fl), "--moving-labels", str(ml), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert metrics["unireg_version"] == manifest["unireg_version"] == __version__
+    assert metrics["command"] == manifest["command"] == ["unireg", *argv]
+    for key, path in (("fixed", f), ("moving", m), ("fixed_labels", fl), ("moving_labels", ml)):
+        record = metrics["inputs"][key]
+        assert record == manifest["inputs"][key]
+        assert record["path"] == str(path.resolve()) and record["bytes"] == path.stat().st_size
+        assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert manifest_problems(out) == []
+    # a rerun with another method replaces everything: no inverse_transform.nii.gz of the first
+    assert main(["register", str(f), str(m), "-o", str(out), "--method", "syn", "-q"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "warped_labels.nii.gz" not in names and manifest_problems(out) == []
+    assert json.loads((out / "metrics.json").read_text())["method"] == "syn"
+
+
+@pytest.mark.slow
+def test_register_killed_while_writing_keeps_the_earlier_result(pair, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from unireg.io.outputs import manifest_problems
+
+    f, m, _, _ = pair
+    out = tmp_path / "out"
+    assert main(["register", str(f), str(m), "-o", str(out), "--method", "affine", "-q"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    cmd = [sys.executable, "-m", "unireg", "register", str(f), str(m), "-o", str(out),
+           "--method", "syn", "--report", "-q"]  # fmt: skip
+    proc = subprocess.Popen(cmd)
+    deadline = time.time() + 120
+    while not any(".unireg-stage-" in p.name for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before staging"
+        time.sleep(0.01)
+    time.sleep(0.3)  # inside the run: loading, registering or writing
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # the next run cleans what the killed one left and publishes a whole result
+    assert main(["register", str(f), str(m), "-o", str(out), "--method", "syn", "-q"]) == 0
+    assert [p.name for p in tmp_path.iterdir() if ".unireg-" in p.name] == []
+    assert manifest_problems(out) == []

@@ -212,3 +212,17 @@ def test_a_sigkill_anywhere_leaves_one_whole_result(tmp_path, point):
     assert _leftovers(tmp_path) == [] and manifest_problems(out) == []
     texts = {(out / n).read_text() for n in ("a.txt", "b.txt")}
     assert texts == ({"new"} if point == "after-swap" else {"old"})
+
+
+def test_temporaries_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    from unireg.io.files import write_atomic
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    stale = tmp_path / f".out.nii.gz.{dead}.abc123.tmp.nii.gz"
+    stale.write_bytes(b"half")
+    mine = tmp_path / f".out.nii.gz.{os.getpid()}.def456.tmp.nii.gz"  # a live writer's
+    mine.write_bytes(b"writing")
+    write_atomic(tmp_path / "out.nii.gz", lambda t: t.write_bytes(b"whole"))
+    assert not stale.exists() and mine.exists()
+    assert (tmp_path / "out.nii.gz").read_bytes() == b"whole"

@@ -18,6 +18,7 @@ from unireg.spatial import Geometry, random_affine, transform_points
 from unireg.spatial.grid import as_matrix, identity_grid
 from unireg.spatial.warp import sample
 from unireg.training import Checkpoint, save_checkpoint
+from unireg.training.checkpoint import read_checkpoint
 
 
 def _geometries():
@@ -184,6 +185,28 @@ def test_training_resumes_to_exactly_the_same_model(tmp_path, mode):
     assert logs[0][0] == logs[1][0] == "step,phase,loss,seconds"
     assert [r.split(",")[:3] for r in logs[0][1:]] == [r.split(",")[:3] for r in logs[1][1:]]
     assert [r.split(",")[0] for r in logs[0][1:]] == ["1", "2", "3", "4"]
+
+
+def test_resume_from_a_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+    from unireg.methods.keymorph.training import KeyMorphTrainer
+
+    cfg, _ = _tiny_config(tmp_path, "run")
+    first = KeyMorphTrainer(cfg)
+    first.run(progress=False)  # checkpoints at steps 2 and 4: last.prev.pt and last.pt
+    last = tmp_path / "run" / "last.pt"
+    assert read_checkpoint(last).step == 4
+    assert read_checkpoint(tmp_path / "run" / "last.prev.pt").step == 2
+    weight = next(v for v in first.model.state_dict().values() if v.numel() > 16)
+    raw = bytearray(last.read_bytes())
+    at = raw.find(weight.detach().numpy().tobytes())
+    assert at > 0
+    raw[at + 3] ^= 0x55  # one flipped byte in the stored weights
+    last.write_bytes(bytes(raw))
+    capsys.readouterr()
+    again = KeyMorphTrainer(cfg)
+    err = capsys.readouterr().err
+    assert again.step == 2 and again.resumed_from == tmp_path / "run" / "last.prev.pt"
+    assert "last.pt: corrupt checkpoint" in err and "resuming from" in err
 
 
 def _check_alternation(trainer, every_nth_loss):
@@ -475,8 +498,8 @@ def test_register_cli_keymorph_writes_the_contract(tmp_path, transform):
     # to a near-degenerate map, and the ANTs check below is about the file, not the model)
     assert rc == 0
     names = {p.name for p in out.iterdir()}
-    expected = {"warped.nii.gz", "warped_labels.nii.gz", "transform.nii.gz", "metrics.json", "manifest.json",
-                "keypoints.csv", "report.png", "keypoints.png"}  # fmt: skip
+    expected = {"warped.nii.gz", "warped_labels.nii.gz", "transform.nii.gz", "metrics.json",
+                "manifest.json", "keypoints.csv", "report.png", "keypoints.png"}  # fmt: skip
     if transform == "affine":
         expected |= {"affine.mat", "inverse_transform.nii.gz"}
     assert names == expected

@@ -19,6 +19,9 @@ from unireg.errors import (
 
 # what a label map may hold: it is written as (at most) a 32-bit signed integer
 LABEL_MIN, LABEL_MAX = -(2**31), 2**31 - 1
+# deflate never compresses better than about 1032:1, so a gzip file of n bytes holds less than
+# 1032 n bytes: a header that claims more is lying (or the file was cut short)
+DEFLATE_MAX_RATIO = 1032
 AXIS_CODES = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
 
 
@@ -81,6 +84,13 @@ def check_claimed_size(
     claimed = offset + raw
     name = str(path).lower()
     if name.endswith((".gz", ".mgz")):
+        if claimed > DEFLATE_MAX_RATIO * path.stat().st_size + 1024:
+            raise UnreadableFileError(
+                f"header lies: shape {tuple(shape)} {np.dtype(dtype)} claims {_bytes(claimed)}, "
+                f"more than {_bytes(path.stat().st_size)} of gzip can hold (deflate compresses "
+                f"at most {DEFLATE_MAX_RATIO}:1)",
+                path,
+            )
         if claimed < 2**32:
             held = _gzip_size(path)
             if held < claimed and _gzip_stream_size(path, claimed) < claimed:

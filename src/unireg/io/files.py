@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -27,13 +28,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     On any error the temporary file is removed and ``path`` is left untouched, so no
     half-written output ever exists under the final name. The file gets the permissions the
-    umask allows (as ``open`` would give it), not the temporary file's 0600.
+    umask allows (as ``open`` would give it), not the temporary file's 0600. The temporary
+    name carries the writer's pid; temporary files of ``path`` left by writers that no longer
+    run (killed with SIGKILL) are removed first.
     """
     path = Path(path)
     if not path.parent.exists():
         raise ImageNotFoundError("output folder does not exist", path.parent)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    _remove_stale_temporaries(path)
+    prefix = f".{path.name}.{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -42,6 +47,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete ``.NAME.PID.*.tmp*`` files beside ``path`` whose writer process is gone."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # alive, but another user's
+            continue
 
 
 def _umask() -> int:

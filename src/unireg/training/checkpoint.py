@@ -38,8 +38,8 @@ def content_digest(payload: Any) -> str:
 
     def walk(obj: Any) -> None:
         if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous()
-            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            t = obj.detach().cpu().reshape(-1).contiguous()
+            digest.update(f"T{obj.dtype}{tuple(obj.shape)}".encode())
             digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(obj, dict):
             digest.update(f"D{len(obj)}".encode())
