@@ -18,6 +18,7 @@ Prints a table of outcomes; exits 1 if any folder was inconsistent.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import shutil
@@ -28,6 +29,8 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
+
+print = functools.partial(print, flush=True)  # noqa: A001  (progress while it runs)
 
 import numpy as np
 
@@ -80,9 +83,26 @@ def state(folder: Path, earlier: dict | None, scratch: Path) -> tuple[str, str]:
     if metrics["method"] != manifest["method"]:
         return ("MIXED", "metrics.json from another run than the manifest")
     rel, corr = reproduces(folder, scratch)
+    WORST["rel"] = max(WORST["rel"], rel)
+    WORST["corr"] = min(WORST["corr"], corr)
     if rel > 1e-3 or not (np.isnan(corr) or corr > 0.999):
         return ("MIXED", f"transform does not reproduce warped (rel {rel:.2e}, ANTs r {corr:.5f})")
     return ("earlier" if manifest == earlier else f"new ({manifest['method']})", "")
+
+
+def staged_files(parent: Path) -> int:
+    """Files in the running trial's staging folder; -1 when there is none (not yet opened, or
+    already published)."""
+    for q in parent.iterdir():
+        if ".unireg-stage-" in q.name:
+            try:
+                return len(list(q.iterdir()))
+            except FileNotFoundError:  # published (or swapped) at this instant
+                return -1
+    return -1
+
+
+WORST = {"rel": 0.0, "corr": 1.0}  # over every folder checked
 
 
 def leftovers(parent: Path) -> int:
@@ -106,7 +126,7 @@ def main() -> None:
     subprocess.run(command(work / "timing", "syn"), check=True)
     full = time.perf_counter() - t0
     print(f"a whole syn --report run takes {full:.1f} s; kills at uniform moments in "
-          f"[0.3, 1.0] x that")  # fmt: skip
+          f"[0.3, 1.2] x that")  # fmt: skip
     outcomes: dict[str, int] = {}
     bad = []
     trials = work / "kills"
@@ -118,19 +138,27 @@ def main() -> None:
             shutil.copytree(earlier, folder)
         proc = subprocess.Popen(command(folder, "syn"), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)  # fmt: skip
-        time.sleep(rng.uniform(0.3, 1.0) * full)
+        time.sleep(rng.uniform(0.3, 1.2) * full)
+        staged = staged_files(trials)
         proc.send_signal(signal.SIGKILL)
         code = proc.wait()
         stale = leftovers(trials)
         with OutputFolder(folder, OUTPUTS):  # what the next run does first: clean up, put back
             pass
         outcome, problem = state(folder, earlier_manifest if over else None, scratch)
-        key = f"{'over earlier' if over else 'fresh'}: {outcome}" + (
-            " (finished before the kill)" if code == 0 else "")  # fmt: skip
+        if code == 0:
+            phase = "finished before the kill"
+        elif staged >= 0:
+            phase = "killed while staging"
+        elif outcome.startswith("new"):
+            phase = "killed after publishing"
+        else:
+            phase = "killed before the folder was opened"
+        key = f"{'over earlier' if over else 'fresh'}, {phase}: {outcome}"
         outcomes[key] = outcomes.get(key, 0) + 1
         if problem:
             bad.append(f"kill {i}: {problem}")
-        print(f"kill {i:2d}: {key}; stale entries before cleanup {stale}")
+        print(f"kill {i:2d}: {key}; {max(staged, 0)} files staged; stale entries {stale}")
     after = leftovers(trials)
     print(f"stale staging folders or locks left after the clean-ups: {after}")
     pairs = work / "pairs"
@@ -159,7 +187,9 @@ def main() -> None:
     print("\n| two concurrent runs | trials |\n|---|---|")
     for key, n in sorted(concurrent.items()):
         print(f"| {key} | {n} |")
-    print(f"\ninconsistent folders: {len(bad)}")
+    print(f"\nworst over the published folders: unireg apply max |diff| / range "
+          f"{WORST['rel']:.2e}; ANTs correlation {WORST['corr']:.6f}")  # fmt: skip
+    print(f"inconsistent folders: {len(bad)}")
     for line in bad:
         print("  " + line)
     shutil.rmtree(work, ignore_errors=True)

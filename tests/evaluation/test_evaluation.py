@@ -64,8 +64,11 @@ def test_evaluate_end_to_end_with_a_peer(tmp_path, shape, capsys):
                "-o", str(out), "-q", "--no-hd95"])  # fmt: skip
     assert rc == 0
     names = {p.name for p in out.iterdir()}
-    assert names >= {"pairs.csv", "summary.csv", "summary.md", "dice_vs_angle.png",
-                     "dice_boxplot.png"}  # fmt: skip
+    assert names == {"pairs.csv", "summary.csv", "summary.md", "dice_vs_angle.png",
+                     "dice_boxplot.png", "manifest.json"}  # fmt: skip
+    from unireg.io.outputs import manifest_problems
+
+    assert manifest_problems(out) == []  # published as one transaction
     rows = list(csv.DictReader((out / "pairs.csv").open()))
     assert len(rows) == 2 * len(methods)
     dice = {(r["method"], float(r["angle"])): float(r["dice_mean"]) for r in rows}

@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         summarize,
         write_outputs,
     )
+    from unireg.evaluation.outputs import EVALUATION_OUTPUTS
+    from unireg.io.outputs import OutputFolder
 
     if (args.pairs is None) == (args.manifest is None):
         raise UniregError("give either --pairs CSV or --manifest with --dataset")
@@ -78,16 +80,20 @@ def run(args: argparse.Namespace) -> int:
     if not methods:
         raise UniregError("no method left to run")
     start = time.perf_counter()
-    rows = evaluate(
-        pairs, methods, args.angles, axes=args.axes, translation=args.translation,
-        scale=args.scale, seed=args.seed, hd95=not args.no_hd95, progress=not args.quiet,
-    )  # fmt: skip
-    paths = write_outputs(rows, args.output)
+    with OutputFolder(args.output, EVALUATION_OUTPUTS, command="unireg evaluate") as folder:
+        rows = evaluate(
+            pairs, methods, args.angles, axes=args.axes, translation=args.translation,
+            scale=args.scale, seed=args.seed, hd95=not args.no_hd95, progress=not args.quiet,
+        )  # fmt: skip
+        assert folder.stage is not None
+        write_outputs(rows, folder.stage)
+        command = getattr(args, "command_line", None) or ["unireg", *sys.argv[1:]]
+        written = folder.commit({"command": command, "methods": list(args.methods)})
     elapsed = time.perf_counter() - start
     if not args.quiet:
         print(markdown_table(summarize(rows)))
         print(f"{len(pairs)} pairs x {len(args.angles)} angles x {len(methods)} methods in "
               f"{elapsed:.0f} s")  # fmt: skip
-        for path in paths.values():
-            print(f"wrote {path}")
+        for name in written:
+            print(f"wrote {folder.target / name}")
     return 0

@@ -69,6 +69,11 @@ def plot_boxes(rows: Sequence[dict[str, Any]], path: Path, key: str = "dice_mean
     plt.close(fig)
 
 
+# the files an evaluation run writes into its folder
+EVALUATION_OUTPUTS = ("pairs.csv", "summary.csv", "summary.md", "dice_vs_angle.png",
+                      "dice_boxplot.png")  # fmt: skip
+
+
 def write_outputs(rows: Sequence[dict[str, Any]], outdir: str | Path) -> dict[str, Path]:
     """Write ``pairs.csv``, ``summary.csv``, ``summary.md``, ``dice_vs_angle.png`` and
     ``dice_boxplot.png`` into ``outdir``; returns their paths."""
