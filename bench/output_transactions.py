@@ -30,8 +30,6 @@ import time
 from importlib import resources
 from pathlib import Path
 
-print = functools.partial(print, flush=True)  # noqa: A001  (progress while it runs)
-
 import numpy as np
 
 from unireg.cli import main as unireg_main
@@ -39,6 +37,7 @@ from unireg.cli.register import OUTPUTS
 from unireg.io.image import load_image
 from unireg.io.outputs import OutputFolder, manifest_problems
 
+print = functools.partial(print, flush=True)  # progress lines appear while it runs
 DATA = Path(str(resources.files("unireg.demo_data")))
 FIXED = DATA / "IXI012-HH-1211-T1_ds.nii.gz"
 MOVING = DATA / "IXI013-HH-1212-T1_ds.nii.gz"
