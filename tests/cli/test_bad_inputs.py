@@ -558,3 +558,22 @@ def test_an_unexpected_error_is_one_line_with_its_own_exit_code(monkeypatch, cap
     assert err.count("\n") == 1 and "internal error (ZeroDivisionError" in err and "--debug" in err
     assert main(["info", str(world / "fixed.nii.gz"), "--debug"]) == 3
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_synthesize_writes_both_files_or_neither(world, tmp_path, monkeypatch, capsys):
+    import unireg.io.image
+
+    real = unireg.io.image.save_image
+
+    def full_disk(image, path):
+        if image.is_label:
+            raise OSError(28, "No space left on device", str(path))
+        return real(image, path)
+
+    monkeypatch.setattr(unireg.io.image, "save_image", full_disk)
+    out, labels_out = tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz"
+    code = main(["synthesize", str(world / "fixed_labels.nii.gz"), "-o", str(out),
+                 "--labels-output", str(labels_out), "-q"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # neither file, no temporary

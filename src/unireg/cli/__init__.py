@@ -4,9 +4,10 @@ Building the parser imports only argparse and the method registry (plain Python)
 ``unireg --help`` and ``unireg VERB --help`` start at once; each verb imports torch and the
 code it runs only when it runs.
 
-Exit codes: 0 success; 1 a named error (bad input, option or output path: one line naming the
-file and the problem); 2 a command-line usage error; 3 an unexpected internal error (one line;
-``--debug`` prints the traceback); 4 out of memory; 130 interrupted (Ctrl-C).
+Exit codes: 0 success; 1 a named error (bad input, option or output path, or a read or write
+the system refused: one line naming the file and the problem); 2 a command-line usage error;
+3 an unexpected internal error (one line; ``--debug`` prints the traceback); 4 out of memory;
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # silence the flush at exit
         return 0
     except UniregError as e:
+        _report(where, f"{type(e).__name__}: {e}", debug)
+        return EXIT_ERROR
+    except OSError as e:  # the system refused a read or write (disk full, permissions, ...)
         _report(where, f"{type(e).__name__}: {e}", debug)
         return EXIT_ERROR
     except KeyboardInterrupt:
