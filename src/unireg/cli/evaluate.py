@@ -35,6 +35,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="rotation axes per case (default: 1 to 3 at random)")  # fmt: skip
     p.add_argument("--translation", type=float, default=0.0, help="max translation, mm")
     p.add_argument("--scale", type=float, default=0.0, help="max relative scaling")
+    p.add_argument(
+        "--shift",
+        nargs="+",
+        default=["none"],
+        metavar="NAME",
+        help="domain shifts, each run at every angle (chain with +, e.g. skullstrip+synth): "
+        "none, skullstrip, synth, aniso, iso1, iso3, bias, rescale, selfwarp (the moving subject "
+        "against a copy of itself under a known map: end-point error in mm); default none",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hd95", action="store_true")
     p.add_argument("--output", "-o", required=True, help="output folder")
@@ -59,10 +68,13 @@ def run(args: argparse.Namespace) -> int:
         write_outputs,
     )
     from unireg.evaluation.outputs import EVALUATION_OUTPUTS
+    from unireg.evaluation.shifts import check_shift
     from unireg.io.outputs import OutputFolder
 
     if (args.pairs is None) == (args.manifest is None):
         raise UniregError("give either --pairs CSV or --manifest with --dataset")
+    for name in args.shift:
+        check_shift(name)
     if args.manifest is not None:
         if args.dataset is None:
             raise UniregError("--manifest needs --dataset")
@@ -84,15 +96,18 @@ def run(args: argparse.Namespace) -> int:
         rows = evaluate(
             pairs, methods, args.angles, axes=args.axes, translation=args.translation,
             scale=args.scale, seed=args.seed, hd95=not args.no_hd95, progress=not args.quiet,
+            shifts=args.shift,
         )  # fmt: skip
         assert folder.stage is not None
         write_outputs(rows, folder.stage)
         command = getattr(args, "command_line", None) or ["unireg", *sys.argv[1:]]
-        written = folder.commit({"command": command, "methods": list(args.methods)})
+        written = folder.commit({"command": command, "methods": list(args.methods),
+                                 "shifts": list(args.shift)})  # fmt: skip
     elapsed = time.perf_counter() - start
     if not args.quiet:
         print(markdown_table(summarize(rows)))
-        print(f"{len(pairs)} pairs x {len(args.angles)} angles x {len(methods)} methods in "
+        print(f"{len(pairs)} pairs x {len(args.shift)} shifts x {len(args.angles)} angles x "
+              f"{len(methods)} methods in "
               f"{elapsed:.0f} s")  # fmt: skip
         for name in written:
             print(f"wrote {folder.target / name}")

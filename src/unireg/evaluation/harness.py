@@ -24,7 +24,7 @@ from unireg.errors import ManifestError
 from unireg.io import image as image_io
 from unireg.io.image import Image, LabelMap, resample
 from unireg.metrics import registration_metrics
-from unireg.spatial.geometry import Geometry, linear_about
+from unireg.spatial.geometry import Geometry, linear_about, rotation_about_axes
 from unireg.spatial.transform import AffineTransform
 
 
@@ -80,22 +80,6 @@ def pairs_from_manifest(
         for a, b in itertools.permutations(entries, 2)
         if a.subject != b.subject
     ]
-
-
-def rotation_about_axes(angle_deg: float, axes: Sequence[int], ndim: int) -> np.ndarray:
-    """Rotation by ``angle_deg`` about each of the listed world axes in turn (3D), or in the
-    plane (2D): ``(d, d)``."""
-    a = math.radians(angle_deg)
-    c, s = math.cos(a), math.sin(a)
-    if ndim == 2:
-        return np.array([[c, -s], [s, c]])
-    out = np.eye(3)
-    for axis in axes:
-        i, j = [k for k in range(3) if k != axis]
-        r = np.eye(3)
-        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-        out = r @ out
-    return out
 
 
 def misalignment(
@@ -172,9 +156,29 @@ def load_pair(pair: Pair, *, channels: bool = False) -> Case:
 
 
 METRIC_COLUMNS = [
-    "dice_mean", "hd95_mean", "folding_percent", "jacobian_std",
+    "dice_mean", "hd95_mean", "epe_mean_mm", "folding_percent", "jacobian_std",
     "inverse_consistency_mean_mm", "time_s", "peak_memory_mb",
 ]  # fmt: skip
+
+
+def endpoint_error(
+    transform: Any, truth: Any, fixed: Image, labels: LabelMap | None, points: int = 50_000
+) -> float:
+    """Mean end-point error (mm) of ``transform`` against the true fixed -> moving map
+    ``truth``, over the fixed voxels inside the label map's foreground (all voxels without
+    one), at most ``points`` of them (an even subsample)."""
+    import torch
+
+    from unireg.metrics import target_registration_error
+    from unireg.spatial.field import world_points
+
+    world = world_points(fixed.geometry, dtype=torch.float64).reshape(-1, fixed.ndim)
+    if labels is not None:
+        world = world[(labels.data.reshape(-1) > 0).to(world.device)]
+    step = max(1, world.shape[0] // points)
+    sample = world[::step]
+    truth_points = truth.map_points(sample)
+    return float(target_registration_error(transform, sample, truth_points)["tre_mean_mm"])
 
 
 def evaluate(
@@ -189,57 +193,76 @@ def evaluate(
     hd95: bool = True,
     progress: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    shifts: Sequence[str] = ("none",),
 ) -> list[dict[str, Any]]:
-    """Run every method on every pair at every misalignment angle; one row per (pair, angle,
-    method) with the pair, the misalignment and the metrics of :data:`METRIC_COLUMNS`
-    (Dice and HD95 when both label maps are given; nearest-neighbour label warping)."""
+    """Run every method on every pair under every shift (:mod:`unireg.evaluation.shifts`) at
+    every misalignment angle; one row per (pair, shift, angle, method) with the pair, the
+    shift, the misalignment and the metrics of :data:`METRIC_COLUMNS` (Dice and HD95 when both
+    label maps are given, nearest-neighbour label warping; the end-point error in mm when the
+    shift knows the true map)."""
     from tqdm import tqdm
 
+    from unireg.evaluation.shifts import apply_shift, check_shift, misaligned_truth
+
+    for name in shifts:
+        check_shift(name)
     rows: list[dict[str, Any]] = []
     jobs = list(enumerate(pairs))
     bar = tqdm(jobs, desc="pairs", unit="pair", disable=not progress)
     for index, pair in bar:
-        case = load_pair(pair)
-        for angle in angles:
-            case_seed = seed * 100003 + index * 1009 + int(round(angle * 10))
-            matrix, chosen = misalignment(
-                case.moving.geometry, angle, axes=axes, translation=translation,
-                scale=scale, seed=case_seed,
-            )  # fmt: skip
-            moving, moving_labels = case.moving, case.moving_labels
-            if angle != 0 or translation or scale:
-                moving, moving_labels = misalign(case.moving, case.moving_labels, matrix)
-            for method in methods:
-                bar.set_postfix_str(f"{method.label} @ {angle:g} deg")
-                result = method.register(case.fixed, moving, seed=seed)
-                metrics = registration_metrics(
-                    result, fixed_labels=case.fixed_labels, moving_labels=moving_labels,
-                    hd95=hd95,
+        loaded = load_pair(pair)
+        for shift in shifts:
+            case = apply_shift(shift, loaded.fixed, loaded.moving, loaded.fixed_labels,
+                               loaded.moving_labels, seed=seed * 100003 + index)  # fmt: skip
+            for angle in angles:
+                case_seed = seed * 100003 + index * 1009 + int(round(angle * 10))
+                matrix, chosen = misalignment(
+                    case.moving.geometry, angle, axes=axes, translation=translation,
+                    scale=scale, seed=case_seed,
                 )  # fmt: skip
-                row = {
-                    "fixed": pair.fixed_id or str(pair.fixed),
-                    "moving": pair.moving_id or str(pair.moving),
-                    "method": method.label,
-                    "angle": angle,
-                    "axes": "".join("xyz"[a] for a in chosen),
-                    **{k: metrics.get(k, float("nan")) for k in METRIC_COLUMNS},
-                }
-                rows.append(row)
-                if on_row is not None:
-                    on_row(row)
+                moving, moving_labels, truth = case.moving, case.moving_labels, case.truth
+                if angle != 0 or translation or scale:
+                    moving, moving_labels = misalign(case.moving, case.moving_labels, matrix)
+                    truth = misaligned_truth(truth, matrix)
+                for method in methods:
+                    bar.set_postfix_str(f"{method.label} {shift} @ {angle:g} deg")
+                    result = method.register(case.fixed, moving, seed=seed)
+                    metrics = registration_metrics(
+                        result, fixed_labels=case.fixed_labels, moving_labels=moving_labels,
+                        hd95=hd95,
+                    )  # fmt: skip
+                    if truth is not None:
+                        metrics["epe_mean_mm"] = endpoint_error(
+                            result.transform, truth, case.fixed, case.fixed_labels
+                        )
+                    row = {
+                        "fixed": pair.fixed_id or str(pair.fixed),
+                        "moving": pair.moving_id or str(pair.moving),
+                        "method": method.label,
+                        "shift": shift,
+                        "angle": angle,
+                        "axes": "".join("xyz"[a] for a in chosen),
+                        **{k: metrics.get(k, float("nan")) for k in METRIC_COLUMNS},
+                    }
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
     return rows
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation of every metric per (method, angle), in first-seen order."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    """Mean and standard deviation of every metric per (method, shift, angle), in first-seen
+    order."""
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["method"], float(r["angle"])), []).append(r)
+        key = (r["method"], str(r.get("shift", "none")), float(r["angle"]))
+        groups.setdefault(key, []).append(r)
     out = []
-    for (method, angle), rs in groups.items():
-        entry: dict[str, Any] = {"method": method, "angle": angle, "pairs": len(rs)}
+    for (method, shift, angle), rs in groups.items():
+        entry: dict[str, Any] = {"method": method, "shift": shift, "angle": angle,
+                                 "pairs": len(rs)}  # fmt: skip
         for k in METRIC_COLUMNS:
-            vals = np.array([float(r[k]) for r in rs], float)
+            vals = np.array([float(r.get(k, "nan")) for r in rs], float)
             vals = vals[np.isfinite(vals)]
             entry[f"{k}_mean"] = float(vals.mean()) if vals.size else float("nan")
             entry[f"{k}_std"] = float(vals.std()) if vals.size else float("nan")
@@ -251,18 +274,23 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
     """The summary as a Markdown table (mean ± std)."""
     cols = [
         ("Dice", "dice_mean", 3), ("HD95 (mm)", "hd95_mean", 2),
+        ("end-point error (mm)", "epe_mean_mm", 2),
         ("folding %", "folding_percent", 3), ("Jacobian std", "jacobian_std", 3),
         ("inverse consistency (mm)", "inverse_consistency_mean_mm", 3),
         ("time (s)", "time_s", 2), ("peak memory (MiB)", "peak_memory_mb", 0),
     ]  # fmt: skip
-    head = "| method | angle | pairs | " + " | ".join(c[0] for c in cols) + " |"
-    lines = [head, "|" + "---|" * (3 + len(cols))]
+    known = [c for c in cols if any(math.isfinite(s[f"{c[1]}_mean"]) for s in summary)]
+    cols = known or cols[:1]
+    head = "| method | shift | angle | pairs | " + " | ".join(c[0] for c in cols) + " |"
+    lines = [head, "|" + "---|" * (4 + len(cols))]
     for s in summary:
         cells = []
         for _, key, digits in cols:
             m, sd = s[f"{key}_mean"], s[f"{key}_std"]
             cells.append("" if not math.isfinite(m) else f"{m:.{digits}f} ± {sd:.{digits}f}")
         lines.append(
-            f"| {s['method']} | {s['angle']:g} | {s['pairs']} | " + " | ".join(cells) + " |"
+            f"| {s['method']} | {s.get('shift', 'none')} | {s['angle']:g} | {s['pairs']} | "
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(lines) + "\n"

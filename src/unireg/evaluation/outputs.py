@@ -26,19 +26,25 @@ def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _label(row: dict[str, Any]) -> str:
+    """A row's or summary entry's legend: the method, and the shift when there is one."""
+    shift = row.get("shift", "none")
+    return row["method"] if shift == "none" else f"{row['method']} [{shift}]"
+
+
 def plot_dice_vs_angle(summary: Sequence[dict[str, Any]], path: Path) -> None:
-    """Mean Dice (± std) against the misalignment angle, one line per method."""
+    """Mean Dice (± std) against the misalignment angle, one line per method (and shift)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for method in dict.fromkeys(s["method"] for s in summary):
+    for line in dict.fromkeys(_label(s) for s in summary):
         pts = sorted((s["angle"], s["dice_mean_mean"], s["dice_mean_std"])
-                     for s in summary if s["method"] == method)  # fmt: skip
+                     for s in summary if _label(s) == line)  # fmt: skip
         a, m, sd = (np.array(v, float) for v in zip(*pts, strict=True))
-        ax.errorbar(a, m, yerr=sd, marker="o", capsize=3, label=method)
+        ax.errorbar(a, m, yerr=sd, marker="o", capsize=3, label=line)
     ax.set_xlabel("rotation of the moving image (degrees)")
     ax.set_ylabel("mean Dice over labels")
     ax.set_ylim(0, 1)
@@ -56,8 +62,8 @@ def plot_boxes(rows: Sequence[dict[str, Any]], path: Path, key: str = "dice_mean
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    data = [[float(r[key]) for r in rows if r["method"] == m and np.isfinite(float(r[key]))]
+    methods = list(dict.fromkeys(_label(r) for r in rows))
+    data = [[float(r[key]) for r in rows if _label(r) == m and np.isfinite(float(r[key]))]
             for m in methods]  # fmt: skip
     fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(methods) + 2), 4.2), dpi=120)
     ax.boxplot(data, tick_labels=methods)

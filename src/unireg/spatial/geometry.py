@@ -16,6 +16,8 @@ of the first frame to the second.
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -42,6 +44,22 @@ def apply_matrix_np(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Apply a homogeneous ``(d+1) x (d+1)`` matrix to points ``(..., d)`` (NumPy, float64)."""
     d = matrix.shape[0] - 1
     out: np.ndarray = points @ matrix[:d, :d].T + matrix[:d, d]
+    return out
+
+
+def rotation_about_axes(angle_deg: float, axes: Sequence[int], ndim: int) -> np.ndarray:
+    """Rotation by ``angle_deg`` about each of the listed world axes in turn (3D), or in the
+    plane (2D): ``(d, d)``."""
+    a = math.radians(angle_deg)
+    c, s = math.cos(a), math.sin(a)
+    if ndim == 2:
+        return np.array([[c, -s], [s, c]])
+    out = np.eye(3)
+    for axis in axes:
+        i, j = [k for k in range(3) if k != axis]
+        r = np.eye(3)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        out = r @ out
     return out
 
 
