@@ -66,7 +66,8 @@ def memory_available() -> int | None:
 
 def _gzip_size(path: Path) -> int:
     """The uncompressed size a gzip file's last member declares (its ISIZE trailer, mod
-    2**32): the whole size for the usual one-member file, read without decompressing."""
+    2**32): the whole size for the usual one-member file, read without decompressing. In a
+    file cut short these four bytes are whatever came before the cut."""
     with open(path, "rb") as fh:
         fh.seek(-4, os.SEEK_END)
         return int.from_bytes(fh.read(4), "little")
@@ -91,12 +92,16 @@ def check_claimed_size(
                 f"at most {DEFLATE_MAX_RATIO}:1)",
                 path,
             )
-        if claimed < 2**32:
-            held = _gzip_size(path)
-            if held < claimed and _gzip_stream_size(path, claimed) < claimed:
+        if _gzip_size(path) != claimed % 2**32:
+            # not the usual one-member file of exactly header + voxels: read the whole stream
+            # (its CRC and length checked), which a cut or corrupt file fails
+            total, whole = _gzip_stream_size(path)
+            if not whole:
+                raise UnreadableFileError("truncated or corrupt gzip stream", path)
+            if total < claimed:
                 raise UnreadableFileError(
-                    f"truncated or header lies: shape {tuple(shape)} {np.dtype(dtype)} claims "
-                    f"{_bytes(claimed)} but the file decompresses to less",
+                    f"header lies: shape {tuple(shape)} {np.dtype(dtype)} claims "
+                    f"{_bytes(claimed)} but the file decompresses to {_bytes(total)}",
                     path,
                 )
     else:
@@ -117,19 +122,20 @@ def check_claimed_size(
         )
 
 
-def _gzip_stream_size(path: Path, enough: int) -> int:
-    """Decompressed bytes of a gzip file, counted without keeping them (stops at ``enough``)."""
+def _gzip_stream_size(path: Path) -> tuple[int, bool]:
+    """Decompressed bytes of a gzip file, counted without keeping them, and whether the whole
+    stream read cleanly (every member's CRC and length verified by :mod:`gzip`)."""
     import gzip
     import zlib
 
     total = 0
     try:
         with gzip.open(path, "rb") as fh:
-            while total < enough and (block := fh.read(1 << 22)):
+            while block := fh.read(1 << 22):
                 total += len(block)
     except (OSError, EOFError, zlib.error):
-        pass  # truncated: what was counted is what there is
-    return total
+        return total, False  # cut short or corrupt
+    return total, True
 
 
 def check_affine(affine: np.ndarray, path: Path | None, ndim: int) -> None:
