@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("spatial",),
     ("io",),
     ("result", "losses"),
-    ("metrics", "data", "nets"),
+    ("metrics", "quality", "data", "nets"),
     ("solvers",),
     ("training",),
     ("methods",),

@@ -82,6 +82,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="the method's options from a TOML file (its [METHOD] table, or the top level; "
         "keys as in spec strings); flags given override it",
     )
+    p.add_argument(
+        "--fallback",
+        choices=["none", "solver"],
+        default="none",
+        help="when a learned method's result aligns the images worse than no registration (or "
+        "than its own linear stage), rerun with the training-free solver (syn for deformable "
+        "methods, affine for linear ones) and keep that; the check runs and warns either way",
+    )
     p.add_argument("--seed", type=int, default=0)
     add_orientation_flag(p)
     p.add_argument("--quiet", "-q", action="store_true")
@@ -178,13 +186,17 @@ def provenance(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Register MOVING onto FIXED and write the contract's files into OUTDIR, all at once."""
+    import sys
+
     from unireg import __version__
     from unireg.cli._common import device, write_json
     from unireg.io.image import check_registrable, check_same_grid, load_labels, load_pair
     from unireg.io.outputs import OutputFolder
     from unireg.methods import Prompts, create
     from unireg.metrics import json_ready, registration_metrics
+    from unireg.quality import quality_check
     from unireg.result import KeyMorphExtras
+    from unireg.spatial.transform import AffineTransform
 
     entry = entries()[args.method]
     options = check_arguments(args)  # before any file is read
@@ -204,13 +216,30 @@ def run(args: argparse.Namespace) -> int:
         progress = None if args.quiet else (lambda line: print(line, flush=True))
         method = create(entry, options, device=str(dev))
         result = method.register(fixed, moving, prompts=prompts, seed=args.seed, progress=progress)
+        spec = options.to_spec(args.method)
+        quality = quality_check(result, fixed, moving)
+        fallback = None
+        if quality["quality_warning"] is not None:
+            print(f"unireg register: warning: {spec}: {quality['quality_warning']}",
+                  file=sys.stderr)  # fmt: skip
+            if args.fallback == "solver" and entry.family != "unireg":
+                name = "affine" if isinstance(result.transform, AffineTransform) else "syn"
+                fallback = {"from": spec, "warning": quality["quality_warning"], "to": name}
+                print(f"unireg register: --fallback solver: rerunning with {name}",
+                      file=sys.stderr)  # fmt: skip
+                entry = entries()[name]
+                options = entry.options()
+                solver = create(entry, options, device=str(dev))
+                result = solver.register(fixed, moving, prompts=prompts, seed=args.seed,
+                                         progress=progress)  # fmt: skip
+                spec = options.to_spec(name)
+                quality = quality_check(result, fixed, moving)
         metrics = registration_metrics(
             result, fixed_labels=fixed_labels, moving_labels=moving_labels, hd95=not args.no_hd95
         )
         setting = options.to_dict()
-        spec = options.to_spec(args.method)
-        metrics = {"method": args.method, "spec": spec, **setting, **metrics,
-                   "unireg_version": __version__, **made}  # fmt: skip
+        metrics = {"method": entry.name, "spec": spec, **setting, **metrics, **quality,
+                   "fallback": fallback, "unireg_version": __version__, **made}  # fmt: skip
         stage = folder.stage
         assert stage is not None
         result.save(stage, moving_labels=moving_labels)
@@ -234,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
                     fixed_img, moving, kps, stage / "keypoints.png", warped=result.warped,
                     title=f"{extras.method}: {len(kps['fixed'])} keypoints (world mm)",
                 )  # fmt: skip
-        written = folder.commit({"method": args.method, "spec": spec, **made})
+        written = folder.commit({"method": entry.name, "spec": spec, **made})
     if not args.quiet:
         line = f"{spec} in {result.elapsed:.1f} s"
         if "dice_mean" in metrics:

@@ -157,7 +157,7 @@ def load_pair(pair: Pair, *, channels: bool = False) -> Case:
 
 METRIC_COLUMNS = [
     "dice_mean", "hd95_mean", "epe_mean_mm", "folding_percent", "jacobian_std",
-    "inverse_consistency_mean_mm", "time_s", "peak_memory_mb",
+    "inverse_consistency_mean_mm", "flagged", "time_s", "peak_memory_mb",
 ]  # fmt: skip
 
 
@@ -194,15 +194,18 @@ def evaluate(
     progress: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     shifts: Sequence[str] = ("none",),
+    quality: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every method on every pair under every shift (:mod:`unireg.evaluation.shifts`) at
     every misalignment angle; one row per (pair, shift, angle, method) with the pair, the
     shift, the misalignment and the metrics of :data:`METRIC_COLUMNS` (Dice and HD95 when both
     label maps are given, nearest-neighbour label warping; the end-point error in mm when the
-    shift knows the true map)."""
+    shift knows the true map; ``flagged``: 1 when :func:`unireg.quality.quality_check` finds
+    the result worse than no registration or than its own linear stage)."""
     from tqdm import tqdm
 
     from unireg.evaluation.shifts import apply_shift, check_shift, misaligned_truth
+    from unireg.quality import quality_check
 
     for name in shifts:
         check_shift(name)
@@ -235,6 +238,9 @@ def evaluate(
                         metrics["epe_mean_mm"] = endpoint_error(
                             result.transform, truth, case.fixed, case.fixed_labels
                         )
+                    if quality:  # 1 when the result is worse than no registration
+                        checked = quality_check(result, case.fixed, moving)
+                        metrics["flagged"] = float(checked["quality_warning"] is not None)
                     row = {
                         "fixed": pair.fixed_id or str(pair.fixed),
                         "moving": pair.moving_id or str(pair.moving),
@@ -277,6 +283,7 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
         ("end-point error (mm)", "epe_mean_mm", 2),
         ("folding %", "folding_percent", 3), ("Jacobian std", "jacobian_std", 3),
         ("inverse consistency (mm)", "inverse_consistency_mean_mm", 3),
+        ("flagged", "flagged", 2),
         ("time (s)", "time_s", 2), ("peak memory (MiB)", "peak_memory_mb", 0),
     ]  # fmt: skip
     known = [c for c in cols if any(math.isfinite(s[f"{c[1]}_mean"]) for s in summary)]

@@ -432,6 +432,20 @@ def solve(
                     model = model.select(best)
                 report(stage, lv, obj.shape, losses, conv, t0)
             assert model is not None
+            # a stage that ends worse than it started (its objective over every voxel of its
+            # finest level) keeps its start
+            kind = cast(Kind, stage.model)
+            start = LinearModel(obj.fixed_geom, obj.moving_geom, kind, init=matrix)
+            with torch.no_grad():
+                end_loss = float(obj.linear(model, sampled=False)[0])
+                start_loss = float(obj.linear(start.to(ff.full.device), sampled=False)[0])
+            trace[-1].update(stage_start=start_loss, stage_end=end_loss)
+            if start_loss < end_loss:
+                trace[-1]["kept_start"] = True
+                if progress is not None:
+                    progress(f"{stage.model:>10} ended worse than it started "
+                             f"({end_loss:.4f} > {start_loss:.4f}): kept its start")  # fmt: skip
+                continue
             matrix = model.world_matrix()[0].detach().cpu().numpy()
         else:
             dense = dense_model(
@@ -470,6 +484,23 @@ def solve(
 
                 losses, conv = _run_level(dstep, _lr_setter(dopt, dense), lr, lv.iterations, stage)
                 report(stage, lv, obj.shape, losses, conv, t0)
+            # the same rule for the dense stage: against no deformation at its finest level
+            start_dense = dense_model(
+                stage.model, d, tuple(ff.full.shape[2:]),
+                smooth_gradient=stage.smooth_gradient, smooth_field=stage.smooth_field,
+                control_spacing=stage.control_spacing, symmetric=stage.symmetric,
+            )  # fmt: skip
+            start_dense.set_level(obj.shape, ff.full)
+            with torch.no_grad():
+                end_loss = float(obj.dense(dense, norm).sum())
+                start_loss = float(obj.dense(start_dense, norm).sum())
+            trace[-1].update(stage_start=start_loss, stage_end=end_loss)
+            if start_loss < end_loss:
+                trace[-1]["kept_start"] = True
+                if progress is not None:
+                    progress(f"{stage.model:>10} ended worse than it started "
+                             f"({end_loss:.4f} > {start_loss:.4f}): kept its start")  # fmt: skip
+                dense = start_dense
     result = SolveResult(matrix=matrix, trace=trace)
     if dense is not None:
         full = tuple(ff.full.shape[2:])

@@ -1,0 +1,143 @@
+"""Never silently worse than doing nothing: the quality check flags a result that aligns the
+images worse than no registration and passes a good one; ``--fallback solver`` replaces a
+flagged learned result by the solver's; solver stages that end worse than they started keep
+their start."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import oblique_affine, smooth_image
+
+from unireg.cli import main
+from unireg.evaluation import make_method
+from unireg.io.image import Image
+from unireg.quality import quality_check
+from unireg.result import RegistrationResult
+from unireg.solvers.solver import Level, Stage, solve
+from unireg.spatial.geometry import linear_about, rotation_about_axes
+from unireg.spatial.transform import AffineTransform, CompositeTransform
+
+SHAPE = (32, 36, 30)
+
+
+def _head(seed: int, affine: np.ndarray) -> Image:
+    axes = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
+    vol = smooth_image(SHAPE, seed=seed)[0, 0].numpy() * np.exp(-sum(a**4 for a in axes) / 0.3)
+    return Image(torch.from_numpy(vol.astype(np.float32))[None], affine)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    fixed = _head(4, oblique_affine((2.0, 2.0, 2.0), (0, 0, 0), (-32, -36, -30)))
+    moving = _head(4, oblique_affine((2.0, 2.0, 2.0), (3, -2, 2), (-31, -36, -30)))
+    return fixed, moving
+
+
+def _result(transform, fixed, moving) -> RegistrationResult:
+    return RegistrationResult(transform=transform, fixed=fixed.geometry, moving=moving.geometry)
+
+
+def test_a_good_registration_passes_and_a_registration_to_the_wrong_image_is_flagged(pair):
+    fixed, moving = pair
+    good = make_method("unireg:rigid").register(fixed, moving, seed=0)
+    checked = quality_check(good, fixed, moving)
+    assert checked["quality_warning"] is None
+    assert checked["quality_mi_result"] > checked["quality_mi_identity"]
+    # a registration to the wrong image: the right answer for a copy of the moving image
+    # turned by 60 degrees (the good map, then the turn), used for the real moving image
+    turn = linear_about(rotation_about_axes(60.0, [0], 3), moving.geometry.center_world)
+    wrong = CompositeTransform([good.transform, AffineTransform(turn)])
+    flagged = quality_check(_result(wrong, fixed, moving), fixed, moving)
+    assert (
+        flagged["quality_warning"] is not None
+        and "worse than no registration" in (flagged["quality_warning"])
+    )
+
+
+def test_a_deformable_result_worse_than_its_own_linear_stage_is_flagged(pair):
+    from unireg.spatial.transform import DisplacementFieldTransform
+
+    fixed, moving = pair
+    linear = make_method("unireg:rigid").register(fixed, moving, seed=0).transform
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn((3, *[n // 4 for n in SHAPE]), generator=g)
+    field = torch.nn.functional.interpolate(noise[None], size=SHAPE, mode="trilinear")[0] * 3.0
+    scrambled = CompositeTransform([DisplacementFieldTransform(field, fixed.geometry), linear])
+
+    class Deformed(RegistrationResult):
+        @property
+        def affine(self):
+            return linear
+
+    checked = quality_check(
+        Deformed(transform=scrambled, fixed=fixed.geometry, moving=moving.geometry), fixed, moving
+    )
+    assert "its own linear stage" in (checked["quality_warning"] or "")
+
+
+def _save(image: Image, path):
+    nib.save(nib.Nifti1Image(image.data[0].numpy(), image.affine), str(path))
+    return path
+
+
+def test_fallback_solver_replaces_a_flagged_learned_result(pair, tmp_path, monkeypatch, capsys):
+    import unireg.methods
+
+    fixed, moving = pair
+    f, m = _save(fixed, tmp_path / "f.nii.gz"), _save(moving, tmp_path / "m.nii.gz")
+    real_create = unireg.methods.create
+
+    def create(entry, options=None, device="cpu"):
+        method = real_create(entry, options, device)
+        if entry.name != "keymorph":
+            return method
+        turn = AffineTransform(linear_about(rotation_about_axes(70.0, [0], 3),
+                                            fixed.geometry.center_world))  # fmt: skip
+
+        class Broken:  # a learned method that returns a wrong map
+            def register(self, fixed, moving, **kwargs):
+                return RegistrationResult(transform=turn, fixed=fixed.geometry,
+                                          moving=moving.geometry, elapsed=0.0)  # fmt: skip
+
+        return Broken()
+
+    monkeypatch.setattr(unireg.methods, "create", create)
+    out = tmp_path / "out"
+    assert main(["register", str(f), str(m), "-o", str(out), "--method", "keymorph", "-q"]) == 0
+    warned = json.loads((out / "metrics.json").read_text())
+    assert warned["quality_warning"] and warned["fallback"] is None  # warned, kept
+    assert "warning" in capsys.readouterr().err
+    args = ["register", str(f), str(m), "-o", str(out), "--method", "keymorph", "-q",
+            "--fallback", "solver"]  # fmt: skip
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fallback"]["from"].startswith("keymorph")
+    assert metrics["fallback"]["to"] == "affine"
+    assert metrics["method"] == "affine" and metrics["quality_warning"] is None
+    direct = tmp_path / "direct"
+    assert main(["register", str(f), str(m), "-o", str(direct), "--method", "affine", "-q"]) == 0
+    for name in ("warped.nii.gz", "affine.mat"):
+        a = nib.load(str(out / name)) if name.endswith(".gz") else None
+        if a is not None:
+            b = nib.load(str(direct / name))
+            assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        else:
+            assert (out / name).read_bytes() == (direct / name).read_bytes()
+
+
+@pytest.mark.parametrize("model", ["rigid", "greedy"])
+def test_a_solver_stage_that_ends_worse_than_it_started_keeps_its_start(model):
+    image = smooth_image((24, 26, 22), seed=7).float()  # identical images: the start is optimal
+    stage = Stage(model=model, levels=[Level(1, 12)], loss="mse", lr=0.8 if model == "rigid"
+                  else 3.0, lr_final=1.0, tolerance=0.0)  # fmt: skip
+    out = solve(image, image, [stage])
+    assert out.trace[-1].get("kept_start") is True
+    assert out.trace[-1]["stage_start"] < out.trace[-1]["stage_end"]
+    assert np.array_equal(out.matrix, np.eye(4))
+    if model == "greedy":
+        assert float(out.displacement.abs().max()) == 0.0
