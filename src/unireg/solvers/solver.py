@@ -439,20 +439,11 @@ def solve(
             with torch.no_grad():
                 end_loss = float(obj.linear(model, sampled=False)[0])
                 start_loss = float(obj.linear(start.to(ff.full.device), sampled=False)[0])
-            trace[-1].update(stage_start=start_loss, stage_end=end_loss)
-            if start_loss < end_loss:
-                trace[-1]["kept_start"] = True
-                if progress is not None:
-                    progress(f"{stage.model:>10} ended worse than it started "
-                             f"({end_loss:.4f} > {start_loss:.4f}): kept its start")  # fmt: skip
+            if _keeps_start(stage, trace[-1], start_loss, end_loss, progress):
                 continue
             matrix = model.world_matrix()[0].detach().cpu().numpy()
         else:
-            dense = dense_model(
-                stage.model, d, tuple(ff.full.shape[2:]),
-                smooth_gradient=stage.smooth_gradient, smooth_field=stage.smooth_field,
-                control_spacing=stage.control_spacing, symmetric=stage.symmetric,
-            )  # fmt: skip
+            dense = _dense_for(stage, d, tuple(ff.full.shape[2:]))
             for lv in stage.levels:
                 t0 = time.perf_counter()
                 obj = Objective(
@@ -485,21 +476,12 @@ def solve(
                 losses, conv = _run_level(dstep, _lr_setter(dopt, dense), lr, lv.iterations, stage)
                 report(stage, lv, obj.shape, losses, conv, t0)
             # the same rule for the dense stage: against no deformation at its finest level
-            start_dense = dense_model(
-                stage.model, d, tuple(ff.full.shape[2:]),
-                smooth_gradient=stage.smooth_gradient, smooth_field=stage.smooth_field,
-                control_spacing=stage.control_spacing, symmetric=stage.symmetric,
-            )  # fmt: skip
+            start_dense = _dense_for(stage, d, tuple(ff.full.shape[2:]))
             start_dense.set_level(obj.shape, ff.full)
             with torch.no_grad():
                 end_loss = float(obj.dense(dense, norm).sum())
                 start_loss = float(obj.dense(start_dense, norm).sum())
-            trace[-1].update(stage_start=start_loss, stage_end=end_loss)
-            if start_loss < end_loss:
-                trace[-1]["kept_start"] = True
-                if progress is not None:
-                    progress(f"{stage.model:>10} ended worse than it started "
-                             f"({end_loss:.4f} > {start_loss:.4f}): kept its start")  # fmt: skip
+            if _keeps_start(stage, trace[-1], start_loss, end_loss, progress):
                 dense = start_dense
     result = SolveResult(matrix=matrix, trace=trace)
     if dense is not None:
@@ -511,6 +493,34 @@ def solve(
             inv = dense.inverse_displacement() if dense.has_inverse else None
             result.inverse_displacement = None if inv is None else inv.detach()
     return result
+
+
+def _dense_for(stage: Stage, d: int, shape: tuple[int, ...]) -> DenseModel:
+    """A stage's dense model at no deformation, on the full-resolution fixed grid."""
+    return dense_model(
+        stage.model, d, shape,
+        smooth_gradient=stage.smooth_gradient, smooth_field=stage.smooth_field,
+        control_spacing=stage.control_spacing, symmetric=stage.symmetric,
+    )  # fmt: skip
+
+
+def _keeps_start(
+    stage: Stage,
+    entry: dict[str, Any],
+    start_loss: float,
+    end_loss: float,
+    progress: Callable[[str], None] | None,
+) -> bool:
+    """Whether a stage ended worse than it started (its objective over every voxel of its
+    finest level), noted in its last trace entry and the progress lines."""
+    entry.update(stage_start=start_loss, stage_end=end_loss)
+    if start_loss >= end_loss:
+        return False
+    entry["kept_start"] = True
+    if progress is not None:
+        progress(f"{stage.model:>10} ended worse than it started "
+                 f"({end_loss:.4f} > {start_loss:.4f}): kept its start")  # fmt: skip
+    return True
 
 
 def _lr_setter(opt: Optimizer | None, model: Any = None) -> Callable[[float], None]:
