@@ -12,7 +12,8 @@ Shifts (``SHIFTS``):
 - ``skullstrip``: both images brain-extracted by their label maps (labels > 0, dilated by one
   voxel), as brain-extraction tools leave them.
 - ``synth``: the moving image replaced by a synthetic contrast drawn from its label map
-  (SynthSeg-style: random intensity per label, blur, bias, noise, gamma; no deformation).
+  (SynthSeg-style: random intensity per label, blur, bias, noise, gamma; no deformation),
+  dark outside the labels (so, with brain-only label maps, also brain-extracted).
 - ``aniso``: the moving image on 5 mm slices along its last voxel axis (in-plane spacing kept;
   a Gaussian slice profile first).
 - ``iso1``, ``iso3``: both images and label maps on isotropic 1 mm / 3 mm grids of the same
@@ -81,14 +82,16 @@ def skullstrip(s: Shifted, seed: int) -> Shifted:
 
 
 def synth(s: Shifted, seed: int) -> Shifted:
-    """The moving image drawn anew from its label map (random contrast, no deformation)."""
+    """The moving image drawn anew from its label map (random contrast, no deformation), zero
+    outside the labels."""
     from unireg.data.synthesis import LabelSynthesis
 
     _need_labels(s, "synth", both=False)
     assert s.moving_labels is not None
     draw = LabelSynthesis(deformation=0.0, resolution=1.0)
     out = draw(s.moving_labels.data[None], spacing=s.moving.spacing, seed=seed)
-    return replace(s, moving=s.moving.with_data(out["image"][0].float()))
+    dark = (s.moving_labels.data > 0).to(out["image"].dtype)  # air is dark in every contrast
+    return replace(s, moving=s.moving.with_data(out["image"][0].float() * dark))
 
 
 def _regrid(geometry: Geometry, spacing: tuple[float, ...]) -> Geometry:
