@@ -40,6 +40,14 @@ def check_output_file(path: str | Path, what: str = "--output") -> Path:
     return out
 
 
+def command_line(args: Any) -> list[str]:
+    """The command as the user typed it (set by :func:`unireg.cli.main`; ``sys.argv`` when a
+    verb's ``run`` is called directly)."""
+    import sys
+
+    return list(getattr(args, "command_line", None) or ["unireg", *sys.argv[1:]])
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as indented JSON, atomically."""
     from unireg.io.files import write_atomic

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     moving_p = Path(str(data / "IXI013-HH-1212-T1_ds.nii.gz"))
     fixed_l = Path(str(data / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"))
     moving_l = Path(str(data / "IXI013-HH-1212-T1_ds_DLMUSE.nii.gz"))
+    from unireg.cli._common import command_line
     from unireg.cli.register import OUTPUTS
     from unireg.io.outputs import OutputFolder
 
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         out = folder.stage
         assert out is not None
         _demo(args, out, data, fixed_p, moving_p, fixed_l, moving_l)
-        written = folder.commit({"command": getattr(args, "command_line", ["unireg", "demo"])})
+        written = folder.commit({"command": command_line(args)})
     for name in written:
         print(f"wrote {folder.target / name}")
     return 0

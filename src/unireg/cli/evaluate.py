@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     import time
 
+    from unireg.cli._common import command_line
     from unireg.errors import UniregError
     from unireg.evaluation import (
         MissingPeerError,
@@ -100,8 +101,7 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         assert folder.stage is not None
         write_outputs(rows, folder.stage)
-        command = getattr(args, "command_line", None) or ["unireg", *sys.argv[1:]]
-        written = folder.commit({"command": command, "methods": list(args.methods),
+        written = folder.commit({"command": command_line(args), "methods": list(args.methods),
                                  "shifts": list(args.shift)})  # fmt: skip
     elapsed = time.perf_counter() - start
     if not args.quiet:

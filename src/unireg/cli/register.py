@@ -170,16 +170,14 @@ def check_arguments(args: argparse.Namespace) -> Any:
 def provenance(args: argparse.Namespace) -> dict[str, Any]:
     """What made this result: the command line and each input file's path, size and
     SHA-256 (recorded in metrics.json and manifest.json)."""
-    import sys
-
+    from unireg.cli._common import command_line
     from unireg.io.outputs import file_record
 
     named = {"fixed": args.fixed, "moving": args.moving, "fixed_labels": args.fixed_labels,
              "moving_labels": args.moving_labels, "fixed_mask": args.fixed_mask,
              "options": args.options}  # fmt: skip
-    command = getattr(args, "command_line", None) or ["unireg", *sys.argv[1:]]
     return {
-        "command": list(command),
+        "command": command_line(args),
         "inputs": {k: file_record(v) for k, v in named.items() if v is not None},
     }
 

@@ -105,8 +105,7 @@ def _regrid(geometry: Geometry, spacing: tuple[float, ...]) -> Geometry:
     directions = affine[:d, :d] / old
     out = np.eye(d + 1)
     out[:d, :d] = directions * new
-    centre = affine[:d, :d] @ ((np.array(geometry.shape) - 1) / 2) + affine[:d, d]
-    out[:d, d] = centre - out[:d, :d] @ ((np.array(shape) - 1) / 2)  # same centre
+    out[:d, d] = geometry.center_world - out[:d, :d] @ ((np.array(shape) - 1) / 2)
     return Geometry(shape, out)
 
 
