@@ -19,7 +19,17 @@ from unireg.methods.solver import SolverOptions
 
 def test_every_method_is_registered_once_with_its_options() -> None:
     names = list(entries())
-    assert names == ["rigid", "affine", "affine-gn", "syn", "bspline", "ffd", "keymorph", "sitreg"]
+    assert names == [
+        "rigid",
+        "affine",
+        "affine-gn",
+        "syn",
+        "bspline",
+        "ffd",
+        "keymorph",
+        "sitreg",
+        "dio",
+    ]
     assert get("keymorph").options is KeyMorphOptions and get("sitreg").options is SITRegOptions
     assert {get(n).options for n in names[:6]} == {SolverOptions}
     assert get("keymorph").default_model == "upright" and get("sitreg").default_model == "lite"

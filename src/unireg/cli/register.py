@@ -55,15 +55,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         kinds = {(i.name, i.type) for _, i in users}
         if len(kinds) > 1:
             raise RuntimeError(f"{flag} means different options for {[m for m, _ in users]}")
-        default = f" (default {info.default})" if info.default is not None else ""
+        # methods sharing a flag may differ in their help, default and choices: all are
+        # listed (each method checks its own choices when its options are built)
+        helps = []
+        for _, i in users:
+            text = i.help + (f" (default {i.default})" if i.default is not None else "")
+            if text not in helps:
+                helps.append(text)
         kw: dict[str, Any] = {"dest": _dest(flag), "default": argparse.SUPPRESS,
-                              "help": info.help + default}  # fmt: skip
+                              "help": "; ".join(helps)}  # fmt: skip
         if info.type is bool:
             kw["action"] = "store_true"
         else:
             kw["type"] = info.type
-            if info.choices is not None:
-                kw["choices"] = list(info.choices)
+            choices = [c for _, i in users for c in (i.choices or ())]
+            if all(i.choices is not None for _, i in users):
+                kw["choices"] = list(dict.fromkeys(choices))
             else:
                 kw["metavar"] = info.type.__name__.upper()
         group.add_argument(flag, **kw)

@@ -32,6 +32,7 @@ PACKAGES = (
     "unireg.methods.solver",
     "unireg.methods.keymorph",
     "unireg.methods.sitreg",
+    "unireg.methods.dio",
 )
 
 

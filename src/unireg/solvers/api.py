@@ -36,6 +36,8 @@ from unireg.result import RegistrationResult, SolverExtras, measured_result
 from unireg.solvers.gauss_newton import GN_LEVELS, affine_gauss_newton
 from unireg.solvers.solver import LabelPrompt, LandmarkPrompt, Level, SolveResult, Stage, solve
 from unireg.spatial.field import displacement_to_world
+from unireg.spatial.geometry import Geometry
+from unireg.spatial.inversion import invert_displacement
 from unireg.spatial.transform import (
     AffineTransform,
     CompositeTransform,
@@ -163,10 +165,18 @@ def preset_stages(
 
 
 def world_transforms(
-    result: SolveResult, fixed: Image | LabelMap, *, dtype: torch.dtype = torch.float32
+    result: SolveResult,
+    fixed: Image | LabelMap | Geometry,
+    *,
+    dtype: torch.dtype = torch.float32,
+    invert: bool = False,
 ) -> tuple[Transform, Transform | None]:
-    """World-mm forward (fixed -> moving) and inverse transforms of a :class:`SolveResult`."""
-    geom = fixed.geometry
+    """World-mm forward (fixed -> moving) and inverse transforms of a :class:`SolveResult`
+    whose fixed grid is ``fixed`` (an image's, or a geometry). The inverse is the model's own
+    when it has one; with ``invert`` a dense field without one is inverted numerically
+    (:func:`~unireg.spatial.inversion.invert_displacement`, fixed-point iteration on the
+    fixed grid), otherwise it is None."""
+    geom = fixed if isinstance(fixed, Geometry) else fixed.geometry
     affine = AffineTransform(result.matrix)
     if result.displacement is None:
         return affine, affine.inverse()
@@ -176,9 +186,14 @@ def world_transforms(
         return DisplacementFieldTransform(world, geom)
 
     forward = CompositeTransform([field(result.displacement), affine])
+    inverse_field = result.inverse_displacement
+    if inverse_field is None and invert:
+        inverted = invert_displacement(result.displacement)
+        assert isinstance(inverted, torch.Tensor)
+        inverse_field = inverted
     inverse = None
-    if result.inverse_displacement is not None:
-        inverse = CompositeTransform([affine.inverse(), field(result.inverse_displacement)])
+    if inverse_field is not None:
+        inverse = CompositeTransform([affine.inverse(), field(inverse_field)])
     return forward, inverse
 
 

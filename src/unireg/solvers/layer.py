@@ -17,13 +17,14 @@ before it is held fixed.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from unireg.losses import get_loss
-from unireg.solvers.solver import Stage, solve
+from unireg.solvers.solver import LevelFeatures, Stage, solve
+from unireg.spatial.field import resize_displacement
 from unireg.spatial.filters import gaussian_blur
 from unireg.spatial.geometry import Geometry, normalized_map_matrix
 from unireg.spatial.grid import (
@@ -80,11 +81,15 @@ class LayerResult:
             implicit gradient to the features.
         matrix: world fixed -> moving maps of the linear part ``(B, d+1, d+1)`` float64 (mm).
         trace: per batch element, the solver's per-level trace.
+        levels: the dense stage's optimum at the end of each pyramid level, normalised
+            ``(B, d, *level_shape)`` by factor, each with the implicit gradient to that
+            level's features (the finest equals ``displacement``).
     """
 
     displacement: torch.Tensor
     matrix: torch.Tensor
     trace: list[list[dict[str, object]]]
+    levels: dict[float, torch.Tensor] = field(default_factory=dict)
 
 
 def _element(x: Features, b: int) -> Features:
@@ -133,6 +138,7 @@ def register_features(
     fixed_geom = fixed_geometry or Geometry(tuple(ff.shape[2:]), np.eye(d + 1))
     moving_geom = moving_geometry or Geometry(tuple(mf.shape[2:]), np.eye(d + 1))
     fields, matrices, traces = [], [], []
+    level_lists: list[list[tuple[float, torch.Tensor]]] = []
     with torch.enable_grad():  # the solver's own steps; the features are detached
         for b in range(ff.shape[0]):
             out = solve(
@@ -143,25 +149,66 @@ def register_features(
             fields.append(out.displacement)
             matrices.append(torch.as_tensor(out.matrix, dtype=torch.float64))
             traces.append(out.trace)
+            level_lists.append(out.levels)
     u_star = torch.cat(fields).to(ff)
     world = torch.stack(matrices)
+    level_stars = {
+        factor: torch.cat([t[i][1] for t in level_lists]).to(ff)
+        for i, (factor, _) in enumerate(level_lists[0])
+    }
     if not (torch.is_grad_enabled() and (ff.requires_grad or mf.requires_grad)):
-        return LayerResult(u_star, world, traces)
+        return LayerResult(u_star, world, traces, level_stars)
     dense = stages[-1]
     norm = torch.stack([
         torch.as_tensor(normalized_map_matrix(m.numpy(), fixed_geom, moving_geom))
         for m in matrices
     ]).to(ff)  # fmt: skip
-    u = u_star.clone().requires_grad_(True)
+    fixed_levels, moving_levels = LevelFeatures(fixed), LevelFeatures(moving)
+    levels = {
+        factor: implicit_step(
+            fixed_levels.at(factor), moving_levels.at(factor), u, dense, norm, step
+        )
+        for factor, u in level_stars.items()
+    }
+    finest = levels[min(levels)]
+    # the full-resolution field is the finest level's, upsampled when the stage stops coarser
+    if tuple(finest.shape[2:]) == tuple(ff.shape[2:]):
+        full = finest
+    else:
+        up = resize_displacement(finest, tuple(ff.shape[2:]))
+        full = u_star + (up - up.detach())
+    return LayerResult(full, world, traces, levels)
+
+
+def implicit_step(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    u_star: torch.Tensor,
+    stage: Stage,
+    matrix: torch.Tensor,
+    step: float = 1.0,
+) -> torch.Tensor:
+    """``u*`` carrying the derivative of one preconditioned solver step at the optimum
+    (Jacobian-free backpropagation): the value is ``u*`` exactly, the derivative with respect
+    to the features that of ``u* - eta G(dL/du)``, ``G`` the stage's gradient smoothing in
+    voxels of ``u*``'s grid.
+
+    Args:
+        fixed, moving: features ``(B, C, ...)`` with their graph; ``fixed`` on ``u*``'s grid.
+        u_star: the optimum, normalised ``(B, d, *shape)`` (no graph).
+        stage: the dense stage (its loss and smoothing).
+        matrix: normalised fixed -> moving linear maps ``(B, d+1, d+1)``.
+        step: ``eta`` in voxels per unit gradient.
+    """
+    u = u_star.detach().clone().requires_grad_(True)
     total = dense_objective(
-        ff, mf, u, loss=dense.loss, loss_options=dense.loss_options, matrix=norm
+        fixed, moving, u, loss=stage.loss, loss_options=stage.loss_options, matrix=matrix
     )
     (grad,) = torch.autograd.grad(total.sum(), u, create_graph=True)
     # the solver's steps are in voxels, smoothed: the same metric for the implicit step
-    scale = voxel_to_normalized_scale(tuple(ff.shape[2:]), grad)
+    scale = voxel_to_normalized_scale(tuple(fixed.shape[2:]), grad)
     grad_vox = grad / scale
-    if dense.smooth_gradient > 0:
-        grad_vox = gaussian_blur(grad_vox, dense.smooth_gradient)
+    if stage.smooth_gradient > 0:
+        grad_vox = gaussian_blur(grad_vox, stage.smooth_gradient)
     stepped = -step * grad_vox * scale
-    # value u*, derivative of one step at the optimum
-    return LayerResult(u_star + (stepped - stepped.detach()), world, traces)
+    return u_star.detach() + (stepped - stepped.detach())

@@ -140,15 +140,19 @@ class SolveResult:
         inverse_displacement: the dense part's inverse on the fixed grid, when the model has
             it by construction (symmetric svf), or None.
         trace: one dict per stage and level (iterations, losses, seconds, converged).
+        levels: the dense stage's normalised displacement at the end of each of its levels,
+            ``(factor, (1, d, *level_shape))`` coarse to fine (what a feature network trained
+            through every level is scored on).
     """
 
     matrix: np.ndarray
     displacement: torch.Tensor | None = None
     inverse_displacement: torch.Tensor | None = None
     trace: list[dict[str, Any]] = field(default_factory=list)
+    levels: list[tuple[float, torch.Tensor]] = field(default_factory=list)
 
 
-class _Features:
+class LevelFeatures:
     """Per-level features of one image, from a tensor or a {factor: tensor} mapping."""
 
     def __init__(self, x: torch.Tensor | Mapping[float, torch.Tensor]) -> None:
@@ -329,6 +333,7 @@ def _run_level(
     return losses, False
 
 
+@torch.enable_grad()  # the solver differentiates its own objective, even in no_grad code
 def solve(
     fixed: torch.Tensor | Mapping[float, torch.Tensor],
     moving: torch.Tensor | Mapping[float, torch.Tensor],
@@ -361,7 +366,7 @@ def solve(
     Returns:
         :class:`SolveResult`.
     """
-    ff, mf = _Features(fixed), _Features(moving)
+    ff, mf = LevelFeatures(fixed), LevelFeatures(moving)
     d = ff.full.ndim - 2
     fixed_geom = fixed_geometry or Geometry(tuple(ff.full.shape[2:]), np.eye(d + 1))
     moving_geom = moving_geometry or Geometry(tuple(mf.full.shape[2:]), np.eye(d + 1))
@@ -378,6 +383,7 @@ def solve(
     matrix = np.eye(d + 1) if init is None else np.asarray(init, np.float64)
     trace: list[dict[str, Any]] = []
     dense: DenseModel | None = None
+    level_fields: list[tuple[float, torch.Tensor]] = []
 
     def report(
         stage: Stage, lv: Level, shape: tuple[int, ...], losses: list[float], conv: bool, t0: float
@@ -475,6 +481,8 @@ def solve(
 
                 losses, conv = _run_level(dstep, _lr_setter(dopt, dense), lr, lv.iterations, stage)
                 report(stage, lv, obj.shape, losses, conv, t0)
+                with torch.no_grad():
+                    level_fields.append((float(lv.factor), dense.displacement().detach()))
             # the same rule for the dense stage: against no deformation at its finest level
             start_dense = _dense_for(stage, d, tuple(ff.full.shape[2:]))
             start_dense.set_level(obj.shape, ff.full)
@@ -483,7 +491,8 @@ def solve(
                 start_loss = float(obj.dense(start_dense, norm).sum())
             if _keeps_start(stage, trace[-1], start_loss, end_loss, progress):
                 dense = start_dense
-    result = SolveResult(matrix=matrix, trace=trace)
+                level_fields = [(f, torch.zeros_like(u)) for f, u in level_fields]
+    result = SolveResult(matrix=matrix, trace=trace, levels=level_fields)
     if dense is not None:
         full = tuple(ff.full.shape[2:])
         with torch.no_grad():

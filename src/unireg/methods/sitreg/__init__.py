@@ -16,10 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unireg.methods.base import MethodEntry, MethodOptions, lazy_exports, model_option, option
-from unireg.methods.solver import preset_option
+from unireg.methods.solver import affine_stage_option, preset_option
 
 INFERENCE = ("standard", "complete", "fast")
-AFFINE_STAGES = ("affine", "affine-gn", "rigid", "keymorph", "none")
 
 
 @dataclass(frozen=True)
@@ -35,12 +34,7 @@ class SITRegOptions(MethodOptions):
         "inverse); 'fast' keeps the finest update on its own half-resolution grid (default: "
         "the one the model was trained with)",
     )  # fmt: skip
-    affine: str = option(
-        "affine-gn", choices=AFFINE_STAGES, flag="--affine-stage",
-        help="sitreg: the linear stage run first ('affine-gn': Gauss-Newton, same modality; "
-        "'keymorph': KeyMorph's keypoints then affine-gn, for heads in any orientation; "
-        "'none' for pre-aligned pairs)",
-    )  # fmt: skip
+    affine: str = affine_stage_option()
     preset: str = preset_option()
     model: str | None = model_option()
 

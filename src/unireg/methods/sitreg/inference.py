@@ -4,7 +4,6 @@ fields turned into a world transform and its inverse by the shared pipeline
 
 from __future__ import annotations
 
-import functools
 import time
 
 import numpy as np
@@ -14,12 +13,12 @@ from unireg.errors import DimensionalityError
 from unireg.io.image import Image
 from unireg.methods.base import OptionError
 from unireg.methods.pipeline import LearnedMethod, field_transform, network_grid, network_input
-from unireg.methods.sitreg import AFFINE_STAGES, INFERENCE, SITRegOptions
+from unireg.methods.sitreg import INFERENCE, SITRegOptions
 from unireg.methods.sitreg.model import SITReg
+from unireg.methods.stages import affine_stage
 from unireg.result import RegistrationResult, SITRegExtras, measured_result
-from unireg.solvers import register
-from unireg.solvers.gauss_newton import GN_LEVELS, affine_gauss_newton
-from unireg.spatial.transform import AffineTransform, CompositeTransform, Transform
+from unireg.solvers.gauss_newton import GN_LEVELS
+from unireg.spatial.transform import CompositeTransform, Transform
 from unireg.training.checkpoint import Checkpoint
 
 # affine-gn as SITReg's stage: the "fast" schedule stops the finest level after 3 iterations
@@ -61,8 +60,6 @@ def register_sitreg(
     ``G``, the network's own fields and the time of each stage (seconds); the measured time
     includes the warped image.
     """
-    if affine not in AFFINE_STAGES:
-        raise OptionError(f"unknown affine stage {affine!r}; choose from {AFFINE_STAGES}")
     if inference is None:
         inference = str(checkpoint.train_config.get("inference", "standard"))
     if inference not in INFERENCE:
@@ -77,7 +74,7 @@ def register_sitreg(
 
     def run() -> tuple[Transform, Transform | None, SITRegExtras]:
         t0 = time.perf_counter()
-        linear = _affine_stage(fixed, moving, affine, preset, dev)
+        linear = affine_stage(fixed, moving, affine, preset, dev, STAGE_GN_LEVELS)
         t1 = time.perf_counter()
         grid = network_grid(checkpoint, fixed)
         net = model.to(dev).eval()
@@ -106,48 +103,6 @@ def register_sitreg(
         return transform, inverse, extras
 
     return measured_result(fixed, moving, run, dev)
-
-
-def _affine_stage(
-    fixed: Image, moving: Image, affine: str, preset: str, device: torch.device
-) -> AffineTransform:
-    """``A``, fixed world -> moving world (mm), by the named stage."""
-    if affine == "none":
-        return AffineTransform.identity(fixed.ndim)
-    if affine == "keymorph":
-        return _keymorph_stage(fixed, moving, device)
-    if affine == "affine-gn":
-        linear, _ = affine_gauss_newton(
-            fixed, moving, levels=STAGE_GN_LEVELS[preset], device=device
-        )
-        return linear
-    stage = register(fixed, moving, affine, preset=preset, device=device)
-    assert isinstance(stage.transform, AffineTransform)
-    return stage.transform
-
-
-@functools.lru_cache(maxsize=2)
-def _shipped_keymorph(device: torch.device) -> tuple[torch.nn.Module, Checkpoint]:
-    """The shipped KeyMorph model, loaded once per device (inference only)."""
-    from unireg.methods.registry import load_model
-
-    return load_model("keymorph", device=device)
-
-
-def _keymorph_stage(fixed: Image, moving: Image, device: torch.device) -> AffineTransform:
-    """The ``"keymorph"`` affine stage: the shipped KeyMorph model's keypoint affine (one
-    detection per image), refined by ``affine-gn``."""
-    from unireg.methods.keymorph.inference import register_keymorph
-    from unireg.methods.keymorph.model import KeyMorph
-
-    model, checkpoint = _shipped_keymorph(device)
-    assert isinstance(model, KeyMorph)
-    result = register_keymorph(
-        fixed, moving, model=model, checkpoint=checkpoint, transform="affine",
-        refine="affine-gn", rotations=1, device=device,
-    )  # fmt: skip
-    assert isinstance(result.transform, AffineTransform)
-    return result.transform
 
 
 class SITRegMethod(LearnedMethod):

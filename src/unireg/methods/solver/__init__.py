@@ -13,6 +13,8 @@ from typing import Any
 from unireg.methods.base import MethodEntry, MethodOptions, OptionError, lazy_exports, option
 
 PRESETS = ("fast", "accurate")
+# the linear stage learned methods run on the intensities before their network or solver
+AFFINE_STAGES = ("affine", "affine-gn", "rigid", "keymorph", "none")
 
 
 def preset_option() -> Any:
@@ -20,6 +22,17 @@ def preset_option() -> Any:
     return option(
         "fast", choices=PRESETS,
         help="solvers: the preset (pyramid and iterations); sitreg: that of its affine stage",
+    )  # fmt: skip
+
+
+def affine_stage_option() -> Any:
+    """The ``affine`` option (flag ``--affine-stage``) of methods that run a linear stage
+    first."""
+    return option(
+        "affine-gn", choices=AFFINE_STAGES, flag="--affine-stage",
+        help="sitreg, dio: the linear stage run first ('affine-gn': Gauss-Newton, same "
+        "modality; 'keymorph': KeyMorph's keypoints then affine-gn, for heads in any "
+        "orientation; 'none' for pre-aligned pairs)",
     )  # fmt: skip
 
 

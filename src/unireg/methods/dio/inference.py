@@ -1,0 +1,183 @@
+"""DIO on raw images: a linear stage on the intensities, each image's features on its own
+grid, and the solver registering the features with the transform model, iterations and
+prompts chosen at test time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from unireg.errors import DimensionalityError
+from unireg.io.image import Image, LabelMap, resample
+from unireg.methods.base import MethodEntry, Prompts
+from unireg.methods.dio import TRANSFORMS, DIOOptions, parse_iterations
+from unireg.methods.dio.model import FACTORS, FeatureNet
+from unireg.methods.pipeline import network_input
+from unireg.methods.stages import affine_stage
+from unireg.result import DIOExtras, RegistrationResult, measured_result
+from unireg.solvers.api import world_transforms
+from unireg.solvers.solver import LabelPrompt, LandmarkPrompt, Level, Stage, solve
+from unireg.spatial.geometry import Geometry
+from unireg.spatial.transform import Transform
+from unireg.training.checkpoint import Checkpoint
+
+# the linear solver's step when the features are registered affinely (fraction of the
+# half-diagonal / radians per step: the syn preset's affine refinement)
+AFFINE_LR = 0.005
+
+
+def feature_grid(image: Image, spacing: float) -> Geometry:
+    """The grid the network sees ``image`` on: its own field of view and axes, sampled at the
+    network's training ``spacing`` (mm, isotropic); the image's own grid when its spacing is
+    that already (within 1 %)."""
+    geom = image.geometry
+    if all(abs(s - spacing) <= 0.01 * spacing for s in geom.spacing):
+        return geom
+    d = geom.ndim
+    affine = geom.voxel_to_world.copy()
+    shape = []
+    for a, (n, s) in enumerate(zip(geom.shape, geom.spacing, strict=True)):
+        extent = (n - 1) * s
+        m = max(int(round(extent / spacing)) + 1, 2)
+        shape.append(m)
+        affine[:d, a] = geom.voxel_to_world[:d, a] * (extent / (m - 1) / s if m > 1 else 1.0)
+    return Geometry(tuple(shape), affine)
+
+
+def solver_stage(
+    transform: str, iterations: Sequence[int], train_config: dict[str, object]
+) -> Stage:
+    """The stage the solver fits to the features: ``transform`` (a key of
+    :data:`~unireg.methods.dio.TRANSFORMS`) over the levels 1/4, 1/2, 1 with ``iterations``
+    (levels of 0 skipped), feature MSE, the step, smoothing and early stop the model was
+    trained with."""
+    levels = [Level(f, int(n)) for f, n in zip(FACTORS, iterations, strict=True) if n > 0]
+    model = TRANSFORMS[transform]
+    tolerance = float(train_config.get("tolerance", 1e-3))  # type: ignore[arg-type]
+    window = int(train_config.get("window", 4))  # type: ignore[call-overload]
+    if model == "affine":
+        return Stage("affine", levels, loss="mse", lr=AFFINE_LR, tolerance=tolerance,
+                     window=window)  # fmt: skip
+    return Stage(
+        model, levels, loss="mse", lr=float(train_config.get("solver_lr", 0.25)),  # type: ignore[arg-type]
+        smooth_gradient=float(train_config.get("smooth_gradient", 1.0)),  # type: ignore[arg-type]
+        smooth_field=float(train_config.get("smooth_field", 0.5)),  # type: ignore[arg-type]
+        tolerance=tolerance, window=window,
+    )  # fmt: skip
+
+
+def _labels_on(labels: LabelMap, image: Image, grid: Geometry) -> torch.Tensor:
+    """A label map of ``image``'s grid as ``(1, 1, *grid.shape)`` on the feature grid."""
+    if labels.geometry.same_grid(grid):
+        return labels.batch()
+    return resample(labels, grid).batch()
+
+
+def register_dio(
+    fixed: Image,
+    moving: Image,
+    *,
+    model: FeatureNet,
+    checkpoint: Checkpoint,
+    transform: str = "ffd",
+    iterations: Sequence[int] = (200, 100, 20),
+    affine: str = "affine-gn",
+    preset: str = "fast",
+    prompts: Prompts | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> RegistrationResult:
+    """Register raw ``moving`` onto ``fixed`` with a trained feature network.
+
+    1. ``affine`` stage on the intensities (see :func:`unireg.methods.pipeline.affine_stage`):
+       ``A``, fixed world -> moving world (mm).
+    2. Each image on its own feature grid (:func:`feature_grid`: its field of view at the
+       training spacing), intensities to [0, 1], through the network: features at 1/4, 1/2
+       and 1 of that grid.
+    3. The solver fits ``transform`` to the features (feature MSE, coarse to fine, each level
+       stopping early), starting from ``A``; ``prompts`` add a soft-Dice term of the label
+       maps (``label_weight``), a landmark distance term (world mm) and a similarity mask.
+
+    The result maps fixed world mm to moving world mm: ``x -> A'(x + u(x))`` for the dense
+    models (``A' = A``), ``A'`` alone for ``affine``. Its inverse is the model's own for
+    ``svf`` and ``affine``, and the dense field inverted numerically otherwise.
+    """
+    if fixed.ndim != moving.ndim or fixed.ndim != model.config["ndim"]:
+        raise DimensionalityError(
+            f"is {moving.ndim}D and the fixed image {fixed.ndim}D; the model is "
+            f"{model.config['ndim']}D", moving.path,
+        )  # fmt: skip
+    dev = torch.device(device)
+    p = prompts or Prompts()
+    spacing = float(checkpoint.preprocessing.get("spacing_mm", 2.0))
+    stage = solver_stage(transform, iterations, checkpoint.train_config)
+
+    def run() -> tuple[Transform, Transform | None, DIOExtras]:
+        t0 = time.perf_counter()
+        linear = affine_stage(fixed, moving, affine, preset, dev)
+        t1 = time.perf_counter()
+        grids = (feature_grid(fixed, spacing), feature_grid(moving, spacing))
+        net = model.to(dev).eval()
+        with torch.no_grad():
+            ff = net(network_input(fixed, grids[0]).to(dev))
+            fm = net(network_input(moving, grids[1]).to(dev))
+        t2 = time.perf_counter()
+        terms: list[LabelPrompt | LandmarkPrompt] = []
+        if p.label_weight > 0 and p.fixed_labels is not None and p.moving_labels is not None:
+            terms.append(LabelPrompt(
+                _labels_on(p.fixed_labels, fixed, grids[0]).to(dev),
+                _labels_on(p.moving_labels, moving, grids[1]).to(dev), p.label_weight,
+            ))  # fmt: skip
+        if p.fixed_landmarks is not None and p.moving_landmarks is not None:
+            terms.append(LandmarkPrompt(p.fixed_landmarks, p.moving_landmarks, p.landmark_weight))
+        mask = None
+        if p.mask is not None:
+            on_grid = resample(p.mask.with_data(p.mask.data[:1].float()), grids[0])
+            mask = (on_grid.data > 0.5).unsqueeze(0).to(dev)
+        out = solve(
+            ff, fm, [stage], fixed_geometry=grids[0], moving_geometry=grids[1],
+            init=linear.matrix.numpy(), prompts=terms, mask=mask, seed=seed, progress=progress,
+        )  # fmt: skip
+        forward, inverse = world_transforms(out, grids[0], invert=True)
+        t3 = time.perf_counter()
+        extras = DIOExtras(
+            method=f"dio ({transform}, affine stage {affine})", matrix=np.asarray(out.matrix),
+            transform_kind=transform, iterations=tuple(int(n) for n in iterations),
+            feature_grids=grids, trace=out.trace,
+            stage_seconds={"affine": t1 - t0, "network": t2 - t1, "solver": t3 - t2},
+        )  # fmt: skip
+        return forward, inverse, extras
+
+    return measured_result(fixed, moving, run, dev)
+
+
+class DIOMethod:
+    """DIO behind the :class:`~unireg.methods.base.Method` protocol: the feature network
+    loaded once, each pair registered with the options' transform model and iterations."""
+
+    def __init__(self, entry: MethodEntry, options: DIOOptions, device: str = "cpu"):
+        from unireg.methods.registry import load_model
+
+        self.entry, self.options, self.device = entry, options, torch.device(device)
+        self.model, self.checkpoint = load_model(entry.name, options.model, device=self.device)
+
+    def register(
+        self,
+        fixed: Image,
+        moving: Image,
+        *,
+        prompts: Prompts | None = None,
+        seed: int = 0,
+        progress: Callable[[str], None] | None = None,
+    ) -> RegistrationResult:
+        o = self.options
+        assert isinstance(self.model, FeatureNet)
+        return register_dio(
+            fixed, moving, model=self.model, checkpoint=self.checkpoint,
+            transform=o.transform, iterations=parse_iterations(o.iterations), affine=o.affine,
+            preset=o.preset, prompts=prompts, seed=seed, device=self.device, progress=progress,
+        )  # fmt: skip

@@ -1,0 +1,175 @@
+"""DIO's feature network: one image in, dense feature maps at 1/4, 1/2 and 1 of its
+resolution out, on the solver's pyramid grids.
+
+The network sees one image at a time (shared weights for both images of a pair), so it takes
+any shape: the input is zero-padded at the end of each axis to ``4 k + 1`` voxels, where the
+stride-2 grids nest exactly (coarse voxel ``i`` on fine voxel ``2 i``), and each output level
+is resampled onto the pyramid level of the *unpadded* grid
+(:func:`unireg.solvers.pyramid.level_shape`: first and last voxel centres shared), so the
+features of factor ``f`` are what the solver's level ``f`` expects.
+
+Backbones (``backbone``):
+
+- ``lku``: large-kernel U-Net (LKU-Net style): every block sums parallel ``3^d``, ``5^d`` and
+  ``1^d`` convolutions and the identity, then instance norm and PReLU;
+- ``unet``: a plain U-Net (``3^d`` convolution, instance norm, LeakyReLU);
+- ``lku-e`` / ``unet-e``: encoder only, each level's head reads the encoder directly.
+
+Each level's head is a plain ``3^d`` convolution to ``features`` channels (no activation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unireg.nets.blocks import conv_nd, instance_norm_nd, upsample_strided
+from unireg.solvers.pyramid import level_shape
+from unireg.spatial.grid import identity_grid
+from unireg.spatial.warp import sample
+
+BACKBONES = ("lku", "unet", "lku-e", "unet-e")
+FACTORS = (4.0, 2.0, 1.0)
+
+
+class LargeKernelBlock(nn.Module):
+    """``PReLU(IN(conv3(x) + conv5(x) + conv1(x) + x))``, channels kept."""
+
+    def __init__(self, ndim: int, channels: int):
+        super().__init__()
+        conv = conv_nd(ndim)
+        self.k3 = conv(channels, channels, 3, padding=1)
+        self.k5 = conv(channels, channels, 5, padding=2)
+        self.k1 = conv(channels, channels, 1)
+        self.norm = instance_norm_nd(ndim)(channels, affine=True)
+        self.act = nn.PReLU(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.act(self.norm(self.k3(x) + self.k5(x) + self.k1(x) + x))
+        return out
+
+
+class PlainBlock(nn.Sequential):
+    """``3^d`` convolution, instance norm, LeakyReLU (0.2); channels kept."""
+
+    def __init__(self, ndim: int, channels: int):
+        super().__init__(
+            conv_nd(ndim)(channels, channels, 3, padding=1),
+            instance_norm_nd(ndim)(channels, affine=True),
+            nn.LeakyReLU(0.2),
+        )
+
+
+def _transition(ndim: int, cin: int, cout: int, stride: int, large: bool) -> nn.Sequential:
+    """A ``3^d`` convolution changing the channels (stride 2 halves the grid), norm,
+    activation."""
+    return nn.Sequential(
+        conv_nd(ndim)(cin, cout, 3, stride=stride, padding=1),
+        instance_norm_nd(ndim)(cout, affine=True),
+        nn.PReLU(cout) if large else nn.LeakyReLU(0.2),
+    )
+
+
+class FeatureNet(nn.Module):
+    """Dense multi-scale features of one image.
+
+    Args:
+        ndim: 2 or 3.
+        channels: widths of the three resolution levels (full, 1/2, 1/4).
+        features: channels of every output level.
+        backbone: one of :data:`BACKBONES`.
+    """
+
+    def __init__(
+        self,
+        ndim: int = 3,
+        channels: Sequence[int] = (8, 16, 32),
+        features: int = 16,
+        backbone: str = "lku",
+    ):
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        if len(channels) != 3:
+            raise ValueError(f"give 3 channel widths (full, 1/2, 1/4), got {list(channels)}")
+        self.config: dict[str, Any] = {"ndim": ndim, "channels": [int(c) for c in channels],
+                                       "features": int(features), "backbone": backbone}  # fmt: skip
+        large = backbone.startswith("lku")
+        self.decoder = not backbone.endswith("-e")
+        block = LargeKernelBlock if large else PlainBlock
+        c0, c1, c2 = (int(c) for c in channels)
+        conv = conv_nd(ndim)
+        self.stem = _transition(ndim, 1, c0, 1, large)
+        self.enc0 = block(ndim, c0)
+        self.down1 = _transition(ndim, c0, c1, 2, large)
+        self.enc1 = block(ndim, c1)
+        self.down2 = _transition(ndim, c1, c2, 2, large)
+        self.enc2 = block(ndim, c2)
+        if self.decoder:
+            self.fuse1 = _transition(ndim, c2 + c1, c1, 1, large)
+            self.dec1 = block(ndim, c1)
+            self.fuse0 = _transition(ndim, c1 + c0, c0, 1, large)
+            self.dec0 = block(ndim, c0)
+        self.heads = nn.ModuleDict({
+            "4": conv(c2, features, 3, padding=1),
+            "2": conv(c1, features, 3, padding=1),
+            "1": conv(c0, features, 3, padding=1),
+        })  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> FeatureNet:
+        """The network a checkpoint's ``model_config`` describes."""
+        return cls(config["ndim"], config["channels"], config["features"], config["backbone"])
+
+    def forward(self, image: torch.Tensor) -> dict[float, torch.Tensor]:
+        """Features of ``image`` ``(B, 1, *shape)`` (intensities about [0, 1]) by pyramid
+        factor: ``{4.0: (B, F, *level_shape(shape, 4)), 2.0: ..., 1.0: (B, F, *shape)}``."""
+        d = image.ndim - 2
+        if image.shape[1] != 1 or d != self.config["ndim"]:
+            raise ValueError(f"expected (B, 1) {self.config['ndim']}D images, got {image.shape}")
+        shape = tuple(image.shape[2:])
+        padded = [4 * ((n + 2) // 4) + 1 for n in shape]  # the smallest 4 k + 1 >= n
+        pads: list[int] = []
+        for n, m in zip(reversed(shape), reversed(padded), strict=True):
+            pads += [0, m - n]
+        x = F.pad(image, pads)
+        e0 = self.enc0(self.stem(x))
+        e1 = self.enc1(self.down1(e0))
+        e2 = self.enc2(self.down2(e1))
+        if self.decoder:
+            up = upsample_strided(e2, e1.shape[2:])
+            e1 = self.dec1(self.fuse1(torch.cat([up, e1], 1)))
+            up = upsample_strided(e1, e0.shape[2:])
+            e0 = self.dec0(self.fuse0(torch.cat([up, e0], 1)))
+        out: dict[float, torch.Tensor] = {}
+        for factor, level in zip(FACTORS, (e2, e1, e0), strict=True):
+            feats = self.heads[str(int(factor))](level)
+            out[factor] = _onto_level(feats, shape, padded, factor)
+        return out
+
+
+def _onto_level(
+    feats: torch.Tensor, shape: tuple[int, ...], padded: list[int], factor: float
+) -> torch.Tensor:
+    """Features on the stride grid of the padded input (voxel ``i`` at padded voxel
+    ``factor * i``) resampled linearly onto the pyramid level ``factor`` of ``shape``."""
+    target = level_shape(shape, factor)
+    if factor == 1:
+        for axis, n in enumerate(shape):  # drop the padding
+            feats = feats.narrow(2 + axis, 0, n)
+        return feats
+    # pyramid voxel j lies at input voxel j (n - 1) / (m - 1), that is at stride-grid voxel
+    # j (n - 1) / ((m - 1) factor); in the stride grid's normalised units (m' voxels):
+    # -1 + 2 * that / (m' - 1)
+    grid = identity_grid(target, device=feats.device, dtype=feats.dtype)  # [-1, 1] per axis
+    scale = []
+    for n, m, coarse in zip(shape, target, feats.shape[2:], strict=True):
+        reach = (n - 1) / factor  # stride-grid voxels spanned by the level
+        scale.append(reach / max(coarse - 1, 1) if m > 1 else 0.0)
+    s = torch.tensor(scale, dtype=feats.dtype, device=feats.device)
+    points = (grid + 1) * s - 1  # voxel 0 stays at -1; the last at -1 + 2 reach / (m' - 1)
+    return sample(feats, points.expand(feats.shape[0], *points.shape[1:]), padding="border")

@@ -1,0 +1,148 @@
+"""Training DIO's feature network from a config file (TOML), with checkpoints and resume.
+
+Each step takes two different subjects of one dataset (each under a small random affine, the
+images synthesised from their label maps with ``synthesis_probability``), computes both
+images' features with the shared network, and registers them with the solver as a layer
+(:func:`unireg.solvers.layer.register_features`: free-form displacement, feature MSE, no
+graph through the iterations). The loss, averaged over the pyramid levels the solver has run,
+is ``1 - LNCC^2`` (window ``lncc_window``) of the moving image warped by that level's optimum
+plus ``dice_weight`` times ``1 - soft Dice`` of the warped one-hot label maps. Its gradient
+reaches the features through one Jacobian-free solver step at each level's optimum.
+
+The level curriculum (``curriculum``: the step at which each of the 1/4, 1/2 and full levels
+joins) trains the coarse features first: early steps solve at 1/4 only, and cost little.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from unireg.losses import lncc, soft_dice
+from unireg.methods.dio.model import BACKBONES, FACTORS, FeatureNet
+from unireg.solvers.layer import register_features
+from unireg.solvers.solver import Level, Stage
+from unireg.spatial.field import resize_displacement
+from unireg.spatial.warp import warp
+from unireg.training.base import TrainConfig, Trainer
+
+
+@dataclass
+class DIOConfig(TrainConfig):
+    """A DIO training run: :class:`TrainConfig` plus the network, the solver and the loss."""
+
+    output: str = "runs/dio"
+    backbone: str = "lku"
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32])
+    features: int = 16
+    # the solver inside the loss: iteration caps at 1/4, 1/2, 1; Adam step (voxels); the
+    # Gaussian smoothing of gradient and field (voxels); early stop (relative, over `window`)
+    iterations: list[int] = field(default_factory=lambda: [60, 30, 10])
+    solver_lr: float = 0.25
+    smooth_gradient: float = 1.0
+    smooth_field: float = 0.5
+    tolerance: float = 1e-3
+    window: int = 4
+    implicit_step: float = 1.0  # eta of the Jacobian-free step (voxels per unit gradient)
+    curriculum: list[int] = field(default_factory=lambda: [0, 200, 500])
+    lncc_window: int = 7
+    dice_weight: float = 1.0
+    rotation: float = 5.0
+    translation: float = 4.0
+    scale: list[float] = field(default_factory=lambda: [0.97, 1.03])
+    shear: float = 0.0
+    crop: list[int] = field(default_factory=list)  # train on random crops of this shape
+
+    def check(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if len(self.iterations) != 3 or min(self.iterations) < 1:
+            raise ValueError(f"iterations must be 3 counts >= 1, got {self.iterations}")
+        if (
+            len(self.curriculum) != 3
+            or self.curriculum[0] != 0
+            or sorted(self.curriculum) != list(self.curriculum)
+        ):
+            raise ValueError(f"curriculum must be 3 rising steps from 0, got {self.curriculum}")
+        if self.lncc_window < 1 or self.lncc_window % 2 == 0:
+            raise ValueError(f"lncc_window must be odd and positive, got {self.lncc_window}")
+        if self.crop and (
+            len(self.crop) != len(self.shape)
+            or any(c < 16 or c > s for c, s in zip(self.crop, self.shape, strict=True))
+        ):
+            raise ValueError(f"crop {self.crop} must have 3 sizes in [16, shape {self.shape}]")
+
+    def model(self) -> FeatureNet:
+        return FeatureNet(3, self.channels, self.features, self.backbone)
+
+    def stage(self, levels: int = 3) -> Stage:
+        """The solver stage of the loss, with its first ``levels`` pyramid levels."""
+        schedule = [Level(f, n) for f, n in zip(FACTORS, self.iterations, strict=True)]
+        return Stage(
+            "ffd", schedule[:levels], loss="mse", lr=self.solver_lr,
+            smooth_gradient=self.smooth_gradient, smooth_field=self.smooth_field,
+            tolerance=self.tolerance, window=self.window,
+        )  # fmt: skip
+
+
+def level_loss(
+    displacement: torch.Tensor,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    hots: tuple[torch.Tensor, torch.Tensor] | None,
+    window: int,
+    dice_weight: float,
+) -> torch.Tensor:
+    """``1 - LNCC^2`` of ``moving`` warped by a level's normalised ``displacement``
+    (upsampled to the images' grid) against ``fixed``, plus ``dice_weight`` times
+    ``1 - soft Dice`` of the warped moving one-hot maps (``hots = (moving, fixed)``)."""
+    u = displacement
+    if tuple(u.shape[2:]) != tuple(fixed.shape[2:]):
+        u = resize_displacement(u, tuple(fixed.shape[2:]), units="normalized")
+    total = lncc(warp(moving, u, padding="border"), fixed, window)
+    if hots is not None and dice_weight > 0:
+        total = total + dice_weight * soft_dice(warp(hots[0], u), hots[1])
+    return total
+
+
+class DIOTrainer(Trainer):
+    """Image similarity and soft Dice at every level of the solver's optimum."""
+
+    method = "dio"
+    cfg: DIOConfig
+
+    def active_levels(self) -> int:
+        """How many pyramid levels (coarse first) the curriculum has opened at this step."""
+        return sum(self.step >= s for s in self.cfg.curriculum)
+
+    def phase(self) -> str:
+        return f"levels={self.active_levels()}"
+
+    def loss(self, g: torch.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        ia, ib = self._pair_items(g)
+        a, b = self._view(ia, g), self._view(ib, g)  # a moving, b fixed
+        if cfg.crop:  # the same random box of both views (they share the grid frame)
+            start = [int(torch.randint(s - c + 1, (1,), generator=g))
+                     for s, c in zip(cfg.shape, cfg.crop, strict=True)]  # fmt: skip
+            box = (...,) + tuple(slice(o, o + c) for o, c in zip(start, cfg.crop, strict=True))
+            for view in (a, b):
+                view["image"], view["labels"] = view["image"][box], view["labels"][box]
+        feats = self.model(torch.cat([a["image"], b["image"]]))
+        moving = {f: x[:1] for f, x in feats.items()}
+        fixed = {f: x[1:] for f, x in feats.items()}
+        out = register_features(
+            fixed, moving, [cfg.stage(self.active_levels())], step=cfg.implicit_step,
+            seed=self.step,
+        )  # fmt: skip
+        hots = self._label_one_hots(a["labels"], b["labels"], g)
+        losses = [
+            level_loss(u, a["image"], b["image"], hots, cfg.lncc_window, cfg.dice_weight)
+            for u in out.levels.values()
+        ]
+        return torch.stack(losses).mean()
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"levels": self.active_levels()}

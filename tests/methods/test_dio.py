@@ -1,0 +1,197 @@
+"""DIO as a method: the feature network on any grid, one set of weights under every transform
+model, prompts that change the objective, options, the CLI contract and training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_keymorph import _tiny_manifest
+
+from unireg.io import load_image, load_labels
+from unireg.methods import registry
+from unireg.methods.base import OptionError, Prompts
+from unireg.methods.dio import parse_iterations
+from unireg.methods.dio.inference import feature_grid, register_dio
+from unireg.methods.dio.model import BACKBONES, FeatureNet
+from unireg.metrics import consistency_error, dice, jacobian_stats, transform_jacobian
+from unireg.solvers.pyramid import level_shape
+from unireg.spatial.transform import AffineTransform
+from unireg.training.checkpoint import Checkpoint, save_checkpoint
+
+TRAIN = {"solver_lr": 0.25, "smooth_gradient": 1.0, "smooth_field": 0.5, "tolerance": 1e-3,
+         "window": 4}  # fmt: skip
+PREP = {"spacing_mm": 2.0, "shape": [24, 24, 24], "center": "mass"}
+FAST = (20, 10, 5)
+
+
+def _net(seed: int = 0, backbone: str = "lku") -> FeatureNet:
+    torch.manual_seed(seed)
+    return FeatureNet(3, (4, 8, 8), 4, backbone).eval()
+
+
+def _checkpoint() -> Checkpoint:
+    return Checkpoint("dio", {}, {}, preprocessing=PREP, train_config=TRAIN)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_features_come_on_the_solver_pyramid_of_any_grid(backbone):
+    net = FeatureNet(3, (2, 4, 4), 3, backbone)
+    for shape in [(9, 12, 10), (16, 17, 23)]:
+        out = net(torch.rand(2, 1, *shape))
+        assert sorted(out) == [1.0, 2.0, 4.0]
+        for factor, feats in out.items():
+            assert feats.shape == (2, 3, *level_shape(shape, factor))
+    rebuilt = FeatureNet.from_config(net.config)
+    rebuilt.load_state_dict(net.state_dict())
+    x = torch.rand(1, 1, 9, 12, 10)
+    torch.testing.assert_close(rebuilt(x)[1.0], net(x)[1.0])
+    with pytest.raises(ValueError, match="backbone"):
+        FeatureNet(3, backbone="vit")
+
+
+def test_the_feature_grid_keeps_the_field_of_view_at_the_training_spacing(tmp_path):
+    _tiny_manifest(tmp_path)
+    image = load_image(tmp_path / "s1.nii.gz")  # 2 mm, oblique
+    assert feature_grid(image, 2.0).same_grid(image.geometry)
+    grid = feature_grid(image, 4.0)
+    assert all(abs(s - 4.0) < 0.35 for s in grid.spacing)
+    np.testing.assert_allclose(grid.corners_world, image.geometry.corners_world, atol=1e-6)
+
+
+def test_one_set_of_weights_under_every_transform_model(tmp_path):
+    _tiny_manifest(tmp_path)
+    fixed, moving = load_image(tmp_path / "s0.nii.gz"), load_image(tmp_path / "s1.nii.gz")
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    results = {}
+    for transform in ("ffd", "diffeo", "svf", "bspline", "affine"):
+        res = register_dio(fixed, moving, model=net, checkpoint=_checkpoint(),
+                           transform=transform, iterations=FAST, affine="none")  # fmt: skip
+        results[transform] = res
+        assert res.extras.transform_kind == transform
+        assert res.inverse is not None
+        # every level lowers the feature loss it started from
+        assert all(e["loss_last"] < e["loss_first"] for e in res.extras.trace)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])  # the same weights served every model
+    assert isinstance(results["affine"].transform, AffineTransform)
+    geom = fixed.geometry
+    world = torch.as_tensor(geom.corners_world, dtype=torch.float32)
+    mapped = {t: r.transform.map_points(world) for t, r in results.items()}
+    assert float((mapped["ffd"] - mapped["diffeo"]).abs().max()) > 1e-3
+    # the diffeomorphic models do not fold
+    for t in ("diffeo", "svf"):
+        stats = jacobian_stats(transform_jacobian(results[t].transform, geom))
+        assert stats["folding_percent"] == 0.0
+    # svf's inverse comes by construction, ffd's by inversion: both undo the forward map
+    # inside the grid (this untrained, unregularised solve moves the faces by ~1 cm, past
+    # where the fields are defined). Measured p95: 0.12-0.23 mm (2 mm voxels)
+    inner = np.zeros(geom.shape, bool)
+    inner[5:-5, 5:-5, 5:-5] = True
+    for t in ("svf", "ffd"):
+        res = results[t]
+        there = consistency_error([res.transform, res.inverse], geom, mask=inner)
+        back = consistency_error([res.inverse, res.transform], moving.geometry, mask=inner)
+        assert there["p95_mm"] < 0.3 and back["p95_mm"] < 0.3
+
+
+def test_prompts_change_the_objective(tmp_path):
+    _tiny_manifest(tmp_path)
+    fixed, moving = load_image(tmp_path / "s0.nii.gz"), load_image(tmp_path / "s1.nii.gz")
+    fl, ml = load_labels(tmp_path / "s0_lab.nii.gz"), load_labels(tmp_path / "s1_lab.nii.gz")
+    net = _net()
+
+    def run(prompts: Prompts | None):
+        res = register_dio(fixed, moving, model=net, checkpoint=_checkpoint(), prompts=prompts,
+                           iterations=FAST, affine="none")  # fmt: skip
+        return res, float(np.mean(list(dice(fl, res.warp(ml)).values())))
+
+    plain, dice_plain = run(None)
+    prompted, dice_prompted = run(Prompts(fl, ml, label_weight=2.0))
+    # the label term is in the objective: the labels overlap better with it
+    assert dice_prompted > dice_plain + 0.02
+    # landmarks: a fixed point asked to land 4 mm away along x gets closer to its target
+    point = np.asarray([fixed.geometry.center_world])
+    target = point + np.asarray([[4.0, 0.0, 0.0]])
+    marked, _ = run(Prompts(fixed_landmarks=point, moving_landmarks=target, landmark_weight=50.0))
+    x = torch.as_tensor(point, dtype=torch.float32)
+    t = torch.as_tensor(target, dtype=torch.float32)
+    far = float((plain.transform.map_points(x) - t).norm())
+    near = float((marked.transform.map_points(x) - t).norm())
+    assert near < far - 0.5
+
+
+def test_options_spec_strings_and_iterations():
+    entry, opts = registry.parse_spec("dio:diffeo:iterations=50,20,5:affine=none")
+    assert entry.name == "dio" and opts.transform == "diffeo" and opts.affine == "none"
+    assert parse_iterations(opts.iterations) == (50, 20, 5)
+    assert parse_iterations("0,0,30") == (0, 0, 30)
+    for bad in ("50,20", "a,b,c", "0,0,0", "5,-1,3"):
+        with pytest.raises(OptionError, match="iterations"):
+            registry.parse_spec(f"dio:iterations={bad}")
+    with pytest.raises(OptionError, match="transform"):
+        registry.parse_spec("dio:tps")
+
+
+def test_register_cli_dio_writes_the_contract_with_a_switched_model(tmp_path, capsys):
+    from unireg.cli import main
+
+    _tiny_manifest(tmp_path)
+    ckpt = save_checkpoint(tmp_path / "m.pt", "dio", _net(), preprocessing=PREP,
+                           train_config=TRAIN)  # fmt: skip
+    out = tmp_path / "out"
+    rc = main(["register", str(tmp_path / "s0.nii.gz"), str(tmp_path / "s1.nii.gz"), "-o",
+               str(out), "--method", "dio", "--model", str(ckpt), "--transform", "svf",
+               "--iterations", "10,5,2", "--affine-stage", "none",
+               "--fixed-labels", str(tmp_path / "s0_lab.nii.gz"),
+               "--moving-labels", str(tmp_path / "s1_lab.nii.gz"), "--label-prompt", "1",
+               "--quiet", "--no-hd95"])  # fmt: skip
+    assert rc == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"warped.nii.gz", "warped_labels.nii.gz", "transform.nii.gz", "affine.mat",
+            "inverse_transform.nii.gz", "metrics.json", "manifest.json"} <= names  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "dio" and metrics["transform"] == "svf"
+    assert metrics["folding_percent"] == 0.0
+    # a KeyMorph closed form is not a DIO transform model: refused before any work
+    rc = main(["register", str(tmp_path / "s0.nii.gz"), str(tmp_path / "s1.nii.gz"), "-o",
+               str(tmp_path / "bad"), "--method", "dio", "--model", str(ckpt), "--transform",
+               "tps", "--quiet"])  # fmt: skip
+    assert rc == 1 and not (tmp_path / "bad").exists()
+    assert "OptionError: --method dio: option 'transform'" in capsys.readouterr().err
+
+
+def test_dio_training_runs_resumes_exactly_and_reloads(tmp_path):
+    from unireg.methods.dio.training import DIOConfig, DIOTrainer
+
+    manifest = _tiny_manifest(tmp_path)
+
+    def config(name: str, steps: int) -> DIOConfig:
+        return DIOConfig(
+            output=str(tmp_path / name), manifest=str(manifest), datasets=["toy"],
+            shape=[16, 16, 16], channels=[2, 4, 4], features=3, steps=steps,
+            checkpoint_every=2, iterations=[5, 3, 2], curriculum=[0, 1, 3],
+            synthesis_probability=0.0, lr=3e-3,
+        )  # fmt: skip
+
+    straight = DIOTrainer(config("straight", 4))
+    losses = straight.run(progress=False)
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert straight.active_levels() == 3
+    first = DIOTrainer(config("resumed", 2))
+    first.run(progress=False)
+    resumed = DIOTrainer(config("resumed", 4))
+    assert resumed.step == 2
+    resumed.run(progress=False)
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(),
+                    strict=True):  # fmt: skip
+        assert torch.allclose(a, b, atol=1e-5)
+    model, payload = registry.load_checkpoint(tmp_path / "straight" / "last.pt")
+    assert payload.method == "dio" and isinstance(model, FeatureNet)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("curriculum = [5, 1, 2]\n")
+    with pytest.raises(ValueError, match=r"bad.toml.*curriculum"):
+        DIOConfig.from_file(bad)
