@@ -44,6 +44,10 @@ def test_features_come_on_the_solver_pyramid_of_any_grid(backbone):
         assert sorted(out) == [1.0, 2.0, 4.0]
         for factor, feats in out.items():
             assert feats.shape == (2, 3, *level_shape(shape, factor))
+    coarse = net(torch.rand(1, 1, 9, 12, 10), factors=[4.0, 2.0])
+    assert sorted(coarse) == [2.0, 4.0]
+    with pytest.raises(ValueError, match="factors"):
+        net(torch.rand(1, 1, 9, 12, 10), factors=[3.0])
     rebuilt = FeatureNet.from_config(net.config)
     rebuilt.load_state_dict(net.state_dict())
     x = torch.rand(1, 1, 9, 12, 10)
@@ -96,6 +100,18 @@ def test_one_set_of_weights_under_every_transform_model(tmp_path):
         there = consistency_error([res.transform, res.inverse], geom, mask=inner)
         back = consistency_error([res.inverse, res.transform], moving.geometry, mask=inner)
         assert there["p95_mm"] < 0.3 and back["p95_mm"] < 0.3
+
+
+def test_without_full_resolution_iterations_the_field_is_held_at_half_resolution(tmp_path):
+    _tiny_manifest(tmp_path)
+    fixed, moving = load_image(tmp_path / "s0.nii.gz"), load_image(tmp_path / "s1.nii.gz")
+    res = register_dio(fixed, moving, model=_net(), checkpoint=_checkpoint(),
+                       iterations=(20, 10, 0), affine="none")  # fmt: skip
+    grid = res.extras.feature_grids[0]
+    assert grid.shape == level_shape(fixed.shape, 2)
+    np.testing.assert_allclose(grid.corners_world, fixed.geometry.corners_world, atol=1e-6)
+    assert [e["factor"] for e in res.extras.trace] == [2.0, 1.0]
+    assert res.warped is not None and res.warped.shape == fixed.shape
 
 
 def test_prompts_change_the_objective(tmp_path):
@@ -191,6 +207,16 @@ def test_dio_training_runs_resumes_exactly_and_reloads(tmp_path):
         assert torch.allclose(a, b, atol=1e-5)
     model, payload = registry.load_checkpoint(tmp_path / "straight" / "last.pt")
     assert payload.method == "dio" and isinstance(model, FeatureNet)
+    # held-out labels never enter the Dice term: holding out every label of the toy maps
+    # leaves the image term alone, the loss of a run without Dice
+    trainer = DIOTrainer(config("held", 4))
+    with torch.no_grad():
+        with_dice = float(trainer.loss(trainer._generator()))
+        trainer.cfg.holdout_labels = [1, 2]
+        held = float(trainer.loss(trainer._generator()))
+        trainer.cfg.holdout_labels, trainer.cfg.dice_weight = [], 0.0
+        without = float(trainer.loss(trainer._generator()))
+    assert held == pytest.approx(without, rel=1e-5) and with_dice > held + 0.1
     bad = tmp_path / "bad.toml"
     bad.write_text("curriculum = [5, 1, 2]\n")
     with pytest.raises(ValueError, match=r"bad.toml.*curriculum"):

@@ -19,6 +19,7 @@ from unireg.methods.pipeline import network_input
 from unireg.methods.stages import affine_stage
 from unireg.result import DIOExtras, RegistrationResult, measured_result
 from unireg.solvers.api import world_transforms
+from unireg.solvers.pyramid import level_geometry
 from unireg.solvers.solver import LabelPrompt, LandmarkPrompt, Level, Stage, solve
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import Transform
@@ -97,7 +98,8 @@ def register_dio(
        ``A``, fixed world -> moving world (mm).
     2. Each image on its own feature grid (:func:`feature_grid`: its field of view at the
        training spacing), intensities to [0, 1], through the network: features at 1/4, 1/2
-       and 1 of that grid.
+       and 1 of that grid (only down to the finest level with iterations: with none at full
+       resolution the solve's finest grid is the 1/2 level, and the field is held there).
     3. The solver fits ``transform`` to the features (feature MSE, coarse to fine, each level
        stopping early), starting from ``A``; ``prompts`` add a soft-Dice term of the label
        maps (``label_weight``), a landmark distance term (world mm) and a similarity mask.
@@ -115,6 +117,10 @@ def register_dio(
     p = prompts or Prompts()
     spacing = float(checkpoint.preprocessing.get("spacing_mm", 2.0))
     stage = solver_stage(transform, iterations, checkpoint.train_config)
+    # levels without iterations finer than the last that has some are not computed
+    finest = min(lv.factor for lv in stage.levels)
+    factors = [f for f in FACTORS if f >= finest]
+    stage.levels = [Level(lv.factor / finest, lv.iterations, lv.lr) for lv in stage.levels]
 
     def run() -> tuple[Transform, Transform | None, DIOExtras]:
         t0 = time.perf_counter()
@@ -123,8 +129,16 @@ def register_dio(
         grids = (feature_grid(fixed, spacing), feature_grid(moving, spacing))
         net = model.to(dev).eval()
         with torch.no_grad():
-            ff = net(network_input(fixed, grids[0]).to(dev))
-            fm = net(network_input(moving, grids[1]).to(dev))
+            ff = net(network_input(fixed, grids[0]).to(dev), factors)
+            fm = net(network_input(moving, grids[1]).to(dev), factors)
+        # the solve's finest grid is the finest level asked for: its features and geometry,
+        # the factors counted from it
+        grids = (
+            level_geometry(grids[0], tuple(ff[finest].shape[2:])),
+            level_geometry(grids[1], tuple(fm[finest].shape[2:])),
+        )
+        ff = {f / finest: x for f, x in ff.items()}
+        fm = {f / finest: x for f, x in fm.items()}
         t2 = time.perf_counter()
         terms: list[LabelPrompt | LandmarkPrompt] = []
         if p.label_weight > 0 and p.fixed_labels is not None and p.moving_labels is not None:

@@ -125,12 +125,18 @@ class FeatureNet(nn.Module):
         """The network a checkpoint's ``model_config`` describes."""
         return cls(config["ndim"], config["channels"], config["features"], config["backbone"])
 
-    def forward(self, image: torch.Tensor) -> dict[float, torch.Tensor]:
+    def forward(
+        self, image: torch.Tensor, factors: Sequence[float] = FACTORS
+    ) -> dict[float, torch.Tensor]:
         """Features of ``image`` ``(B, 1, *shape)`` (intensities about [0, 1]) by pyramid
-        factor: ``{4.0: (B, F, *level_shape(shape, 4)), 2.0: ..., 1.0: (B, F, *shape)}``."""
+        factor: ``{4.0: (B, F, *level_shape(shape, 4)), 2.0: ..., 1.0: (B, F, *shape)}``, for
+        the ``factors`` asked for (the decoder's full-resolution part runs only for 1)."""
         d = image.ndim - 2
         if image.shape[1] != 1 or d != self.config["ndim"]:
             raise ValueError(f"expected (B, 1) {self.config['ndim']}D images, got {image.shape}")
+        unknown = set(map(float, factors)) - set(FACTORS)
+        if unknown or not factors:
+            raise ValueError(f"factors must be among {FACTORS}, got {list(factors)}")
         shape = tuple(image.shape[2:])
         padded = [4 * ((n + 2) // 4) + 1 for n in shape]  # the smallest 4 k + 1 >= n
         pads: list[int] = []
@@ -140,14 +146,17 @@ class FeatureNet(nn.Module):
         e0 = self.enc0(self.stem(x))
         e1 = self.enc1(self.down1(e0))
         e2 = self.enc2(self.down2(e1))
+        full = 1.0 in set(map(float, factors))
         if self.decoder:
             up = upsample_strided(e2, e1.shape[2:])
             e1 = self.dec1(self.fuse1(torch.cat([up, e1], 1)))
-            up = upsample_strided(e1, e0.shape[2:])
-            e0 = self.dec0(self.fuse0(torch.cat([up, e0], 1)))
+            if full:
+                up = upsample_strided(e1, e0.shape[2:])
+                e0 = self.dec0(self.fuse0(torch.cat([up, e0], 1)))
+        levels = dict(zip(FACTORS, (e2, e1, e0), strict=True))
         out: dict[float, torch.Tensor] = {}
-        for factor, level in zip(FACTORS, (e2, e1, e0), strict=True):
-            feats = self.heads[str(int(factor))](level)
+        for factor in sorted(set(map(float, factors)), reverse=True):
+            feats = self.heads[str(int(factor))](levels[factor])
             out[factor] = _onto_level(feats, shape, padded, factor)
         return out
 

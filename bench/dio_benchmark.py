@@ -1,0 +1,141 @@
+"""DIO numbers beside `unireg evaluate` (accuracy against peers and under domain shift is that
+command with `dio` / `dio:diffeo` specs, see docs/methods/dio.md):
+
+    python bench/dio_benchmark.py iterations [--model M] [--split train]
+        # the solver's iteration caps on a split's IXI pairs: Dice, seconds (affine stage,
+        # network, solver) per setting; the rule that picks the default runs on the training
+        # pairs (the fastest setting within 0.005 Dice of the best)
+    python bench/dio_benchmark.py prompt [--model M] [--label 48] [--weight W ...]
+        # a label prompt on one structure (default DLMUSE 48, left hippocampus, held out of
+        # the shipped model's training loss) on the IXI test pairs: that structure's Dice and
+        # the mean Dice of every other structure, without and with the prompt
+    python bench/dio_benchmark.py device [--model M] [--device cuda]
+        # network and solver time per test pair on a device, warm (second pass)
+
+Needs ../shared/data (or $UNIREG_SHARED_DATA). Thread count: torch's default unless
+--threads; the numbers in the docs were taken with --threads 2 on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("UNIREG_SHARED_DATA", REPO.parent / "shared" / "data"))
+SETTINGS = ("200,100,20", "100,50,10", "200,100,0", "100,50,0", "50,25,0")
+
+
+def pairs(split: str) -> list[tuple]:
+    """Every ordered pair of a split's IXI subjects: (fixed, moving, fixed labels, moving
+    labels), loaded."""
+    import csv
+
+    from unireg.io import load_image, load_labels
+
+    with open(DATA / "manifest.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["dataset"] == "ixi" and r["split"] == split]
+    subjects = [(load_image(DATA / r["image"]), load_labels(DATA / r["labels"])) for r in rows]
+    return [(f[0], m[0], f[1], m[1]) for f, m in itertools.permutations(subjects, 2)]
+
+
+def mean_dice(fixed_labels, warped, exclude=()) -> float:  # noqa: ANN001
+    from unireg.metrics import dice
+
+    values = [v for k, v in dice(fixed_labels, warped).items() if k not in exclude]
+    return float(np.nanmean(values))
+
+
+def iterations(model: str | None, split: str) -> None:
+    from unireg.methods import create, options_for
+
+    data = pairs(split)
+    rows = []
+    for setting in SETTINGS:
+        method = create("dio", options_for("dio", {"iterations": setting, "model": model}))
+        dices, seconds = [], {"affine": 0.0, "network": 0.0, "solver": 0.0}
+        for fixed, moving, fl, ml in data:
+            res = method.register(fixed, moving)
+            dices.append(mean_dice(fl, res.warp(ml)))
+            for k in seconds:
+                seconds[k] += res.extras.stage_seconds[k] / len(data)
+        rows.append((setting, float(np.mean(dices)), seconds))
+        print(f"{setting:>12}: Dice {np.mean(dices):.4f} +- {np.std(dices):.4f}; seconds per "
+              f"pair: affine {seconds['affine']:.2f}, network {seconds['network']:.2f}, "
+              f"solver {seconds['solver']:.2f}", flush=True)  # fmt: skip
+    best = max(d for _, d, _ in rows)
+    chosen = min((r for r in rows if r[1] >= best - 0.005), key=lambda r: sum(r[2].values()))
+    print(f"rule (fastest within 0.005 of the best Dice on {split}): {chosen[0]}")
+
+
+def prompt(model: str | None, label: int, weights: list[float]) -> None:
+    from unireg.methods import Prompts, create, options_for
+    from unireg.metrics import dice
+
+    method = create("dio", options_for("dio", {"model": model}))
+    print(f"label {label} prompted; 'others' = mean Dice of every other label")
+    for weight in [0.0, *weights]:
+        target, others = [], []
+        for fixed, moving, fl, ml in pairs("test"):
+            prompts = None
+            if weight > 0:
+                only = [x.with_data(torch.where(x.data == label, x.data, 0)) for x in (fl, ml)]
+                prompts = Prompts(only[0], only[1], label_weight=weight)
+            res = method.register(fixed, moving, prompts=prompts)
+            warped = res.warp(ml)
+            target.append(dice(fl, warped, [label])[label])
+            others.append(mean_dice(fl, warped, exclude=(label,)))
+        print(f"weight {weight:g}: label {label} Dice {np.mean(target):.4f} +- "
+              f"{np.std(target):.4f}; others {np.mean(others):.4f}", flush=True)  # fmt: skip
+
+
+def device(model: str | None, name: str) -> None:
+    from unireg.methods import create, options_for
+
+    method = create("dio", options_for("dio", {"model": model}), device=name)
+    data = pairs("test")
+    for fixed, moving, _, _ in data[:1]:  # warm-up
+        method.register(fixed, moving)
+    totals = {"affine": [], "network": [], "solver": []}
+    for fixed, moving, _, _ in data:
+        if name.startswith("cuda"):
+            torch.cuda.synchronize()
+        res = method.register(fixed, moving)
+        for k in totals:
+            totals[k].append(res.extras.stage_seconds[k])
+    print(f"{name}: " + ", ".join(f"{k} {np.mean(v):.3f} s" for k, v in totals.items())
+          + f" per pair ({len(data)} pairs, warm)")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["iterations", "prompt", "device"])
+    p.add_argument("--model", default=None)
+    p.add_argument("--split", default="train")
+    p.add_argument("--label", type=int, default=48)
+    p.add_argument("--weight", type=float, nargs="+", default=[1.0, 4.0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (DATA / "manifest.csv").is_file():
+        raise SystemExit(f"{DATA}: no shared data (set UNIREG_SHARED_DATA)")
+    t0 = time.perf_counter()
+    if args.what == "iterations":
+        iterations(args.model, args.split)
+    elif args.what == "prompt":
+        prompt(args.model, args.label, args.weight)
+    else:
+        device(args.model, args.device)
+    print(f"({time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":
+    main()
