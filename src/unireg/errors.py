@@ -69,3 +69,7 @@ class LabelValueError(UniregError):
 
 class ConstantImageError(UniregError):
     """An image with one value everywhere, or a label map or mask with no foreground."""
+
+
+class LandmarkError(UniregError):
+    """A landmark file cannot be read as world points, or two files do not match."""

@@ -172,6 +172,29 @@ def test_register_cli_dio_writes_the_contract_with_a_switched_model(tmp_path, ca
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "dio" and metrics["transform"] == "svf"
     assert metrics["folding_percent"] == 0.0
+    # landmarks (world mm CSVs): a prompt, and the TRE in metrics.json
+    fixed = load_image(tmp_path / "s0.nii.gz")
+    centre = fixed.geometry.center_world
+    (tmp_path / "f.csv").write_text("x,y,z\n" + ",".join(map(str, centre)) + "\n")
+    (tmp_path / "m.csv").write_text(",".join(map(str, centre + [3.0, 0, 0])) + "\n")
+    (tmp_path / "bad.csv").write_text("1,2\n")
+    marked = tmp_path / "marked"
+    args = ["register", str(tmp_path / "s0.nii.gz"), str(tmp_path / "s1.nii.gz"), "--method",
+            "dio", "--model", str(ckpt), "--iterations", "10,5,2", "--affine-stage", "none",
+            "--quiet", "--no-hd95"]  # fmt: skip
+    assert main([*args, "-o", str(marked), "--landmarks", str(tmp_path / "f.csv"),
+                 str(tmp_path / "m.csv"), "--landmark-weight", "5"]) == 0  # fmt: skip
+    metrics = json.loads((marked / "metrics.json").read_text())
+    assert metrics["tre_mean_mm"] < 3.0
+    assert metrics["inputs"]["moving_landmarks"]["path"].endswith("m.csv")
+    capsys.readouterr()
+    rc = main([*args, "-o", str(tmp_path / "nope"), "--landmarks", str(tmp_path / "f.csv"),
+               str(tmp_path / "bad.csv")])  # fmt: skip
+    assert rc == 1 and not (tmp_path / "nope").exists()
+    assert "LandmarkError" in capsys.readouterr().err
+    rc = main([*args[:4], "sitreg", "-o", str(tmp_path / "nope"), "--landmarks",
+               str(tmp_path / "f.csv"), str(tmp_path / "m.csv"), "--quiet"])  # fmt: skip
+    assert rc == 1 and "takes no landmarks prompt" in capsys.readouterr().err
     # a KeyMorph closed form is not a DIO transform model: refused before any work
     rc = main(["register", str(tmp_path / "s0.nii.gz"), str(tmp_path / "s1.nii.gz"), "-o",
                str(tmp_path / "bad"), "--method", "dio", "--model", str(ckpt), "--transform",

@@ -79,6 +79,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--label-prompt", type=float, default=0.0, metavar="WEIGHT",
                    help="also align the label maps (soft Dice term of this weight)")  # fmt: skip
     p.add_argument("--fixed-mask", default=None, help="restrict the similarity to this mask")
+    p.add_argument("--landmarks", nargs=2, metavar=("FIXED_CSV", "MOVING_CSV"), default=None,
+                   help="matched points (one x,y,z row each, world RAS mm): steer the "
+                   "registration towards them and report the TRE")  # fmt: skip
+    p.add_argument(
+        "--landmark-weight",
+        type=float,
+        default=1.0,
+        metavar="WEIGHT",
+        help="weight of the landmark term (mean squared distance / (10 mm)^2)",
+    )
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 in metrics.json")
     p.add_argument("--report", action="store_true", help="also write report.png")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -166,7 +176,10 @@ def check_arguments(args: argparse.Namespace) -> Any:
         raise UniregError("--label-prompt needs --fixed-labels and --moving-labels")
     if args.label_prompt < 0:
         raise UniregError(f"--label-prompt must be >= 0, got {args.label_prompt}")
+    if args.landmark_weight <= 0:
+        raise UniregError(f"--landmark-weight must be > 0, got {args.landmark_weight}")
     steering = [n for n, given in (("labels", args.label_prompt > 0),
+                                   ("landmarks", args.landmarks is not None),
                                    ("mask", args.fixed_mask is not None)) if given]  # fmt: skip
     refused = [n for n in steering if n not in entry.prompts]
     if refused:
@@ -183,6 +196,8 @@ def provenance(args: argparse.Namespace) -> dict[str, Any]:
     named = {"fixed": args.fixed, "moving": args.moving, "fixed_labels": args.fixed_labels,
              "moving_labels": args.moving_labels, "fixed_mask": args.fixed_mask,
              "options": args.options}  # fmt: skip
+    if args.landmarks is not None:
+        named["fixed_landmarks"], named["moving_landmarks"] = args.landmarks
     return {
         "command": command_line(args),
         "inputs": {k: file_record(v) for k, v in named.items() if v is not None},
@@ -215,9 +230,15 @@ def run(args: argparse.Namespace) -> int:
         if args.fixed_mask is not None:
             mask = load_labels(args.fixed_mask, assume_orientation=args.assume_orientation)
             check_same_grid(fixed, mask)
+        points: tuple[Any, Any] = (None, None)
+        if args.landmarks is not None:
+            from unireg.io.landmarks import read_landmark_pair
+
+            points = read_landmark_pair(*args.landmarks, ndim=fixed.ndim)
         check_registrable(fixed, moving, fixed_labels, moving_labels, mask)
         made = provenance(args)
-        prompts = Prompts(fixed_labels, moving_labels, args.label_prompt, mask=mask)
+        prompts = Prompts(fixed_labels, moving_labels, args.label_prompt, points[0], points[1],
+                          args.landmark_weight, mask=mask)  # fmt: skip
         progress = None if args.quiet else (lambda line: print(line, flush=True))
         method = create(entry, options, device=str(dev))
         result = method.register(fixed, moving, prompts=prompts, seed=args.seed, progress=progress)
@@ -240,8 +261,9 @@ def run(args: argparse.Namespace) -> int:
                 spec = options.to_spec(name)
                 quality = quality_check(result, fixed, moving)
         metrics = registration_metrics(
-            result, fixed_labels=fixed_labels, moving_labels=moving_labels, hd95=not args.no_hd95
-        )
+            result, fixed_labels=fixed_labels, moving_labels=moving_labels, hd95=not args.no_hd95,
+            fixed_landmarks=points[0], moving_landmarks=points[1],
+        )  # fmt: skip
         setting = options.to_dict()
         metrics = {"method": entry.name, "spec": spec, **setting, **metrics, **quality,
                    "fallback": fallback, "unireg_version": __version__, **made}  # fmt: skip

@@ -58,7 +58,7 @@ def model_option() -> Any:
     """The ``model`` option of learned methods: a checkpoint file or a shipped model's name."""
     return option(
         None,
-        help="keymorph, sitreg: checkpoint file or shipped model name (default: the shipped "
+        help="keymorph, sitreg, dio: checkpoint file or shipped model name (default: the shipped "
         "default; `unireg models` lists them)",
     )
 
