@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unireg.errors import DimensionalityError
 from unireg.io.image import Image, normalize_intensity, resample
 from unireg.io.preprocessing import Preprocessing
 from unireg.methods.base import MethodEntry, MethodOptions, OptionError, Prompts
@@ -58,6 +59,16 @@ class LearnedMethod:
     def run(self, fixed: Image, moving: Image) -> RegistrationResult:
         """Register one pair with the loaded model and the options."""
         raise NotImplementedError
+
+
+def check_dimensions(fixed: Image, moving: Image, ndim: int) -> None:
+    """A :class:`~unireg.errors.DimensionalityError` naming the moving image unless both
+    images have the model's ``ndim``."""
+    if fixed.ndim != moving.ndim or fixed.ndim != ndim:
+        raise DimensionalityError(
+            f"is {moving.ndim}D and the fixed image {fixed.ndim}D; the model is {ndim}D",
+            moving.path,
+        )
 
 
 def network_grid(checkpoint: Checkpoint, image: Image) -> Geometry:

@@ -63,6 +63,7 @@ class TrainConfig:
     bias_field: float = 0.3
     noise: float = 0.02
     synthesis_probability: float = 0.5  # IXI: chance of a synthesised image instead of T1
+    crop: list[int] = field(default_factory=list)  # pairs: random crops of this shape ([]: none)
     skull_strip_probability: float = 0.0  # chance a real image is masked to its brain labels
     invert_probability: float = 0.0  # chance a skull-stripped image's contrast is inverted
 
@@ -103,6 +104,12 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.lr <= 0 or self.lr_final < 0:
             raise ValueError(f"lr must be > 0 and lr_final >= 0, got {self.lr}, {self.lr_final}")
+        if self.crop and (
+            len(self.crop) != len(self.shape)
+            or any(c < 8 or c > s for c, s in zip(self.crop, self.shape, strict=True))
+        ):
+            raise ValueError(f"crop {self.crop} must have {len(self.shape)} sizes in [8, shape "
+                             f"{self.shape}]")  # fmt: skip
         for key in ("synthesis_probability", "skull_strip_probability", "invert_probability"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
@@ -295,6 +302,18 @@ class Trainer:
         idx = self.volumes.by_dataset[name]
         a, b = torch.randperm(len(idx), generator=g)[:2].tolist()
         return self.volumes.items[idx[a]], self.volumes.items[idx[b]]
+
+    def _crop_pair(self, a: dict[str, Any], b: dict[str, Any], g: torch.Generator) -> None:
+        """Cut the same random ``crop`` box out of both views' image and labels (they share
+        the grid frame); nothing without ``crop``."""
+        crop = self.cfg.crop
+        if not crop:
+            return
+        start = [int(torch.randint(s - c + 1, (1,), generator=g))
+                 for s, c in zip(self.cfg.shape, crop, strict=True)]  # fmt: skip
+        box = (...,) + tuple(slice(o, o + c) for o, c in zip(start, crop, strict=True))
+        for view in (a, b):
+            view["image"], view["labels"] = view["image"][box], view["labels"][box]
 
     def _label_one_hots(
         self, la: torch.Tensor, lb: torch.Tensor, g: torch.Generator

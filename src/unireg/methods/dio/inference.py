@@ -10,12 +10,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from unireg.errors import DimensionalityError
 from unireg.io.image import Image, LabelMap, resample
 from unireg.methods.base import MethodEntry, Prompts
 from unireg.methods.dio import TRANSFORMS, DIOOptions, parse_iterations
 from unireg.methods.dio.model import FACTORS, FeatureNet
-from unireg.methods.pipeline import network_input
+from unireg.methods.pipeline import check_dimensions, network_input
 from unireg.methods.stages import affine_stage
 from unireg.result import DIOExtras, RegistrationResult, measured_result
 from unireg.solvers.api import world_transforms
@@ -108,11 +107,7 @@ def register_dio(
     models (``A' = A``), ``A'`` alone for ``affine``. Its inverse is the model's own for
     ``svf`` and ``affine``, and the dense field inverted numerically otherwise.
     """
-    if fixed.ndim != moving.ndim or fixed.ndim != model.config["ndim"]:
-        raise DimensionalityError(
-            f"is {moving.ndim}D and the fixed image {fixed.ndim}D; the model is "
-            f"{model.config['ndim']}D", moving.path,
-        )  # fmt: skip
+    check_dimensions(fixed, moving, int(model.config["ndim"]))
     dev = torch.device(device)
     p = prompts or Prompts()
     spacing = float(checkpoint.preprocessing.get("spacing_mm", 2.0))

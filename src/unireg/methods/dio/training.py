@@ -56,7 +56,6 @@ class DIOConfig(TrainConfig):
     translation: float = 4.0
     scale: list[float] = field(default_factory=lambda: [0.97, 1.03])
     shear: float = 0.0
-    crop: list[int] = field(default_factory=list)  # train on random crops of this shape
 
     def check(self) -> None:
         if self.backbone not in BACKBONES:
@@ -71,11 +70,6 @@ class DIOConfig(TrainConfig):
             raise ValueError(f"curriculum must be 3 rising steps from 0, got {self.curriculum}")
         if self.lncc_window < 1 or self.lncc_window % 2 == 0:
             raise ValueError(f"lncc_window must be odd and positive, got {self.lncc_window}")
-        if self.crop and (
-            len(self.crop) != len(self.shape)
-            or any(c < 16 or c > s for c, s in zip(self.crop, self.shape, strict=True))
-        ):
-            raise ValueError(f"crop {self.crop} must have 3 sizes in [16, shape {self.shape}]")
 
     def model(self) -> FeatureNet:
         return FeatureNet(3, self.channels, self.features, self.backbone)
@@ -127,12 +121,7 @@ class DIOTrainer(Trainer):
         cfg = self.cfg
         ia, ib = self._pair_items(g)
         a, b = self._view(ia, g), self._view(ib, g)  # a moving, b fixed
-        if cfg.crop:  # the same random box of both views (they share the grid frame)
-            start = [int(torch.randint(s - c + 1, (1,), generator=g))
-                     for s, c in zip(cfg.shape, cfg.crop, strict=True)]  # fmt: skip
-            box = (...,) + tuple(slice(o, o + c) for o, c in zip(start, cfg.crop, strict=True))
-            for view in (a, b):
-                view["image"], view["labels"] = view["image"][box], view["labels"][box]
+        self._crop_pair(a, b, g)
         feats = self.model(torch.cat([a["image"], b["image"]]))
         moving = {f: x[:1] for f, x in feats.items()}
         fixed = {f: x[1:] for f, x in feats.items()}

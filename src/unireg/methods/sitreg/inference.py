@@ -9,10 +9,15 @@ import time
 import numpy as np
 import torch
 
-from unireg.errors import DimensionalityError
 from unireg.io.image import Image
 from unireg.methods.base import OptionError
-from unireg.methods.pipeline import LearnedMethod, field_transform, network_grid, network_input
+from unireg.methods.pipeline import (
+    LearnedMethod,
+    check_dimensions,
+    field_transform,
+    network_grid,
+    network_input,
+)
 from unireg.methods.sitreg import INFERENCE, SITRegOptions
 from unireg.methods.sitreg.model import SITReg
 from unireg.methods.stages import affine_stage
@@ -64,11 +69,7 @@ def register_sitreg(
         inference = str(checkpoint.train_config.get("inference", "standard"))
     if inference not in INFERENCE:
         raise OptionError(f"unknown SITReg inference {inference!r}; choose from {INFERENCE}")
-    if fixed.ndim != moving.ndim or fixed.ndim != model.config["ndim"]:
-        raise DimensionalityError(
-            f"is {moving.ndim}D and the fixed image {fixed.ndim}D; the model is "
-            f"{model.config['ndim']}D", moving.path,
-        )  # fmt: skip
+    check_dimensions(fixed, moving, int(model.config["ndim"]))
     dev = torch.device(device)
     variant: str = inference
 

@@ -41,7 +41,6 @@ class SITRegConfig(TrainConfig):
     translation: float = 4.0
     scale: list[float] = field(default_factory=lambda: [0.97, 1.03])
     shear: float = 0.0
-    crop: list[int] = field(default_factory=list)  # train on random crops of this shape
 
     def check(self) -> None:
         if self.inference not in INFERENCE:
@@ -50,11 +49,6 @@ class SITRegConfig(TrainConfig):
             raise ValueError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
         if self.lncc_window < 1 or self.lncc_window % 2 == 0:
             raise ValueError(f"lncc_window must be odd and positive, got {self.lncc_window}")
-        if self.crop and (
-            len(self.crop) != len(self.shape)
-            or any(c < 8 or c > s for c, s in zip(self.crop, self.shape, strict=True))
-        ):
-            raise ValueError(f"crop {self.crop} must have 3 sizes in [8, shape {self.shape}]")
 
     def model(self) -> SITReg:
         return SITReg(3, 1, self.channels, self.hidden, self.tol, self.stem_stride)
@@ -70,12 +64,7 @@ class SITRegTrainer(Trainer):
         cfg = self.cfg
         ia, ib = self._pair_items(g)
         a, b = self._view(ia, g), self._view(ib, g)
-        if cfg.crop:  # the same random box of both views (they share the grid frame)
-            start = [int(torch.randint(s - c + 1, (1,), generator=g))
-                     for s, c in zip(cfg.shape, cfg.crop, strict=True)]  # fmt: skip
-            box = (...,) + tuple(slice(o, o + c) for o, c in zip(start, cfg.crop, strict=True))
-            for view in (a, b):
-                view["image"], view["labels"] = view["image"][box], view["labels"][box]
+        self._crop_pair(a, b, g)
         fwd, inv = self.model(a["image"], b["image"], inference=cfg.inference)  # b -> a
         a_on_b = warp(a["image"], fwd, padding="border")
         b_on_a = warp(b["image"], inv, padding="border")
