@@ -30,7 +30,7 @@ from unireg.methods.solver import affine_stage_option, preset_option
 # the transform models the solver registers the features with, and its stage model
 TRANSFORMS = {"ffd": "ffd", "diffeo": "greedy", "svf": "svf", "bspline": "bspline",
               "affine": "affine"}  # fmt: skip
-DEFAULT_ITERATIONS = "200,100,20"
+DEFAULT_ITERATIONS = "100,50,10"
 
 
 def parse_iterations(text: str) -> tuple[int, int, int]:

@@ -105,7 +105,8 @@ def register_dio(
 
     The result maps fixed world mm to moving world mm: ``x -> A'(x + u(x))`` for the dense
     models (``A' = A``), ``A'`` alone for ``affine``. Its inverse is the model's own for
-    ``svf`` and ``affine``, and the dense field inverted numerically otherwise.
+    ``svf`` and ``affine``, the field inverted by fixed-point iteration for ``diffeo``, and
+    None for ``ffd`` and ``bspline`` (their fields may fold).
     """
     check_dimensions(fixed, moving, int(model.config["ndim"]))
     dev = torch.device(device)
@@ -151,7 +152,9 @@ def register_dio(
             ff, fm, [stage], fixed_geometry=grids[0], moving_geometry=grids[1],
             init=linear.matrix.numpy(), prompts=terms, mask=mask, seed=seed, progress=progress,
         )  # fmt: skip
-        forward, inverse = world_transforms(out, grids[0], invert=True)
+        # a greedy map is a diffeomorphism, inverted by fixed-point iteration; free-form and
+        # B-spline fields may fold, and have no inverse to write
+        forward, inverse = world_transforms(out, grids[0], invert=stage.model == "greedy")
         t3 = time.perf_counter()
         extras = DIOExtras(
             method=f"dio ({transform}, affine stage {affine})", matrix=np.asarray(out.matrix),
