@@ -245,3 +245,27 @@ def test_dio_training_runs_resumes_exactly_and_reloads(tmp_path):
     bad.write_text("curriculum = [5, 1, 2]\n")
     with pytest.raises(ValueError, match=r"bad.toml.*curriculum"):
         DIOConfig.from_file(bad)
+
+
+@pytest.mark.slow
+def test_the_shipped_dio_model_improves_on_its_affine_stage_on_the_demo_brains():
+    # a sanity check of the shipped file (the demo subjects are IXI *training* subjects; the
+    # accuracy on the test split is in docs/methods/dio.md)
+    from importlib import resources
+
+    from unireg.metrics import registration_metrics
+
+    if not registry.model_path("dio").exists():
+        pytest.skip("no DIO model shipped in src/unireg/models/")
+    data = resources.files("unireg.demo_data")
+    fixed = load_image(str(data / "IXI012-HH-1211-T1_ds.nii.gz"))
+    moving = load_image(str(data / "IXI013-HH-1212-T1_ds.nii.gz"))
+    fl = load_labels(str(data / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"))
+    ml = load_labels(str(data / "IXI013-HH-1212-T1_ds_DLMUSE.nii.gz"))
+    method = registry.create("dio:diffeo:iterations=50,25,5")
+    res = method.register(fixed, moving)
+    full = registration_metrics(res, fixed_labels=fl, moving_labels=ml, hd95=False)
+    linear = registration_metrics(transform=res.affine, fixed=fixed, fixed_labels=fl,
+                                  moving_labels=ml, hd95=False)  # fmt: skip
+    assert full["dice_mean"] > linear["dice_mean"] + 0.05
+    assert full["folding_percent"] == 0.0
