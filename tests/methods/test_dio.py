@@ -61,8 +61,11 @@ def test_the_feature_grid_keeps_the_field_of_view_at_the_training_spacing(tmp_pa
     image = load_image(tmp_path / "s1.nii.gz")  # 2 mm, oblique
     assert feature_grid(image, 2.0).same_grid(image.geometry)
     grid = feature_grid(image, 4.0)
-    assert all(abs(s - 4.0) < 0.35 for s in grid.spacing)
-    np.testing.assert_allclose(grid.corners_world, image.geometry.corners_world, atol=1e-6)
+    np.testing.assert_allclose(grid.spacing, 4.0)
+    np.testing.assert_allclose(grid.center_world, image.geometry.center_world, atol=1e-6)
+    # the same field of view (n voxels of 2 mm: n / 2 of 4 mm), to half a new voxel per side
+    extent = np.array(grid.shape) * 4.0
+    np.testing.assert_allclose(extent, np.array(image.shape) * 2.0, atol=4.0)
 
 
 def test_one_set_of_weights_under_every_transform_model(tmp_path):

@@ -94,21 +94,6 @@ def synth(s: Shifted, seed: int) -> Shifted:
     return replace(s, moving=s.moving.with_data(out["image"][0].float() * dark))
 
 
-def _regrid(geometry: Geometry, spacing: tuple[float, ...]) -> Geometry:
-    """A grid of the same orientation and field of view with voxel size ``spacing`` (mm)."""
-    old = np.array(geometry.spacing)
-    new = np.array(spacing, dtype=np.float64)
-    shape = tuple(max(2, int(round(n * o / s))) for n, o, s in zip(geometry.shape, old, new,
-                                                                    strict=True))  # fmt: skip
-    d = geometry.ndim
-    affine = np.array(geometry.affine, dtype=np.float64)
-    directions = affine[:d, :d] / old
-    out = np.eye(d + 1)
-    out[:d, :d] = directions * new
-    out[:d, d] = geometry.center_world - out[:d, :d] @ ((np.array(shape) - 1) / 2)
-    return Geometry(shape, out)
-
-
 def _onto(image: Image | None, grid: Geometry) -> Image | None:
     return None if image is None else resample(image, grid)
 
@@ -121,7 +106,7 @@ def aniso(s: Shifted, seed: int, thickness: float = 5.0) -> Shifted:
     sigma_mm = math.sqrt(thickness**2 - spacing[-1] ** 2) / 2.355
     sigmas = [0.0] * (s.moving.ndim - 1) + [sigma_mm / spacing[-1]]
     blurred = s.moving.with_data(gaussian_blur(s.moving.batch(), sigmas)[0])
-    grid = _regrid(s.moving.geometry, (*spacing[:-1], thickness))
+    grid = s.moving.geometry.regrid((*spacing[:-1], thickness))
     return replace(s, moving=resample(blurred, grid), moving_labels=_onto(s.moving_labels, grid))
 
 
@@ -129,8 +114,8 @@ def isotropic(mm: float) -> Callable[[Shifted, int], Shifted]:
     """Both images and label maps on isotropic ``mm`` grids of their own field of view."""
 
     def shift(s: Shifted, seed: int) -> Shifted:
-        fgrid = _regrid(s.fixed.geometry, (mm,) * s.fixed.ndim)
-        mgrid = _regrid(s.moving.geometry, (mm,) * s.moving.ndim)
+        fgrid = s.fixed.geometry.regrid((mm,) * s.fixed.ndim)
+        mgrid = s.moving.geometry.regrid((mm,) * s.moving.ndim)
         return replace(
             s, fixed=resample(s.fixed, fgrid), moving=resample(s.moving, mgrid),
             fixed_labels=_onto(s.fixed_labels, fgrid), moving_labels=_onto(s.moving_labels, mgrid),

@@ -153,6 +153,19 @@ class Geometry:
         out: np.ndarray = idx @ self.voxel_to_world[:d, :d].T + self.voxel_to_world[:d, d]
         return out
 
+    def regrid(self, spacing: Sequence[float]) -> Geometry:
+        """A grid of the same axes, centre and field of view with voxels of ``spacing`` (mm
+        per axis); each axis keeps ``round(n * old / new)`` voxels, at least 2."""
+        old = np.array(self.spacing)
+        new = np.array(spacing, dtype=np.float64)
+        shape = tuple(max(2, int(round(n * o / s))) for n, o, s in zip(self.shape, old, new,
+                                                                        strict=True))  # fmt: skip
+        d = self.ndim
+        out = np.eye(d + 1)
+        out[:d, :d] = np.array(self.affine, dtype=np.float64)[:d, :d] / old * new
+        out[:d, d] = self.center_world - out[:d, :d] @ ((np.array(shape) - 1) / 2)
+        return Geometry(shape, out)
+
     def same_grid(self, other: Geometry, atol: float = 1e-4) -> bool:
         """True when both grids have the same shape and the same affine (to ``atol`` mm)."""
         return self.shape == other.shape and bool(

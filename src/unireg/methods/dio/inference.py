@@ -12,64 +12,31 @@ import torch
 
 from unireg.io.image import Image, LabelMap, resample
 from unireg.methods.base import MethodEntry, Prompts
-from unireg.methods.dio import TRANSFORMS, DIOOptions, parse_iterations
+from unireg.methods.dio import DEFAULT_ITERATIONS, TRANSFORMS, DIOOptions, parse_iterations
 from unireg.methods.dio.model import FACTORS, FeatureNet
+from unireg.methods.dio.training import DIOConfig
 from unireg.methods.pipeline import check_dimensions, network_input
 from unireg.methods.stages import affine_stage
 from unireg.result import DIOExtras, RegistrationResult, measured_result
 from unireg.solvers.api import world_transforms
 from unireg.solvers.pyramid import level_geometry
-from unireg.solvers.solver import LabelPrompt, LandmarkPrompt, Level, Stage, solve
+from unireg.solvers.solver import LabelPrompt, LandmarkPrompt, Level, solve
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import Transform
 from unireg.training.checkpoint import Checkpoint
 
-# the linear solver's step when the features are registered affinely (fraction of the
-# half-diagonal / radians per step: the syn preset's affine refinement)
-AFFINE_LR = 0.005
-
 
 def feature_grid(image: Image, spacing: float) -> Geometry:
-    """The grid the network sees ``image`` on: its own field of view and axes, sampled at the
-    network's training ``spacing`` (mm, isotropic); the image's own grid when its spacing is
-    that already (within 1 %)."""
+    """The grid the network sees ``image`` on: its own axes, centre and field of view at the
+    network's training ``spacing`` (mm, isotropic; :meth:`Geometry.regrid`); the image's own
+    grid when its spacing is that already (within 1 %)."""
     geom = image.geometry
     if all(abs(s - spacing) <= 0.01 * spacing for s in geom.spacing):
         return geom
-    d = geom.ndim
-    affine = geom.voxel_to_world.copy()
-    shape = []
-    for a, (n, s) in enumerate(zip(geom.shape, geom.spacing, strict=True)):
-        extent = (n - 1) * s
-        m = max(int(round(extent / spacing)) + 1, 2)
-        shape.append(m)
-        affine[:d, a] = geom.voxel_to_world[:d, a] * (extent / (m - 1) / s if m > 1 else 1.0)
-    return Geometry(tuple(shape), affine)
+    return geom.regrid((spacing,) * geom.ndim)
 
 
-def solver_stage(
-    transform: str, iterations: Sequence[int], train_config: dict[str, object]
-) -> Stage:
-    """The stage the solver fits to the features: ``transform`` (a key of
-    :data:`~unireg.methods.dio.TRANSFORMS`) over the levels 1/4, 1/2, 1 with ``iterations``
-    (levels of 0 skipped), feature MSE, the step, smoothing and early stop the model was
-    trained with."""
-    levels = [Level(f, int(n)) for f, n in zip(FACTORS, iterations, strict=True) if n > 0]
-    model = TRANSFORMS[transform]
-    tolerance = float(train_config.get("tolerance", 1e-3))  # type: ignore[arg-type]
-    window = int(train_config.get("window", 4))  # type: ignore[call-overload]
-    if model == "affine":
-        return Stage("affine", levels, loss="mse", lr=AFFINE_LR, tolerance=tolerance,
-                     window=window)  # fmt: skip
-    return Stage(
-        model, levels, loss="mse", lr=float(train_config.get("solver_lr", 0.25)),  # type: ignore[arg-type]
-        smooth_gradient=float(train_config.get("smooth_gradient", 1.0)),  # type: ignore[arg-type]
-        smooth_field=float(train_config.get("smooth_field", 0.5)),  # type: ignore[arg-type]
-        tolerance=tolerance, window=window,
-    )  # fmt: skip
-
-
-def _labels_on(labels: LabelMap, image: Image, grid: Geometry) -> torch.Tensor:
+def _labels_on(labels: LabelMap, grid: Geometry) -> torch.Tensor:
     """A label map of ``image``'s grid as ``(1, 1, *grid.shape)`` on the feature grid."""
     if labels.geometry.same_grid(grid):
         return labels.batch()
@@ -83,7 +50,7 @@ def register_dio(
     model: FeatureNet,
     checkpoint: Checkpoint,
     transform: str = "ffd",
-    iterations: Sequence[int] = (200, 100, 20),
+    iterations: Sequence[int] | None = None,
     affine: str = "affine-gn",
     preset: str = "fast",
     prompts: Prompts | None = None,
@@ -93,15 +60,17 @@ def register_dio(
 ) -> RegistrationResult:
     """Register raw ``moving`` onto ``fixed`` with a trained feature network.
 
-    1. ``affine`` stage on the intensities (see :func:`unireg.methods.pipeline.affine_stage`):
+    1. ``affine`` stage on the intensities (see :func:`unireg.methods.stages.affine_stage`):
        ``A``, fixed world -> moving world (mm).
     2. Each image on its own feature grid (:func:`feature_grid`: its field of view at the
        training spacing), intensities to [0, 1], through the network: features at 1/4, 1/2
        and 1 of that grid (only down to the finest level with iterations: with none at full
        resolution the solve's finest grid is the 1/2 level, and the field is held there).
-    3. The solver fits ``transform`` to the features (feature MSE, coarse to fine, each level
-       stopping early), starting from ``A``; ``prompts`` add a soft-Dice term of the label
-       maps (``label_weight``), a landmark distance term (world mm) and a similarity mask.
+    3. The solver fits ``transform`` to the features: ``iterations`` caps per level
+       (default :data:`~unireg.methods.dio.DEFAULT_ITERATIONS`), feature MSE with the step
+       and smoothing the model was trained with, coarse to fine, each level stopping early,
+       starting from ``A``; ``prompts`` add a soft-Dice term of the label maps
+       (``label_weight``), a landmark distance term (world mm) and a similarity mask.
 
     The result maps fixed world mm to moving world mm: ``x -> A'(x + u(x))`` for the dense
     models (``A' = A``), ``A'`` alone for ``affine``. Its inverse is the model's own for
@@ -112,7 +81,10 @@ def register_dio(
     dev = torch.device(device)
     p = prompts or Prompts()
     spacing = float(checkpoint.preprocessing.get("spacing_mm", 2.0))
-    stage = solver_stage(transform, iterations, checkpoint.train_config)
+    if iterations is None:
+        iterations = parse_iterations(DEFAULT_ITERATIONS)
+    config = DIOConfig.of_checkpoint(checkpoint.train_config)
+    stage = config.stage(TRANSFORMS[transform], iterations)
     # levels without iterations finer than the last that has some are not computed
     finest = min(lv.factor for lv in stage.levels)
     factors = [f for f in FACTORS if f >= finest]
@@ -139,8 +111,8 @@ def register_dio(
         terms: list[LabelPrompt | LandmarkPrompt] = []
         if p.label_weight > 0 and p.fixed_labels is not None and p.moving_labels is not None:
             terms.append(LabelPrompt(
-                _labels_on(p.fixed_labels, fixed, grids[0]).to(dev),
-                _labels_on(p.moving_labels, moving, grids[1]).to(dev), p.label_weight,
+                _labels_on(p.fixed_labels, grids[0]).to(dev),
+                _labels_on(p.moving_labels, grids[1]).to(dev), p.label_weight,
             ))  # fmt: skip
         if p.fixed_landmarks is not None and p.moving_landmarks is not None:
             terms.append(LandmarkPrompt(p.fixed_landmarks, p.moving_landmarks, p.landmark_weight))

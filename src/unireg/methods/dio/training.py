@@ -17,7 +17,8 @@ on).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -29,6 +30,10 @@ from unireg.solvers.solver import Level, Stage
 from unireg.spatial.field import resize_displacement
 from unireg.spatial.warp import warp
 from unireg.training.base import TrainConfig, Trainer
+
+# the linear solver's step when the features are registered affinely (fraction of the
+# half-diagonal / radians per step: the syn preset's affine refinement)
+AFFINE_LR = 0.005
 
 
 @dataclass
@@ -74,11 +79,28 @@ class DIOConfig(TrainConfig):
     def model(self) -> FeatureNet:
         return FeatureNet(3, self.channels, self.features, self.backbone)
 
-    def stage(self, levels: int = 3) -> Stage:
-        """The solver stage of the loss, with its first ``levels`` pyramid levels."""
-        schedule = [Level(f, n) for f, n in zip(FACTORS, self.iterations, strict=True)]
+    @classmethod
+    def of_checkpoint(cls, train_config: Mapping[str, Any]) -> DIOConfig:
+        """The config a checkpoint was trained with (its ``train_config``; settings it lacks
+        take their defaults)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in train_config.items() if k in known})
+
+    def stage(
+        self, model: str = "ffd", iterations: Sequence[int] | None = None, levels: int = 3
+    ) -> Stage:
+        """The solver stage on the features: ``model`` (a dense model of the solver, or
+        ``affine``) over the first ``levels`` of the 1/4, 1/2 and 1 levels, at most
+        ``iterations`` each (default the training caps; a level of 0 is skipped), feature
+        MSE, the trained step, smoothing and early stop."""
+        caps = self.iterations if iterations is None else iterations
+        schedule = [Level(f, int(n)) for f, n in zip(FACTORS, caps, strict=True)][:levels]
+        schedule = [lv for lv in schedule if lv.iterations > 0]
+        if model == "affine":
+            return Stage("affine", schedule, loss="mse", lr=AFFINE_LR, tolerance=self.tolerance,
+                         window=self.window)  # fmt: skip
         return Stage(
-            "ffd", schedule[:levels], loss="mse", lr=self.solver_lr,
+            model, schedule, loss="mse", lr=self.solver_lr,
             smooth_gradient=self.smooth_gradient, smooth_field=self.smooth_field,
             tolerance=self.tolerance, window=self.window,
         )  # fmt: skip
@@ -126,7 +148,7 @@ class DIOTrainer(Trainer):
         moving = {f: x[:1] for f, x in feats.items()}
         fixed = {f: x[1:] for f, x in feats.items()}
         out = register_features(
-            fixed, moving, [cfg.stage(self.active_levels())], step=cfg.implicit_step,
+            fixed, moving, [cfg.stage(levels=self.active_levels())], step=cfg.implicit_step,
             seed=self.step,
         )  # fmt: skip
         la, lb = a["labels"], b["labels"]
