@@ -82,6 +82,21 @@ class DIOExtras(Extras):
 
 
 @dataclass
+class AVSMExtras(Extras):
+    """AVSM: ``matrix`` is the affine network's world affine (fixed world -> moving world,
+    mm); the network grids (fixed's and moving's), the affine steps and vSVF passes run, the
+    half-resolution displacement and inverse (normalised, fixed grid) and the time of each
+    stage (seconds)."""
+
+    stage: str = "full"
+    affine_steps: int = 0
+    vsvf_steps: int = 0
+    network_grids: tuple[Geometry, Geometry] | None = None
+    network_fields: tuple[torch.Tensor, torch.Tensor] | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class RegistrationResult:
     """A registration of ``moving`` onto ``fixed``.
 

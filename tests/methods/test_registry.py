@@ -29,6 +29,7 @@ def test_every_method_is_registered_once_with_its_options() -> None:
         "keymorph",
         "sitreg",
         "dio",
+        "avsm",
     ]
     assert get("keymorph").options is KeyMorphOptions and get("sitreg").options is SITRegOptions
     assert {get(n).options for n in names[:6]} == {SolverOptions}

@@ -58,8 +58,8 @@ def model_option() -> Any:
     """The ``model`` option of learned methods: a checkpoint file or a shipped model's name."""
     return option(
         None,
-        help="keymorph, sitreg, dio: checkpoint file or shipped model name (default: the shipped "
-        "default; `unireg models` lists them)",
+        help="keymorph, sitreg, dio, avsm: checkpoint file or shipped model name (default: the "
+        "shipped default; `unireg models` lists them)",
     )
 
 

@@ -33,6 +33,7 @@ PACKAGES = (
     "unireg.methods.keymorph",
     "unireg.methods.sitreg",
     "unireg.methods.dio",
+    "unireg.methods.avsm",
 )
 
 

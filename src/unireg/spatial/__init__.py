@@ -13,6 +13,7 @@ from unireg.spatial.affine import (
     rotation_matrix,
 )
 from unireg.spatial.field import (
+    advect_displacement,
     compose_displacements,
     displacement_from_world,
     displacement_to_points,
@@ -70,6 +71,7 @@ __all__ = [
     "DisplacementFieldTransform",
     "Geometry",
     "Transform",
+    "advect_displacement",
     "affine_from_parameters",
     "affine_grid",
     "channels_first",

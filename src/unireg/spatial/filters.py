@@ -167,6 +167,27 @@ def gaussian_blur(
     return out
 
 
+def multi_gaussian_blur(
+    x: torch.Tensor,
+    sigmas: Sequence[float],
+    weights: Sequence[float],
+    *,
+    padding: str = "zeros",
+) -> torch.Tensor:
+    """Smoothing by a multi-Gaussian kernel ``sum_i w_i G_sigma_i`` (``sigmas`` in voxels,
+    isotropic; ``weights`` >= 0 summing to one, so the kernel has unit mass). Zero padding by
+    default: what lies outside the grid counts as zero (a momentum field's support)."""
+    if len(sigmas) != len(weights) or not sigmas:
+        raise ValueError("multi-Gaussian: one weight per sigma, at least one")
+    if min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-6:
+        raise ValueError(f"multi-Gaussian weights must be >= 0 and sum to 1, got {weights}")
+    out = torch.zeros_like(x)
+    for sigma, weight in zip(sigmas, weights, strict=True):
+        if weight > 0:
+            out = out + weight * gaussian_blur(x, sigma, padding=padding)
+    return out
+
+
 def central_difference(x: torch.Tensor, axis: int) -> torch.Tensor:
     """``(x[i+1] - x[i-1]) / 2`` along spatial ``axis``; the output loses one voxel at each end
     of that axis (no padding), so it is exact and unbiased wherever it is defined."""

@@ -275,20 +275,29 @@ class Trainer:
             return cfg.rotation
         return cfg.rotation * min(1.0, (self.step + 1) / cfg.rotation_warmup)
 
-    def _affine(self, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    def _affine(
+        self, shape: tuple[int, ...], g: torch.Generator, rotation: float | None = None
+    ) -> torch.Tensor:
+        """A random augmentation affine (normalised grid map); ``rotation`` (degrees per
+        axis) replaces :meth:`rotation_range` when given."""
         cfg = self.cfg
+        rotation = self.rotation_range() if rotation is None else rotation
         return random_affine_matrix(
-            shape, 1, g, spacing=[cfg.spacing_mm] * 3, rotation=self.rotation_range(),
+            shape, 1, g, spacing=[cfg.spacing_mm] * 3, rotation=rotation,
             translation=cfg.translation, scale=tuple(cfg.scale), shear=cfg.shear,
         ).float()  # fmt: skip
 
     def _view(
-        self, item: dict[str, Any], g: torch.Generator, image: torch.Tensor | None = None
+        self,
+        item: dict[str, Any],
+        g: torch.Generator,
+        image: torch.Tensor | None = None,
+        rotation: float | None = None,
     ) -> dict[str, Any]:
         """One augmented view of a subject: image, brain labels, the normalised matrix (view
-        -> original grid) and the geometry."""
+        -> original grid) and the geometry (``rotation``: see :meth:`_affine`)."""
         image = self._image(item, g) if image is None else image
-        matrix = self._affine(tuple(image.shape[2:]), g)
+        matrix = self._affine(tuple(image.shape[2:]), g, rotation)
         img, lab = apply_affine(image, item["brain"][None], matrix)
         assert img is not None and lab is not None
         img = self.aug(img, generator=g)["image"]

@@ -1,0 +1,131 @@
+"""AVSM on raw images: each image on the network's grid placed on its own head, the affine
+network's steps, the vSVF passes, and the composed map as a world transform with its inverse
+(:mod:`unireg.methods.pipeline`)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from unireg.io.image import Image
+from unireg.methods.avsm import STAGES, AVSMOptions
+from unireg.methods.avsm.model import AVSM, parameter_frame, to_normalized
+from unireg.methods.base import OptionError
+from unireg.methods.pipeline import (
+    LearnedMethod,
+    check_dimensions,
+    field_transform,
+    network_grid,
+    network_input,
+)
+from unireg.result import AVSMExtras, RegistrationResult, measured_result
+from unireg.spatial.geometry import Geometry
+from unireg.spatial.transform import AffineTransform, CompositeTransform, Transform
+from unireg.training.checkpoint import Checkpoint
+
+# the affine network's steps at test time (the paper's 7; trained with fewer)
+TEST_AFFINE_STEPS = 7
+
+
+def world_affine(
+    matrix: torch.Tensor, frame: torch.Tensor, fixed_grid: Geometry, moving_grid: Geometry
+) -> np.ndarray:
+    """The parameter-frame affine ``matrix`` ``(d+1, d+1)`` between the two grids as a world
+    map, fixed world -> moving world (mm): ``N_m K^-1 M K N_f^-1`` (``N`` each grid's
+    normalised-to-world matrix)."""
+    normalized = to_normalized(matrix.double(), frame.double()).cpu().numpy()
+    out: np.ndarray = (
+        moving_grid.normalized_to_world @ normalized @ np.linalg.inv(fixed_grid.normalized_to_world)
+    )
+    return out
+
+
+def register_avsm(
+    fixed: Image,
+    moving: Image,
+    *,
+    model: AVSM,
+    checkpoint: Checkpoint,
+    stage: str = "full",
+    affine_steps: int | None = None,
+    vsvf_steps: int | None = None,
+    device: torch.device | str = "cpu",
+) -> RegistrationResult:
+    """Register raw ``moving`` onto ``fixed`` with a trained ``model`` and its ``checkpoint``.
+
+    1. Each image on the network's grid ``G`` (its training spacing and shape, RAS axes)
+       centred on its own head's centre of mass, intensities in [0, 1].
+    2. ``affine_steps`` recurrent affine steps (default 7): ``A``, a world affine (fixed
+       world -> moving world, mm), written as the transform when ``stage="affine"``.
+    3. ``vsvf_steps`` vSVF passes (default: the model's training passes), each advecting the
+       map on the fixed grid at half resolution: ``psi``.
+
+    The result's ``transform`` is ``x -> A(x + u(x))`` (``u``: ``psi``'s displacement in
+    world mm, held on its half-resolution grid over ``G`` and extended beyond it by its face
+    values); its ``inverse`` is ``y -> z + w(z)``, ``z = A^-1(y)``, ``w`` the displacement of
+    ``psi^-1`` (each pass's ``-v`` integrated and composed in reverse order).
+    """
+    if stage not in STAGES:
+        raise OptionError(f"unknown AVSM stage {stage!r}; choose from {STAGES}")
+    check_dimensions(fixed, moving, int(model.config["ndim"]))
+    dev = torch.device(device)
+    n_affine = TEST_AFFINE_STEPS if affine_steps is None else int(affine_steps)
+    trained = int(checkpoint.train_config.get("vsvf_steps", 2))
+    n_vsvf = 0 if stage == "affine" else (trained if vsvf_steps is None else int(vsvf_steps))
+
+    def run() -> tuple[Transform, Transform | None, AVSMExtras]:
+        t0 = time.perf_counter()
+        grid_f, grid_m = network_grid(checkpoint, fixed), network_grid(checkpoint, moving)
+        xf = network_input(fixed, grid_f).to(dev)
+        xm = network_input(moving, grid_m).to(dev)
+        d = fixed.ndim
+        frame = parameter_frame(
+            torch.from_numpy(grid_f.normalized_to_world[:d, :d]).float(),
+            float(model.config["length_mm"]),
+        ).to(dev)
+        t1 = time.perf_counter()
+        net = model.to(dev).eval()
+        with torch.no_grad():
+            out = net(xm, xf, frame, affine_steps=n_affine, vsvf_steps=n_vsvf, inverse=True)
+        t2 = time.perf_counter()
+        linear = AffineTransform(world_affine(out["matrix"][0], frame, grid_f, grid_m))
+        fields = None
+        if n_vsvf == 0:
+            transform: Transform = linear
+            inverse: Transform = linear.inverse()
+        else:
+            inv_linear = linear.inverse()
+            back = inv_linear.matrix.numpy()
+            moving_corners = back[:d, :d] @ moving.geometry.corners_world.T + back[:d, d:]
+            cover = np.concatenate([fixed.geometry.corners_world.T, moving_corners], 1)
+            fwd, inv = out["displacement"], out["inverse"]
+            transform = CompositeTransform([field_transform(fwd, grid_f, cover), linear])
+            inverse = CompositeTransform([inv_linear, field_transform(inv, grid_f, cover)])
+            fields = (fwd.cpu(), inv.cpu())
+        t3 = time.perf_counter()
+        extras = AVSMExtras(
+            method=f"avsm ({stage}: {n_affine} affine steps, {n_vsvf} vSVF passes)",
+            matrix=linear.matrix.numpy(), stage=stage, affine_steps=n_affine,
+            vsvf_steps=n_vsvf, network_grids=(grid_f, grid_m), network_fields=fields,
+            stage_seconds={"inputs": t1 - t0, "network": t2 - t1, "transform": t3 - t2},
+        )  # fmt: skip
+        return transform, inverse, extras
+
+    return measured_result(fixed, moving, run, dev)
+
+
+class AVSMMethod(LearnedMethod):
+    """AVSM behind the :class:`~unireg.methods.base.Method` protocol: the model loaded once,
+    each pair registered with the options' stage and steps."""
+
+    options: AVSMOptions
+
+    def run(self, fixed: Image, moving: Image) -> RegistrationResult:
+        o = self.options
+        assert isinstance(self.model, AVSM)
+        return register_avsm(
+            fixed, moving, model=self.model, checkpoint=self.checkpoint, stage=o.stage,
+            affine_steps=o.affine_steps, vsvf_steps=o.vsvf_steps, device=self.device,
+        )  # fmt: skip
