@@ -174,7 +174,11 @@ def test_register_avsm_writes_a_world_transform_and_its_inverse(tmp_path):
     fixed, moving = load_image(tmp_path / "s0.nii.gz"), load_image(tmp_path / "s1.nii.gz")
     net = _model()
     res = register_avsm(fixed, moving, model=net, checkpoint=_checkpoint())
-    assert res.extras.vsvf_steps == 2 and res.extras.affine_steps == 7
+    assert res.extras.vsvf_steps == 2 and res.extras.affine_steps == 7  # the paper's, unnamed
+    named = Checkpoint("avsm", {}, {}, preprocessing=PREP,
+                       train_config={"vsvf_steps": 1, "affine_test_steps": 2})  # fmt: skip
+    short = register_avsm(fixed, moving, model=net, checkpoint=named)
+    assert short.extras.affine_steps == 2 and short.extras.vsvf_steps == 1
     assert float(res.extras.network_fields[0].abs().max()) > 1e-3  # a deformation
     # the affine stage alone is a world affine: the one the full transform starts from
     lin = register_avsm(fixed, moving, model=net, checkpoint=_checkpoint(), stage="affine")

@@ -27,7 +27,12 @@ from unireg.methods.base import MethodEntry, MethodOptions, OptionError, Prompts
 from unireg.result import RegistrationResult
 from unireg.solvers.pyramid import level_geometry
 from unireg.spatial.geometry import Geometry
-from unireg.spatial.transform import DisplacementFieldTransform, Transform
+from unireg.spatial.transform import (
+    AffineTransform,
+    CompositeTransform,
+    DisplacementFieldTransform,
+    Transform,
+)
 from unireg.training.checkpoint import Checkpoint
 
 
@@ -113,6 +118,28 @@ def field_transform(
     world = torch.einsum("ij,bj...->bi...", to_mm, displacement.float())
     world = F.pad(world, pad, mode="replicate")[0]
     return DisplacementFieldTransform(world.contiguous().cpu(), covering)
+
+
+def linear_and_fields(
+    forward: torch.Tensor,
+    inverse: torch.Tensor,
+    grid: Geometry,
+    linear: AffineTransform,
+    fixed: Geometry,
+    moving: Geometry,
+) -> tuple[CompositeTransform, CompositeTransform]:
+    """A network's forward and inverse fields (normalised, over ``grid``'s extent) after a
+    linear stage ``A`` (fixed world -> moving world) as world transforms: ``x -> A(x + u(x))``
+    and ``y -> z + v(z)``, ``z = A^-1(y)``. Both fields are held to cover the fixed field of
+    view and the moving one mapped by ``A^-1`` (:func:`field_transform`)."""
+    d = grid.ndim
+    inv_linear = linear.inverse()
+    back = inv_linear.matrix.numpy()
+    moving_corners = back[:d, :d] @ moving.corners_world.T + back[:d, d:]
+    cover = np.concatenate([fixed.corners_world.T, moving_corners], 1)
+    transform = CompositeTransform([field_transform(forward, grid, cover), linear])
+    inverse_transform = CompositeTransform([inv_linear, field_transform(inverse, grid, cover)])
+    return transform, inverse_transform
 
 
 def covering_grid(b: Geometry, world: np.ndarray) -> tuple[Geometry, list[int]]:

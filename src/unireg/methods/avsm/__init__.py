@@ -35,8 +35,8 @@ class AVSMOptions(MethodOptions):
     )  # fmt: skip
     affine_steps: int | None = option(
         None, minimum=1,
-        help="avsm: recurrent steps of the affine network (default: the model's test-time "
-        "steps, 7)",
+        help="avsm: recurrent steps of the affine network (default: the steps the model's "
+        "vSVF stage was trained after)",
     )  # fmt: skip
     vsvf_steps: int | None = option(
         None, minimum=1,

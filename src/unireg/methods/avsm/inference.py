@@ -16,16 +16,17 @@ from unireg.methods.base import OptionError
 from unireg.methods.pipeline import (
     LearnedMethod,
     check_dimensions,
-    field_transform,
+    linear_and_fields,
     network_grid,
     network_input,
 )
 from unireg.result import AVSMExtras, RegistrationResult, measured_result
 from unireg.spatial.geometry import Geometry
-from unireg.spatial.transform import AffineTransform, CompositeTransform, Transform
+from unireg.spatial.transform import AffineTransform, Transform
 from unireg.training.checkpoint import Checkpoint
 
-# the affine network's steps at test time (the paper's 7; trained with fewer)
+# the affine network's steps at test time for a checkpoint that does not name them (the
+# paper's 7); a trained model's are the steps its vSVF stage was trained after
 TEST_AFFINE_STEPS = 7
 
 
@@ -57,8 +58,10 @@ def register_avsm(
 
     1. Each image on the network's grid ``G`` (its training spacing and shape, RAS axes)
        centred on its own head's centre of mass, intensities in [0, 1].
-    2. ``affine_steps`` recurrent affine steps (default 7): ``A``, a world affine (fixed
-       world -> moving world, mm), written as the transform when ``stage="affine"``.
+    2. ``affine_steps`` recurrent affine steps (default: the steps the model's vSVF stage
+       was trained after, ``affine_test_steps``; 7 when the checkpoint does not say): ``A``, a
+       world affine (fixed world -> moving world, mm), written as the transform when
+       ``stage="affine"``.
     3. ``vsvf_steps`` vSVF passes (default: the model's training passes), each advecting the
        map on the fixed grid at half resolution: ``psi``.
 
@@ -71,8 +74,10 @@ def register_avsm(
         raise OptionError(f"unknown AVSM stage {stage!r}; choose from {STAGES}")
     check_dimensions(fixed, moving, int(model.config["ndim"]))
     dev = torch.device(device)
-    n_affine = TEST_AFFINE_STEPS if affine_steps is None else int(affine_steps)
-    trained = int(checkpoint.train_config.get("vsvf_steps", 2))
+    train = checkpoint.train_config
+    default_affine = int(train.get("affine_test_steps", TEST_AFFINE_STEPS))
+    n_affine = default_affine if affine_steps is None else int(affine_steps)
+    trained = int(train.get("vsvf_steps", 2))
     n_vsvf = 0 if stage == "affine" else (trained if vsvf_steps is None else int(vsvf_steps))
 
     def run() -> tuple[Transform, Transform | None, AVSMExtras]:
@@ -96,13 +101,10 @@ def register_avsm(
             transform: Transform = linear
             inverse: Transform = linear.inverse()
         else:
-            inv_linear = linear.inverse()
-            back = inv_linear.matrix.numpy()
-            moving_corners = back[:d, :d] @ moving.geometry.corners_world.T + back[:d, d:]
-            cover = np.concatenate([fixed.geometry.corners_world.T, moving_corners], 1)
             fwd, inv = out["displacement"], out["inverse"]
-            transform = CompositeTransform([field_transform(fwd, grid_f, cover), linear])
-            inverse = CompositeTransform([inv_linear, field_transform(inv, grid_f, cover)])
+            transform, inverse = linear_and_fields(
+                fwd, inv, grid_f, linear, fixed.geometry, moving.geometry
+            )
             fields = (fwd.cpu(), inv.cpu())
         t3 = time.perf_counter()
         extras = AVSMExtras(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from unireg.io.image import Image
@@ -14,7 +13,7 @@ from unireg.methods.base import OptionError
 from unireg.methods.pipeline import (
     LearnedMethod,
     check_dimensions,
-    field_transform,
+    linear_and_fields,
     network_grid,
     network_input,
 )
@@ -23,7 +22,7 @@ from unireg.methods.sitreg.model import SITReg
 from unireg.methods.stages import affine_stage
 from unireg.result import RegistrationResult, SITRegExtras, measured_result
 from unireg.solvers.gauss_newton import GN_LEVELS
-from unireg.spatial.transform import CompositeTransform, Transform
+from unireg.spatial.transform import Transform
 from unireg.training.checkpoint import Checkpoint
 
 # affine-gn as SITReg's stage: the "fast" schedule stops the finest level after 3 iterations
@@ -86,15 +85,11 @@ def register_sitreg(
                 network_input(moving, grid, linear).to(dev), network_input(fixed, grid).to(dev),
                 inference=variant, resize=False,
             )  # fmt: skip
-        d = fixed.ndim
         # the forward field is evaluated over the fixed field of view, the inverse over the
         # moving one mapped by A^-1
-        inv_linear = linear.inverse()
-        back = inv_linear.matrix.numpy()
-        moving_corners = back[:d, :d] @ moving.geometry.corners_world.T + back[:d, d:]
-        cover = np.concatenate([fixed.geometry.corners_world.T, moving_corners], 1)
-        transform = CompositeTransform([field_transform(fwd, grid, cover), linear])
-        inverse = CompositeTransform([inv_linear, field_transform(inv, grid, cover)])
+        transform, inverse = linear_and_fields(
+            fwd, inv, grid, linear, fixed.geometry, moving.geometry
+        )
         t2 = time.perf_counter()
         extras = SITRegExtras(
             method=f"sitreg ({variant}, affine stage {affine})", matrix=linear.matrix.numpy(),
