@@ -131,3 +131,17 @@ def voxel_lengths(u: torch.Tensor) -> torch.Tensor:
     shape = u.shape[2:]
     s = torch.tensor([(n - 1) / 2 for n in shape], dtype=u.dtype).view(1, -1, *[1] * len(shape))
     return (u * s).norm(dim=1)
+
+
+def demo_brains():
+    """The two shipped demo brains (IXI training subjects at 2 mm) and their DLMUSE label
+    maps: ``(fixed, moving, fixed_labels, moving_labels)``."""
+    from importlib import resources
+
+    from unireg.io import load_image, load_labels
+
+    data = resources.files("unireg.demo_data")
+    names = ("IXI012-HH-1211-T1_ds", "IXI013-HH-1212-T1_ds")
+    images = [load_image(str(data / f"{n}.nii.gz")) for n in names]
+    labels = [load_labels(str(data / f"{n}_DLMUSE.nii.gz")) for n in names]
+    return images[0], images[1], labels[0], labels[1]

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import smooth_field
+from conftest import demo_brains, smooth_field
 from test_keymorph import _tiny_manifest
 
 from unireg.io import load_image
@@ -305,18 +305,12 @@ def test_avsm_training_runs_both_phases_resumes_exactly_and_reloads(tmp_path):
 def test_the_shipped_avsm_model_improves_on_its_affine_network_on_the_demo_brains():
     # a sanity check of the shipped file (the demo subjects are IXI *training* subjects; the
     # accuracy on the test split is in docs/methods/avsm.md)
-    from importlib import resources
 
-    from unireg.io import load_labels
     from unireg.metrics import registration_metrics
 
     if not registry.model_path("avsm").exists():
         pytest.skip("no AVSM model shipped in src/unireg/models/")
-    data = resources.files("unireg.demo_data")
-    fixed = load_image(str(data / "IXI012-HH-1211-T1_ds.nii.gz"))
-    moving = load_image(str(data / "IXI013-HH-1212-T1_ds.nii.gz"))
-    fl = load_labels(str(data / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"))
-    ml = load_labels(str(data / "IXI013-HH-1212-T1_ds_DLMUSE.nii.gz"))
+    fixed, moving, fl, ml = demo_brains()
     res = registry.create("avsm").register(fixed, moving)
     full = registration_metrics(res, fixed_labels=fl, moving_labels=ml, hd95=False)
     linear = registration_metrics(transform=res.affine, fixed=fixed, fixed_labels=fl,

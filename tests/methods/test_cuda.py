@@ -3,12 +3,10 @@ a GPU."""
 
 from __future__ import annotations
 
-from importlib import resources
-
 import pytest
 import torch
+from conftest import demo_brains
 
-from unireg.io import load_image, load_labels
 from unireg.methods import create, entries
 from unireg.metrics import registration_metrics
 
@@ -20,11 +18,7 @@ pytestmark = [
 
 @pytest.mark.parametrize("name", list(entries()))
 def test_every_method_on_cuda_matches_the_cpu(name: str) -> None:
-    data = resources.files("unireg.demo_data")
-    fixed = load_image(str(data / "IXI012-HH-1211-T1_ds.nii.gz"))
-    moving = load_image(str(data / "IXI013-HH-1212-T1_ds.nii.gz"))
-    fl = load_labels(str(data / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"))
-    ml = load_labels(str(data / "IXI013-HH-1212-T1_ds_DLMUSE.nii.gz"))
+    fixed, moving, fl, ml = demo_brains()
     dice = {}
     for device in ("cpu", "cuda"):
         result = create(name, device=device).register(fixed, moving, seed=0)

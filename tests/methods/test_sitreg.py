@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import demo_brains
 from test_keymorph import _tiny_manifest
 
 from unireg.io import load_image, load_labels
@@ -171,8 +172,6 @@ def test_register_cli_sitreg_model_errors_name_the_file(tmp_path, capsys):
 def test_the_shipped_sitreg_model_improves_on_its_affine_stage_on_the_demo_brains(variant, affine):
     # a sanity check of the shipped files (the demo subjects are IXI *training* subjects; the
     # accuracy on the test split is measured by bench/registration_benchmark.py)
-    from importlib import resources
-
     from unireg.methods import load_model, model_path
     from unireg.metrics import registration_metrics
 
@@ -181,11 +180,7 @@ def test_the_shipped_sitreg_model_improves_on_its_affine_stage_on_the_demo_brain
     model, payload = load_model("sitreg", variant)
     lite = variant is None  # the default is the lite model
     assert model.config["stem_stride"] == (2 if lite else 1)
-    data = resources.files("unireg.demo_data")
-    fixed = load_image(str(data / "IXI012-HH-1211-T1_ds.nii.gz"))
-    moving = load_image(str(data / "IXI013-HH-1212-T1_ds.nii.gz"))
-    fl = load_labels(str(data / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"))
-    ml = load_labels(str(data / "IXI013-HH-1212-T1_ds_DLMUSE.nii.gz"))
+    fixed, moving, fl, ml = demo_brains()
     res = register_sitreg(fixed, moving, model=model, checkpoint=payload, affine=affine)
     assert res.extras.inference == ("fast" if lite else "standard")
     full = registration_metrics(res, fixed_labels=fl, moving_labels=ml, hd95=False)
