@@ -23,6 +23,7 @@ from unireg.metrics import consistency_error
 from unireg.spatial.affine import affine_from_parameters
 from unireg.spatial.field import advect_displacement, compose_displacements
 from unireg.spatial.filters import multi_gaussian_blur
+from unireg.spatial.geometry import normalized_map_matrix
 from unireg.spatial.grid import affine_grid
 from unireg.spatial.transform import AffineTransform
 from unireg.training.checkpoint import Checkpoint, save_checkpoint
@@ -192,9 +193,7 @@ def test_register_avsm_writes_a_world_transform_and_its_inverse(tmp_path):
     from unireg.spatial.grid import transform_points
 
     world_f = world_points(grid_f)
-    normalized = (
-        np.linalg.inv(grid_m.normalized_to_world) @ res.extras.matrix @ (grid_f.normalized_to_world)
-    )
+    normalized = normalized_map_matrix(res.extras.matrix, grid_f, grid_m)
     # the parameter frame left out: the identity frame takes the normalised matrix as it is
     matrix = torch.from_numpy(normalized).float()[None]
     points = net.full_map(res.extras.network_fields[0], matrix, torch.eye(4), grid_f.shape)

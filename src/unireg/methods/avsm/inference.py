@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from unireg.io.image import Image
@@ -21,26 +20,13 @@ from unireg.methods.pipeline import (
     network_input,
 )
 from unireg.result import AVSMExtras, RegistrationResult, measured_result
-from unireg.spatial.geometry import Geometry
+from unireg.spatial.geometry import world_map_matrix
 from unireg.spatial.transform import AffineTransform, Transform
 from unireg.training.checkpoint import Checkpoint
 
 # the affine network's steps at test time for a checkpoint that does not name them (the
 # paper's 7); a trained model's are the steps its vSVF stage was trained after
 TEST_AFFINE_STEPS = 7
-
-
-def world_affine(
-    matrix: torch.Tensor, frame: torch.Tensor, fixed_grid: Geometry, moving_grid: Geometry
-) -> np.ndarray:
-    """The parameter-frame affine ``matrix`` ``(d+1, d+1)`` between the two grids as a world
-    map, fixed world -> moving world (mm): ``N_m K^-1 M K N_f^-1`` (``N`` each grid's
-    normalised-to-world matrix)."""
-    normalized = to_normalized(matrix.double(), frame.double()).cpu().numpy()
-    out: np.ndarray = (
-        moving_grid.normalized_to_world @ normalized @ np.linalg.inv(fixed_grid.normalized_to_world)
-    )
-    return out
 
 
 def register_avsm(
@@ -95,7 +81,8 @@ def register_avsm(
         with torch.no_grad():
             out = net(xm, xf, frame, affine_steps=n_affine, vsvf_steps=n_vsvf, inverse=True)
         t2 = time.perf_counter()
-        linear = AffineTransform(world_affine(out["matrix"][0], frame, grid_f, grid_m))
+        normalized = to_normalized(out["matrix"][0].double(), frame.double()).cpu().numpy()
+        linear = AffineTransform(world_map_matrix(normalized, grid_f, grid_m))
         fields = None
         if n_vsvf == 0:
             transform: Transform = linear

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from unireg.losses import multi_kernel_lncc, ncc, soft_dice
 from unireg.methods.avsm.model import AVSM, SIGMAS, WEIGHTS, parameter_frame
-from unireg.spatial.grid import channels_first, channels_last
+from unireg.spatial.grid import channels_first, channels_last, shared_identity_grid
 from unireg.spatial.warp import sample
 from unireg.training.base import TrainConfig, Trainer
 
@@ -109,8 +109,6 @@ def map_symmetry(forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
     """``mean |Phi_st o Phi_ts - id|^2`` of two point maps ``(B, *shape, d)`` (normalised,
     each from one grid to the other, both grids of one shape): ``Phi_st`` sampled at
     ``Phi_ts(x)``. Zero for an exactly inverse pair (up to interpolation)."""
-    from unireg.spatial.grid import shared_identity_grid
-
     composed = channels_last(sample(channels_first(forward), backward, padding="border"))
     grid = shared_identity_grid(tuple(forward.shape[1:-1]), device=forward.device,
                                 dtype=forward.dtype)  # fmt: skip
