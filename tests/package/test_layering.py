@@ -15,7 +15,7 @@ SRC = Path(unireg.__file__).resolve().parent
 # lowest first; a module may import its own layer's package and any layer below
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
-    ("unireg", "profiling", "demo_data"),
+    ("unireg", "profiling", "cpu", "demo_data"),
     ("spatial",),
     ("io",),
     ("result", "losses"),

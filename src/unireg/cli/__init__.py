@@ -50,6 +50,20 @@ def add_orientation_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    """``--threads``: CPU threads for the tensor work (default: the CPUs other processes left
+    idle while the command started, or ``OMP_NUM_THREADS`` when set)."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for the computation (default: OMP_NUM_THREADS when set, else the "
+        "CPUs not kept busy by other processes while the command starts, so a shared machine "
+        "does not slow it down several times)",
+    )
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser of the ``unireg`` command (no torch, no NumPy). With ``argv``, only
     the verb it names gets its full parser (the others a placeholder with their help line),
@@ -78,6 +92,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``unireg`` console script."""
+    from unireg import cpu
+
+    cpu.start()  # measures how busy the CPUs are while the verb imports its libraries
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]

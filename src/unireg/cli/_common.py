@@ -18,6 +18,18 @@ def device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def threads(args: Any) -> int:
+    """Set torch's CPU threads from ``--threads`` (see :func:`unireg.cpu.configure_threads`);
+    returns the number set."""
+    from unireg.cpu import configure_threads
+
+    try:
+        n, _ = configure_threads(getattr(args, "threads", None))
+    except ValueError as err:
+        raise UniregError(str(err)) from err
+    return n
+
+
 def check_output_file(path: str | Path, what: str = "--output") -> Path:
     """Refuse an output file path before any work: a known image extension, not a folder,
     and a writable place (its folder, or the nearest existing folder above it)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from unireg.cli import VERBS
+from unireg.cli import VERBS, add_threads_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,11 +22,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--output", "-o", default="unireg-demo", help="output folder")
     p.add_argument("--method", default="syn", help="unireg method (default syn)")
+    add_threads_flag(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Register two real brains shipped with unireg; write the outputs, a report and a table."""
+    from unireg.cli._common import threads
+
+    threads(args)
     from importlib import resources
     from pathlib import Path
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from unireg.cli import VERBS
+from unireg.cli import VERBS, add_threads_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -48,11 +48,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-hd95", action="store_true")
     p.add_argument("--output", "-o", required=True, help="output folder")
     p.add_argument("--quiet", "-q", action="store_true")
+    add_threads_flag(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Run methods side by side on pairs under misalignments; write tables and plots."""
+    from unireg.cli._common import threads
+
+    threads(args)
     import sys
     import time
 

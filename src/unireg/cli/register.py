@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from unireg.cli import VERBS, add_orientation_flag
+from unireg.cli import VERBS, add_orientation_flag, add_threads_flag
 from unireg.methods.base import OptionInfo
 from unireg.methods.registry import entries
 
@@ -91,6 +91,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 in metrics.json")
     p.add_argument("--report", action="store_true", help="also write report.png")
+    p.add_argument(
+        "--compression",
+        type=int,
+        choices=range(10),
+        default=None,
+        metavar="LEVEL",
+        help="gzip level 0-9 of the NIfTI outputs (default: 1 for images and label maps, 0 "
+        "for displacement fields, which compress by only about 12 %% at any level)",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
         "--options",
@@ -110,6 +119,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     add_orientation_flag(p)
     p.add_argument("--quiet", "-q", action="store_true")
+    add_threads_flag(p)
     return p
 
 
@@ -206,7 +216,13 @@ def provenance(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Register MOVING onto FIXED and write the contract's files into OUTDIR, all at once."""
+    from unireg.cli._common import threads
+
+    threads(args)
     import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
 
     from unireg import __version__
     from unireg.cli._common import device, write_json
@@ -260,16 +276,21 @@ def run(args: argparse.Namespace) -> int:
                                          progress=progress)  # fmt: skip
                 spec = options.to_spec(name)
                 quality = quality_check(result, fixed, moving)
-        metrics = registration_metrics(
-            result, fixed_labels=fixed_labels, moving_labels=moving_labels, hd95=not args.no_hd95,
-            fixed_landmarks=points[0], moving_landmarks=points[1],
-        )  # fmt: skip
-        setting = options.to_dict()
-        metrics = {"method": entry.name, "spec": spec, **setting, **metrics, **quality,
-                   "fallback": fallback, "unireg_version": __version__, **made}  # fmt: skip
         stage = folder.stage
         assert stage is not None
-        result.save(stage, moving_labels=moving_labels)
+        # the files are written in a background thread while the metrics are computed
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            saving = pool.submit(result.save, stage, moving_labels=moving_labels,
+                                 compresslevel=args.compression)  # fmt: skip
+            metrics = registration_metrics(
+                result, fixed_labels=fixed_labels, moving_labels=moving_labels,
+                hd95=not args.no_hd95, fixed_landmarks=points[0], moving_landmarks=points[1],
+            )  # fmt: skip
+            saving.result()
+        setting = options.to_dict()
+        metrics = {"method": entry.name, "spec": spec, **setting, **metrics, **quality,
+                   "fallback": fallback, "threads": torch.get_num_threads(),
+                   "unireg_version": __version__, **made}  # fmt: skip
         write_json(stage / "metrics.json", json_ready(metrics))
         extras = result.extras
         keypoints = isinstance(extras, KeyMorphExtras) and extras.keypoints_fixed is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from unireg.cli import VERBS, add_orientation_flag
+from unireg.cli import VERBS, add_orientation_flag, add_threads_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,11 +27,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     add_orientation_flag(p)
     p.add_argument("--quiet", "-q", action="store_true")
+    add_threads_flag(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Draw synthetic images of random contrast from a label map (SynthSeg-style)."""
+    from unireg.cli._common import threads
+
+    threads(args)
     import time
 
     from unireg.cli._common import check_output_file, device

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from unireg.cli import VERBS
+from unireg.cli import VERBS, add_threads_flag
 from unireg.methods.registry import trainable
 
 
@@ -25,11 +25,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default=None, help="override the config's output folder")
     p.add_argument("--steps", type=int, default=None, help="override the training steps")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_threads_flag(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Train a learned method from a config file (TOML); resumes from OUTPUT/last.pt."""
+    from unireg.cli._common import threads
+
+    threads(args)
     import sys
     from pathlib import Path
 

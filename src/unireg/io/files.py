@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from unireg.errors import EmptyFileError, ImageNotFoundError, UnreadableFileError
 
@@ -74,3 +76,31 @@ def write_atomic(path: str | Path, writer: Callable[[Path], None]) -> Path:
     with atomic_path(path) as tmp:
         writer(tmp)
     return Path(path)
+
+
+# gzip levels of written NIfTI files when none is asked for: images and label maps compress
+# 2-10x at level 1; float32 displacement fields only by about 12 % at any level, for 0.4 s per
+# 16 MB field, so they are stored (level 0: still a valid .nii.gz every reader opens)
+IMAGE_COMPRESSLEVEL = 1
+FIELD_COMPRESSLEVEL = 0
+
+
+def write_nibabel(image: Any, path: str | Path, compresslevel: int) -> Path:
+    """Write a nibabel image atomically; a ``.nii.gz`` at gzip ``compresslevel`` (0-9) with a
+    zero timestamp, so equal images give byte-identical files. Other formats as nibabel
+    writes them."""
+    if not 0 <= compresslevel <= 9:
+        raise ValueError(f"gzip compression level must be 0-9, got {compresslevel}")
+    if not str(path).lower().endswith(".nii.gz"):
+        import nibabel as nib
+
+        return write_atomic(path, lambda tmp: nib.save(image, str(tmp)))
+
+    def write(tmp: Path) -> None:
+        data = image.to_bytes()
+        with open(tmp, "wb") as raw, gzip.GzipFile(
+            fileobj=raw, mode="wb", compresslevel=compresslevel, mtime=0, filename=""
+        ) as gz:
+            gz.write(data)
+
+    return write_atomic(path, write)

@@ -39,7 +39,7 @@ from unireg.io.checks import (
     check_label_values,
     orientation_affine,
 )
-from unireg.io.files import check_input_file, write_atomic
+from unireg.io.files import IMAGE_COMPRESSLEVEL, check_input_file, write_nibabel
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import AffineTransform, Transform
 
@@ -440,17 +440,20 @@ def to_nibabel(image: Image, suffix: str = ".nii.gz") -> nib.spatialimages.Spati
     return out
 
 
-def save_image(image: Image, path: str | Path) -> Path:
+def save_image(image: Image, path: str | Path, *, compresslevel: int | None = None) -> Path:
     """Write an image atomically (NIfTI or MGZ by extension), with its affine.
 
     Label maps are written with the smallest integer type that holds them; intensities as
-    float32. Refuses non-finite data (:class:`NonFiniteError`).
+    float32. A ``.nii.gz`` is gzip-compressed at ``compresslevel`` (default
+    :data:`~unireg.io.files.IMAGE_COMPRESSLEVEL`). Refuses non-finite data
+    (:class:`NonFiniteError`).
     """
     suffix = image_suffix(path)
     if image.data.is_floating_point() and not bool(torch.isfinite(image.data).all()):
         raise NonFiniteError("refusing to write an image with NaN or infinite voxels", path)
     nimg = to_nibabel(image, suffix)
-    return write_atomic(path, lambda tmp: nib.save(nimg, str(tmp)))
+    level = IMAGE_COMPRESSLEVEL if compresslevel is None else compresslevel
+    return write_nibabel(nimg, path, level)
 
 
 # --------------------------------------------------------------------------------------------

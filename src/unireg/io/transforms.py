@@ -26,7 +26,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import scipy.io
 import torch
 
 from unireg.errors import (
@@ -36,7 +35,7 @@ from unireg.errors import (
     UnreadableFileError,
     UnsupportedFormatError,
 )
-from unireg.io.files import check_input_file, write_atomic
+from unireg.io.files import FIELD_COMPRESSLEVEL, check_input_file, write_atomic, write_nibabel
 from unireg.io.image import affine_from_4x4, affine_to_4x4
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import (
@@ -127,6 +126,8 @@ def save_affine(transform: AffineTransform, path: str | Path) -> Path:
     if suffix == ".mat":
 
         def writer(tmp: Path) -> None:
+            import scipy.io  # 0.1 s to import: only for .mat files
+
             scipy.io.savemat(
                 str(tmp),
                 {name: params.reshape(-1, 1), "fixed": fixed.reshape(-1, 1)},
@@ -154,6 +155,8 @@ def load_affine(path: str | Path) -> AffineTransform:
     check_input_file(path, "transform")
     if suffix == ".mat":
         try:
+            import scipy.io
+
             content = scipy.io.loadmat(str(path))
         except Exception as e:  # scipy raises several unrelated types for corrupt files
             raise UnreadableFileError(f"cannot read MATLAB transform ({e})", path) from e
@@ -197,8 +200,12 @@ def load_affine(path: str | Path) -> AffineTransform:
 # --------------------------------------------------------------------------------------------
 
 
-def save_displacement_field(transform: Transform, reference: Geometry, path: str | Path) -> Path:
-    """Write any transform as an ITK/ANTs displacement-field NIfTI on the ``reference`` grid.
+def save_displacement_field(
+    transform: Transform, reference: Geometry, path: str | Path, *, compresslevel: int | None = None
+) -> Path:
+    """Write any transform as an ITK/ANTs displacement-field NIfTI on the ``reference`` grid
+    (a ``.nii.gz`` at gzip ``compresslevel``, default
+    :data:`~unireg.io.files.FIELD_COMPRESSLEVEL`: stored, as float fields hardly compress).
 
     ``ants.apply_transforms(fixed, moving, [path])`` then reproduces unireg's own warp when
     ``reference`` is the fixed image's grid.
@@ -225,7 +232,8 @@ def save_displacement_field(transform: Transform, reference: Geometry, path: str
     img.set_sform(affine, code=1)
     img.header.set_intent("vector")
     img.header.set_xyzt_units("mm")
-    return write_atomic(path, lambda tmp: nib.save(img, str(tmp)))
+    level = FIELD_COMPRESSLEVEL if compresslevel is None else compresslevel
+    return write_nibabel(img, path, level)
 
 
 def load_displacement_field(path: str | Path) -> DisplacementFieldTransform:
@@ -319,14 +327,19 @@ def load_transforms(specs: Sequence[str | Path | tuple[str | Path, bool]]) -> Tr
 
 
 def save_transform(
-    transform: Transform, path: str | Path, *, reference: Geometry | None = None
+    transform: Transform,
+    path: str | Path,
+    *,
+    reference: Geometry | None = None,
+    compresslevel: int | None = None,
 ) -> Path:
     """Write a transform: affines to ``.mat``/``.txt``/``.tfm``; anything to ``.nii[.gz]`` as a
-    displacement field on ``reference`` (required then)."""
+    displacement field on ``reference`` (required then; gzip ``compresslevel`` as in
+    :func:`save_displacement_field`)."""
     if is_field_path(path):
         if reference is None:
             raise ValueError("writing a displacement field needs the reference (fixed) grid")
-        return save_displacement_field(transform, reference, path)
+        return save_displacement_field(transform, reference, path, compresslevel=compresslevel)
     if not isinstance(transform, AffineTransform):
         raise TransformFormatError(
             "only affine transforms can be written as .mat/.txt; use .nii.gz", path

@@ -1,0 +1,103 @@
+"""How many CPU threads a command's tensor work should use, on a machine it may share.
+
+PyTorch's OpenMP threads spin while they wait for each other; when another process keeps a
+core busy, a thread per core makes every parallel region wait for the descheduled one, and a
+registration runs several times slower than with one thread fewer. The command line therefore
+measures, while it imports its libraries (a second or two it spends anyway), how busy the
+machine's CPUs are with other processes, and uses only the CPUs left idle.
+
+Imports nothing heavy: :func:`start` runs before torch is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+_STAT = "/proc/stat"
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """A point in time: wall clock (s), CPU time all processes spent busy (s, from
+    ``/proc/stat``; None where it cannot be read) and this process's own CPU time (s)."""
+
+    wall: float
+    busy: float | None
+    own: float
+
+
+def _busy_seconds() -> float | None:
+    """Seconds all CPUs have spent busy since boot (user, nice, system, irq, softirq, steal)."""
+    try:
+        with open(_STAT) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 8:
+        return None
+    ticks = [int(v) for v in fields[1:9]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def sample() -> CpuSample:
+    """The machine's busy CPU time and this process's CPU time, now."""
+    t = os.times()
+    return CpuSample(time.monotonic(), _busy_seconds(), t.user + t.system)
+
+
+_START: CpuSample | None = None
+
+
+def start() -> None:
+    """Mark the start of the measuring window (called first thing by the command line)."""
+    global _START
+    _START = sample()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def others_busy(since: CpuSample, now: CpuSample | None = None) -> float | None:
+    """How many CPUs other processes kept busy on average between two samples (this
+    process's own CPU time taken out); None when unknown or the window is under 0.2 s."""
+    now = now or sample()
+    window = now.wall - since.wall
+    if since.busy is None or now.busy is None or window < 0.2:
+        return None
+    return max(0.0, (now.busy - since.busy - (now.own - since.own)) / window)
+
+
+def auto_threads(since: CpuSample | None = None) -> int:
+    """The CPUs not kept busy by other processes since ``since`` (default: :func:`start`),
+    at least 1; all available CPUs when the load cannot be measured."""
+    cpus = available_cpus()
+    since = since or _START
+    busy = None if since is None else others_busy(since)
+    if busy is None:
+        return cpus
+    return max(1, min(cpus, int(cpus - busy + 0.5)))
+
+
+def configure_threads(requested: int | None = None) -> tuple[int, str]:
+    """Set torch's intra-op threads and say how they were chosen: ``requested`` when given
+    (``--threads``), else ``OMP_NUM_THREADS`` when set, else :func:`auto_threads`."""
+    import torch
+
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1, got {requested}")
+        n, how = requested, "--threads"
+    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        n, how = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    else:
+        n, how = auto_threads(), "auto: CPUs idle while starting"
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads(), how
