@@ -98,9 +98,12 @@ def write_nibabel(image: Any, path: str | Path, compresslevel: int) -> Path:
 
     def write(tmp: Path) -> None:
         data = image.to_bytes()
-        with open(tmp, "wb") as raw, gzip.GzipFile(
-            fileobj=raw, mode="wb", compresslevel=compresslevel, mtime=0, filename=""
-        ) as gz:
+        with (
+            open(tmp, "wb") as raw,
+            gzip.GzipFile(
+                fileobj=raw, mode="wb", compresslevel=compresslevel, mtime=0, filename=""
+            ) as gz,
+        ):
             gz.write(data)
 
     return write_atomic(path, write)
