@@ -96,8 +96,9 @@ def test_jacobian_stats_of_known_affines_on_oblique_grids():
         translation=torch.tensor([[3.0, -1.0, 2.0]], dtype=torch.float64),
     )[0]
     stats = M.jacobian_stats(M.transform_jacobian(AffineTransform(m), geom))
-    assert stats["jacobian_mean"] == pytest.approx(1.5 * 0.8 * 1.25, abs=1e-9)
-    assert stats["jacobian_std"] < 1e-9
+    # from the float32 displacement (mm): exact to single precision
+    assert stats["jacobian_mean"] == pytest.approx(1.5 * 0.8 * 1.25, abs=1e-6)
+    assert stats["jacobian_std"] < 1e-6
     assert stats["folding_percent"] == 0.0
     flip = np.diag([-1.0, 1.0, 1.0, 1.0])
     assert M.jacobian_stats(M.transform_jacobian(AffineTransform(flip), geom))[

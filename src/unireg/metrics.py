@@ -22,7 +22,7 @@ import torch
 
 from unireg.io.image import Image, LabelMap, resample
 from unireg.losses import label_indices
-from unireg.spatial.field import point_map_jacobian_determinant, world_points
+from unireg.spatial.field import displacement_jacobian_determinant, world_points
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import CompositeTransform, Transform
 
@@ -158,13 +158,19 @@ def hausdorff95(
 
 
 def transform_jacobian(
-    transform: Transform, geometry: Geometry, *, device: torch.device | str | None = None
+    transform: Transform,
+    geometry: Geometry,
+    *,
+    device: torch.device | str | None = None,
+    displacement: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Jacobian determinant of a world transform on the voxels of ``geometry``, with respect to
-    world coordinates (mm/mm): 1 keeps volume, <= 0 is folding. ``(*geometry.shape)``."""
-    points = transform.map_points(world_points(geometry, device=device, dtype=torch.float64))
-    det_grid = float(np.linalg.det(geometry.affine[: geometry.ndim, : geometry.ndim]))
-    return point_map_jacobian_determinant(points)[0] / det_grid
+    world coordinates (mm/mm): 1 keeps volume, <= 0 is folding. ``(*geometry.shape)``.
+    ``displacement``: the transform's displacement on ``geometry`` when already computed
+    (:meth:`~unireg.spatial.transform.Transform.displacement`)."""
+    if displacement is None:
+        displacement = transform.displacement(geometry, device=device)
+    return displacement_jacobian_determinant(displacement, geometry)
 
 
 def jacobian_stats(det: torch.Tensor, mask: ArrayLike | None = None) -> dict[str, float]:
@@ -311,7 +317,8 @@ def registration_metrics(
         out["label_interpolation"] = label_interpolation
     elif (fixed_labels is None) != (moving_labels is None):
         raise ValueError("give both fixed_labels and moving_labels, or neither")
-    stats = jacobian_stats(transform_jacobian(transform, geom), mask)
+    shared = result.displacement() if result is not None and transform is result.transform else None
+    stats = jacobian_stats(transform_jacobian(transform, geom, displacement=shared), mask)
     out.update(stats)
     if inverse is not None:
         ic = consistency_error([transform, inverse], geom, mask=mask)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from unireg.io.image import Image, LabelMap, resample, save_image
-from unireg.io.transforms import save_transform
+from unireg.io.transforms import save_displacement_field, save_transform
 from unireg.profiling import Measure
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import AffineTransform, Transform
@@ -120,6 +120,16 @@ class RegistrationResult:
     elapsed: float | None = None
     peak_memory: int | None = None
 
+    def displacement(self) -> torch.Tensor:
+        """The forward transform's world displacement ``T(x) - x`` (mm, ``(d, *fixed.shape)``,
+        float32) on the fixed grid: computed once, shared by the written ``transform.nii.gz``
+        and the Jacobian metrics."""
+        cached = self.__dict__.get("_displacement")
+        if cached is None:
+            cached = self.transform.displacement(self.fixed)
+            self.__dict__["_displacement"] = cached
+        return cached
+
     def warp(self, image: Image, *, mode: str | None = None) -> Image:
         """Resample any image or label map of the moving subject onto the fixed grid (label
         maps with nearest neighbour unless ``mode="onehot"``)."""
@@ -165,7 +175,13 @@ class RegistrationResult:
             warped_labels = self.warp(moving_labels, mode=label_interpolation)
             jobs.append(("warped_labels", lambda p: save_image(warped_labels, p, **level)))
         transform, fixed, moving = self.transform, self.fixed, self.moving
-        jobs.append(("transform", lambda p: save_transform(transform, p, reference=fixed, **level)))
+        forward = self.displacement()
+        jobs.append(
+            (
+                "transform",
+                lambda p: save_displacement_field(transform, fixed, p, field=forward, **level),
+            )
+        )
         affine = self.affine
         if affine is not None:
             jobs.append(("affine", lambda p: save_transform(affine, p)))

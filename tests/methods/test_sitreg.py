@@ -251,10 +251,13 @@ def test_sitreg_in_the_evaluation_harness(tmp_path):
     gn, trace = affine_gauss_newton(fixed, moving, levels=STAGE_GN_LEVELS["fast"])
     assert np.allclose(res.extras.matrix, gn.matrix.numpy(), atol=1e-6)
     assert STAGE_GN_LEVELS["fast"][-1][1] == 3 and GN_LEVELS["fast"][-1][1] == 5
-    finest = STAGE_GN_LEVELS["fast"][-1][0]
-    assert 1 <= sum(1 for f, _, _ in trace if f == finest) <= 3
-    # (comparing the two final matrices is no test here: on this toy pair both runs settle on
-    # the same degenerate map on some CPUs, so the check above counts the iterations instead)
+    # on this small image the levels are fitted to its size (fit_levels): the finest level
+    # left runs the iterations the stage gives it
+    from unireg.solvers.solver import fit_levels
+
+    finest = fit_levels(STAGE_GN_LEVELS["fast"], fixed.shape)[-1]
+    assert trace[-1][0] == finest.factor
+    assert sum(1 for f, _, _ in trace if f == finest.factor) == finest.iterations
     assert make_method(f"sitreg:model={ckpt}").register(fixed, moving).extras.inference == (
         "standard"
     )

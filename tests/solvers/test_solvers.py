@@ -405,6 +405,22 @@ def test_affine_gn_refines_from_a_given_start_beyond_its_own_capture_range():
     assert err.mean() < 0.3 and err.max() < 0.8, (err.mean(), err.max())
 
 
+def test_gauss_newton_on_a_small_image_recovers_a_small_affine():
+    # a 24^3 image filled with texture up to its faces: the coarse levels are dropped (a level
+    # keeps 12 voxels an axis) and no fixed voxel gains by leaving the moving image's view
+    from unireg.solvers.gauss_newton import affine_gauss_newton
+
+    fixed = _image((24, 26, 22), spacing=(2.0, 2.0, 2.0), seed=10)
+    geom = fixed.geometry
+    truth = _about_centre(oblique_affine((1.02, 0.98, 1.0), (4, -3, 2), (1.5, -1.0, 0.5)), geom)
+    moving = _moving_of(fixed, truth)
+    found, _ = affine_gauss_newton(fixed, moving)
+    inner = np.argwhere(np.ones((16, 18, 14))) + 4  # away from the faces
+    world = np.c_[inner, np.ones(len(inner))] @ geom.voxel_to_world.T
+    err = np.linalg.norm(world @ found.matrix.numpy().T - world @ truth.T, axis=1)
+    assert err.mean() < 0.3, err.mean()
+
+
 def test_cascade_pyramid_has_the_pyramid_levels():
     # each level made from the next finer one (affine-gn's pyramid): the same shapes and, up to
     # the extra interpolation, the same values as blurring the full image for each level

@@ -24,6 +24,7 @@ from unireg.errors import UniregError
 # verb (module unireg.cli.VERB) -> its line in ``unireg --help``, in that order
 VERBS = {
     "register": "register a moving image onto a fixed image",
+    "batch": "register every pair of a CSV in one process (resumable; torchrun-aware)",
     "apply": "apply saved transform(s) to an image or label map",
     "metrics": "Dice and HD95 between two label maps",
     "evaluate": "run methods side by side on pairs under misalignment; tables and plots",

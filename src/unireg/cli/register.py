@@ -8,6 +8,8 @@ does not have it is refused before any work."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from unireg.cli import VERBS, add_orientation_flag, add_threads_flag
@@ -48,6 +50,27 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("fixed", metavar="FIXED", help="fixed (target) image")
     p.add_argument("moving", metavar="MOVING", help="moving (source) image")
     p.add_argument("--output", "-o", required=True, help="output folder")
+    p.add_argument("--fixed-labels", default=None, help="label map on the fixed grid")
+    p.add_argument("--moving-labels", default=None, help="label map on the moving grid")
+    p.add_argument("--fixed-mask", default=None, help="restrict the similarity to this mask")
+    p.add_argument("--landmarks", nargs=2, metavar=("FIXED_CSV", "MOVING_CSV"), default=None,
+                   help="matched points (one x,y,z row each, world RAS mm): steer the "
+                   "registration towards them and report the TRE")  # fmt: skip
+    p.add_argument(
+        "--landmark-weight",
+        type=float,
+        default=1.0,
+        metavar="WEIGHT",
+        help="weight of the landmark term (mean squared distance / (10 mm)^2)",
+    )
+    add_registration_arguments(p)
+    return p
+
+
+def add_registration_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags ``register`` and ``batch`` share: the method and its options, the label
+    prompt, metrics, outputs, device, threads and the quality fallback."""
+    methods = entries()
     p.add_argument("--method", choices=list(methods), default="syn")
     group = p.add_argument_group("method options (each names the methods that take it)")
     for flag, users in method_flags().items():
@@ -74,21 +97,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             else:
                 kw["metavar"] = info.type.__name__.upper()
         group.add_argument(flag, **kw)
-    p.add_argument("--fixed-labels", default=None, help="label map on the fixed grid")
-    p.add_argument("--moving-labels", default=None, help="label map on the moving grid")
     p.add_argument("--label-prompt", type=float, default=0.0, metavar="WEIGHT",
                    help="also align the label maps (soft Dice term of this weight)")  # fmt: skip
-    p.add_argument("--fixed-mask", default=None, help="restrict the similarity to this mask")
-    p.add_argument("--landmarks", nargs=2, metavar=("FIXED_CSV", "MOVING_CSV"), default=None,
-                   help="matched points (one x,y,z row each, world RAS mm): steer the "
-                   "registration towards them and report the TRE")  # fmt: skip
-    p.add_argument(
-        "--landmark-weight",
-        type=float,
-        default=1.0,
-        metavar="WEIGHT",
-        help="weight of the landmark term (mean squared distance / (10 mm)^2)",
-    )
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 in metrics.json")
     p.add_argument("--report", action="store_true", help="also write report.png")
     p.add_argument(
@@ -120,7 +130,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_orientation_flag(p)
     p.add_argument("--quiet", "-q", action="store_true")
     add_threads_flag(p)
-    return p
 
 
 def method_options(args: argparse.Namespace) -> Any:
@@ -214,20 +223,61 @@ def provenance(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    """Register MOVING onto FIXED and write the contract's files into OUTDIR, all at once."""
-    from unireg.cli._common import threads
+@dataclass
+class Inputs:
+    """One registration's inputs, read and checked (see :func:`load_inputs`)."""
 
-    threads(args)
+    fixed: Any
+    moving: Any
+    fixed_labels: Any = None
+    moving_labels: Any = None
+    mask: Any = None
+    points: tuple[Any, Any] = (None, None)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def load_inputs(args: argparse.Namespace) -> Inputs:
+    """Read and check every input file the arguments name (images, label maps, mask,
+    landmarks) and record their provenance: the I/O before the work, which ``batch`` runs in
+    loader processes ahead of the registration."""
+    from unireg.io.image import check_registrable, check_same_grid, load_labels, load_pair
+
+    fixed, moving, fixed_labels, moving_labels = load_pair(
+        args.fixed, args.moving, args.fixed_labels, args.moving_labels, channels=True,
+        assume_orientation=args.assume_orientation,
+    )  # fmt: skip
+    mask = None
+    if args.fixed_mask is not None:
+        mask = load_labels(args.fixed_mask, assume_orientation=args.assume_orientation)
+        check_same_grid(fixed, mask)
+    points: tuple[Any, Any] = (None, None)
+    if args.landmarks is not None:
+        from unireg.io.landmarks import read_landmark_pair
+
+        points = read_landmark_pair(*args.landmarks, ndim=fixed.ndim)
+    check_registrable(fixed, moving, fixed_labels, moving_labels, mask)
+    return Inputs(fixed, moving, fixed_labels, moving_labels, mask, points, provenance(args))
+
+
+def register_into(
+    args: argparse.Namespace,
+    options: Any,
+    method: Any,
+    inputs: Inputs,
+    folder: Any,
+    device: str = "cpu",
+) -> tuple[Any, dict[str, Any], dict[str, Path]]:
+    """Run ``method`` on ``inputs``, check the result's quality (and fall back to the solver
+    when asked), and publish the contract's files into ``folder`` (an open
+    :class:`~unireg.io.outputs.OutputFolder`). Returns the result, its metrics and the
+    published files."""
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
     from unireg import __version__
-    from unireg.cli._common import device, write_json
-    from unireg.io.image import check_registrable, check_same_grid, load_labels, load_pair
-    from unireg.io.outputs import OutputFolder
+    from unireg.cli._common import write_json
     from unireg.methods import Prompts, create
     from unireg.metrics import json_ready, registration_metrics
     from unireg.quality import quality_check
@@ -235,85 +285,92 @@ def run(args: argparse.Namespace) -> int:
     from unireg.spatial.transform import AffineTransform
 
     entry = entries()[args.method]
+    verb = getattr(args, "command", None) or "register"
+    fixed, moving, moving_labels, points = (
+        inputs.fixed,
+        inputs.moving,
+        inputs.moving_labels,
+        inputs.points,
+    )
+    prompts = Prompts(inputs.fixed_labels, moving_labels, args.label_prompt, points[0], points[1],
+                      getattr(args, "landmark_weight", 1.0), mask=inputs.mask)  # fmt: skip
+    progress = None if args.quiet else (lambda line: print(line, flush=True))
+    result = method.register(fixed, moving, prompts=prompts, seed=args.seed, progress=progress)
+    spec = options.to_spec(args.method)
+    quality = quality_check(result, fixed, moving)
+    fallback = None
+    if quality["quality_warning"] is not None:
+        print(f"unireg {verb}: warning: {spec}: {quality['quality_warning']}",
+              file=sys.stderr)  # fmt: skip
+        if args.fallback == "solver" and entry.family != "unireg":
+            name = "affine" if isinstance(result.transform, AffineTransform) else "syn"
+            fallback = {"from": spec, "warning": quality["quality_warning"], "to": name}
+            print(f"unireg {verb}: --fallback solver: rerunning with {name}",
+                  file=sys.stderr)  # fmt: skip
+            entry = entries()[name]
+            options = entry.options()
+            solver = create(entry, options, device=device)
+            result = solver.register(fixed, moving, prompts=prompts, seed=args.seed,
+                                     progress=progress)  # fmt: skip
+            spec = options.to_spec(name)
+            quality = quality_check(result, fixed, moving)
+    stage = folder.stage
+    assert stage is not None
+    # the files are written in a background thread while the metrics are computed
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        saving = pool.submit(result.save, stage, moving_labels=moving_labels,
+                             compresslevel=args.compression)  # fmt: skip
+        metrics = registration_metrics(
+            result, fixed_labels=inputs.fixed_labels, moving_labels=moving_labels,
+            hd95=not args.no_hd95, fixed_landmarks=points[0], moving_landmarks=points[1],
+        )  # fmt: skip
+        saving.result()
+    made = inputs.provenance
+    metrics = {"method": entry.name, "spec": spec, **options.to_dict(), **metrics, **quality,
+               "fallback": fallback, "threads": torch.get_num_threads(),
+               "unireg_version": __version__, **made}  # fmt: skip
+    write_json(stage / "metrics.json", json_ready(metrics))
+    extras = result.extras
+    keypoints = isinstance(extras, KeyMorphExtras) and extras.keypoints_fixed is not None
+    if keypoints:
+        from unireg.methods.keymorph.inference import write_keypoints_csv
+
+        write_keypoints_csv(result, stage / "keypoints.csv")
+    if args.report:
+        from unireg.report import keypoint_figure, registration_report
+
+        fixed_img = fixed.with_data(fixed.data.to("cpu"))
+        registration_report(result, fixed_img, moving, stage / "report.png", metrics=metrics)
+        if keypoints:
+            assert isinstance(extras, KeyMorphExtras)
+            kps = {"fixed": extras.keypoints_fixed, "moving": extras.keypoints_moving,
+                   "aligned": extras.keypoints_aligned}  # fmt: skip
+            keypoint_figure(
+                fixed_img, moving, kps, stage / "keypoints.png", warped=result.warped,
+                title=f"{extras.method}: {len(kps['fixed'])} keypoints (world mm)",
+            )  # fmt: skip
+    written = folder.commit({"method": entry.name, "spec": spec, **made})
+    return result, metrics, written
+
+
+def run(args: argparse.Namespace) -> int:
+    """Register MOVING onto FIXED and write the contract's files into OUTDIR, all at once."""
+    from unireg.cli._common import device, threads
+    from unireg.io.outputs import OutputFolder
+    from unireg.methods import create
+
+    threads(args)
+    entry = entries()[args.method]
     options = check_arguments(args)  # before any file is read
     dev = device(args.device)
     with OutputFolder(args.output, OUTPUTS, command="unireg register") as folder:
-        fixed, moving, fixed_labels, moving_labels = load_pair(
-            args.fixed, args.moving, args.fixed_labels, args.moving_labels, channels=True,
-            assume_orientation=args.assume_orientation,
-        )  # fmt: skip
-        mask = None
-        if args.fixed_mask is not None:
-            mask = load_labels(args.fixed_mask, assume_orientation=args.assume_orientation)
-            check_same_grid(fixed, mask)
-        points: tuple[Any, Any] = (None, None)
-        if args.landmarks is not None:
-            from unireg.io.landmarks import read_landmark_pair
-
-            points = read_landmark_pair(*args.landmarks, ndim=fixed.ndim)
-        check_registrable(fixed, moving, fixed_labels, moving_labels, mask)
-        made = provenance(args)
-        prompts = Prompts(fixed_labels, moving_labels, args.label_prompt, points[0], points[1],
-                          args.landmark_weight, mask=mask)  # fmt: skip
-        progress = None if args.quiet else (lambda line: print(line, flush=True))
+        inputs = load_inputs(args)
         method = create(entry, options, device=str(dev))
-        result = method.register(fixed, moving, prompts=prompts, seed=args.seed, progress=progress)
-        spec = options.to_spec(args.method)
-        quality = quality_check(result, fixed, moving)
-        fallback = None
-        if quality["quality_warning"] is not None:
-            print(f"unireg register: warning: {spec}: {quality['quality_warning']}",
-                  file=sys.stderr)  # fmt: skip
-            if args.fallback == "solver" and entry.family != "unireg":
-                name = "affine" if isinstance(result.transform, AffineTransform) else "syn"
-                fallback = {"from": spec, "warning": quality["quality_warning"], "to": name}
-                print(f"unireg register: --fallback solver: rerunning with {name}",
-                      file=sys.stderr)  # fmt: skip
-                entry = entries()[name]
-                options = entry.options()
-                solver = create(entry, options, device=str(dev))
-                result = solver.register(fixed, moving, prompts=prompts, seed=args.seed,
-                                         progress=progress)  # fmt: skip
-                spec = options.to_spec(name)
-                quality = quality_check(result, fixed, moving)
-        stage = folder.stage
-        assert stage is not None
-        # the files are written in a background thread while the metrics are computed
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            saving = pool.submit(result.save, stage, moving_labels=moving_labels,
-                                 compresslevel=args.compression)  # fmt: skip
-            metrics = registration_metrics(
-                result, fixed_labels=fixed_labels, moving_labels=moving_labels,
-                hd95=not args.no_hd95, fixed_landmarks=points[0], moving_landmarks=points[1],
-            )  # fmt: skip
-            saving.result()
-        setting = options.to_dict()
-        metrics = {"method": entry.name, "spec": spec, **setting, **metrics, **quality,
-                   "fallback": fallback, "threads": torch.get_num_threads(),
-                   "unireg_version": __version__, **made}  # fmt: skip
-        write_json(stage / "metrics.json", json_ready(metrics))
-        extras = result.extras
-        keypoints = isinstance(extras, KeyMorphExtras) and extras.keypoints_fixed is not None
-        if keypoints:
-            from unireg.methods.keymorph.inference import write_keypoints_csv
-
-            write_keypoints_csv(result, stage / "keypoints.csv")
-        if args.report:
-            from unireg.report import keypoint_figure, registration_report
-
-            fixed_img = fixed.with_data(fixed.data.to("cpu"))
-            registration_report(result, fixed_img, moving, stage / "report.png", metrics=metrics)
-            if keypoints:
-                assert isinstance(extras, KeyMorphExtras)
-                kps = {"fixed": extras.keypoints_fixed, "moving": extras.keypoints_moving,
-                       "aligned": extras.keypoints_aligned}  # fmt: skip
-                keypoint_figure(
-                    fixed_img, moving, kps, stage / "keypoints.png", warped=result.warped,
-                    title=f"{extras.method}: {len(kps['fixed'])} keypoints (world mm)",
-                )  # fmt: skip
-        written = folder.commit({"method": entry.name, "spec": spec, **made})
+        result, metrics, written = register_into(
+            args, options, method, inputs, folder, device=str(dev)
+        )
     if not args.quiet:
-        line = f"{spec} in {result.elapsed:.1f} s"
+        line = f"{metrics['spec']} in {result.elapsed:.1f} s"
         if "dice_mean" in metrics:
             line += f", mean Dice {metrics['dice_mean']:.4f}"
         line += f", folding {metrics['folding_percent']:.3f} %"

@@ -17,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "Train a method from a TOML config (its settings: the method's training config, "
             "e.g. unireg.methods.keymorph.training.KeyMorphConfig). Checkpoints (with their "
             "config) go to OUTPUT/last.pt every checkpoint_every steps and OUTPUT/final.pt at "
-            "the end; a run resumes from last.pt."
+            "the end; a run resumes from last.pt (with any number of processes). Under torchrun "
+            "(torchrun --nproc-per-node N -m unireg train ...) each process computes its share "
+            "of the global batch and the gradients are summed; rank 0 writes the checkpoints."
         ),
     )
     p.add_argument("method", choices=trainable())
@@ -56,12 +58,19 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, TypeError) as err:
         raise UniregError(f"bad training config ({err})", args.config) from err
     trainer = trainer_class(cfg)
-    if trainer.resumed_from is not None:
+    main = trainer.dist.is_main
+    if trainer.resumed_from is not None and main:
         print(f"resuming {trainer.resumed_from} at step {trainer.step}", file=sys.stderr)
-    losses = trainer.run(progress=not args.quiet)
-    final = trainer.save("final.pt")
-    tail = losses[-20:]
-    mean = sum(tail) / len(tail) if tail else float("nan")
-    print(f"trained to step {trainer.step}; mean loss of the last {len(tail)} steps "
-          f"{mean:.4f}; checkpoint {final}")  # fmt: skip
+    try:
+        losses = trainer.run(progress=not args.quiet)
+        final = trainer.save("final.pt")  # rank 0 only
+    finally:
+        trainer.dist.close()
+    if main:
+        tail = losses[-20:]
+        mean = sum(tail) / len(tail) if tail else float("nan")
+        procs = trainer.dist.world_size
+        print(f"trained to step {trainer.step}; mean loss of the last {len(tail)} steps "
+              f"{mean:.4f}; global batch {trainer.global_batch} over {procs} process"
+              f"{'es' if procs > 1 else ''}; checkpoint {final}")  # fmt: skip
     return 0

@@ -38,11 +38,12 @@ class Pair:
     moving_labels: Path | None = None
     fixed_id: str = ""
     moving_id: str = ""
+    name: str = ""  # the pair's own name (a pairs CSV's ``id`` column), if any
 
 
 def pairs_from_csv(path: str | Path) -> list[Pair]:
-    """Pairs from a CSV with columns ``fixed, moving[, fixed_labels, moving_labels]`` (paths
-    relative to the CSV's folder unless absolute)."""
+    """Pairs from a CSV with columns ``fixed, moving[, fixed_labels, moving_labels, id]``
+    (paths relative to the CSV's folder unless absolute)."""
     path = Path(path)
     base = path.parent
     try:
@@ -63,6 +64,7 @@ def pairs_from_csv(path: str | Path) -> list[Pair]:
             p(r.get("moving_labels")),
             Path(r["fixed"]).name,
             Path(r["moving"]).name,
+            (r.get("id") or "").strip(),
         )  # fmt: skip
         for r in rows
     ]

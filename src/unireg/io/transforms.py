@@ -201,11 +201,18 @@ def load_affine(path: str | Path) -> AffineTransform:
 
 
 def save_displacement_field(
-    transform: Transform, reference: Geometry, path: str | Path, *, compresslevel: int | None = None
+    transform: Transform,
+    reference: Geometry,
+    path: str | Path,
+    *,
+    compresslevel: int | None = None,
+    field: torch.Tensor | None = None,
 ) -> Path:
     """Write any transform as an ITK/ANTs displacement-field NIfTI on the ``reference`` grid
     (a ``.nii.gz`` at gzip ``compresslevel``, default
     :data:`~unireg.io.files.FIELD_COMPRESSLEVEL`: stored, as float fields hardly compress).
+    ``field``: the transform's displacement on ``reference`` when already computed
+    (:meth:`Transform.displacement`).
 
     ``ants.apply_transforms(fixed, moving, [path])`` then reproduces unireg's own warp when
     ``reference`` is the fixed image's grid.
@@ -220,11 +227,13 @@ def save_displacement_field(
             "direction and will place this field differently. Resample to an unsheared grid.",
             stacklevel=2,
         )
-    field = transform.displacement(reference).double().cpu().numpy()  # (d, *S) RAS mm
-    if not np.all(np.isfinite(field)):
+    if field is None:
+        field = transform.displacement(reference)
+    disp = field.double().cpu().numpy()  # (d, *S) RAS mm
+    if not np.all(np.isfinite(disp)):
         raise NonFiniteError("refusing to write a displacement field with NaN or inf", path)
-    field[:2] *= -1.0  # RAS -> LPS components
-    vec = np.moveaxis(field, 0, -1).astype(np.float32)  # (*S, d)
+    disp[:2] *= -1.0  # RAS -> LPS components
+    vec = np.moveaxis(disp, 0, -1).astype(np.float32)  # (*S, d)
     vec = vec.reshape(*reference.shape, *([1] * (4 - d)), d)  # (X,Y,Z,1,3) or (X,Y,1,1,2)
     affine = affine_to_4x4(reference.affine)
     img = nib.Nifti1Image(vec, affine)

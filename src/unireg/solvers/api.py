@@ -34,7 +34,15 @@ from unireg.errors import DimensionalityError
 from unireg.io.image import Image, LabelMap, check_same_grid, normalize_intensity
 from unireg.result import RegistrationResult, SolverExtras, measured_result
 from unireg.solvers.gauss_newton import GN_LEVELS, affine_gauss_newton
-from unireg.solvers.solver import LabelPrompt, LandmarkPrompt, Level, SolveResult, Stage, solve
+from unireg.solvers.solver import (
+    LabelPrompt,
+    LandmarkPrompt,
+    Level,
+    SolveResult,
+    Stage,
+    fit_levels,
+    solve,
+)
 from unireg.spatial.field import displacement_to_world
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.inversion import invert_displacement
@@ -70,26 +78,6 @@ _DENSE_LEVELS = {
     "fast": [(4, 80), (2, 40)],  # the full-resolution field is the level-2 one upsampled
     "accurate": [(4, 100), (2, 60), (1, 20)],
 }
-
-
-def fit_levels(
-    levels: Sequence[tuple[float, int]], shape: Sequence[int], min_size: int = 12
-) -> list[Level]:
-    """Clamp pyramid factors so the coarsest level keeps at least ``min_size`` voxels on its
-    shortest axis (small images get fewer, finer levels); merged levels keep the larger
-    iteration count."""
-    n = min(shape)
-    allowed = 1
-    while (n - 1) / (allowed * 2) + 1 >= min_size:
-        allowed *= 2
-    out: list[Level] = []
-    for factor, iterations in levels:
-        f = min(float(factor), float(allowed))
-        if out and out[-1].factor == f:
-            out[-1].iterations = max(out[-1].iterations, int(iterations))
-        else:
-            out.append(Level(f, int(iterations)))
-    return out
 
 
 def preset_stages(

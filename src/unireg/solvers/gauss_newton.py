@@ -13,7 +13,9 @@ scaling). The sum of squared differences between the fixed normalised image and 
 one sampled through ``y = A (x - c) + c + t`` is then minimised over ``A`` and ``t`` (12
 parameters in 3D, world mm, ``c`` the fixed centre of mass) by Gauss-Newton steps
 ``(J^T J + mu diag(J^T J)) delta = -J^T r``, with the moving image's gradient sampled
-alongside it, coarse to fine. The start is the centres of mass matched (translation only).
+alongside it, coarse to fine (small images get fewer, finer levels: :func:`fit_levels`). The
+start is the centres of mass matched (translation only); a solve that ends with a larger
+residual at the finest level than its start returns the start.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from unireg.io.image import Image, percentile_range
 from unireg.solvers.linear import moments
 from unireg.solvers.pyramid import cascade, level_geometry
+from unireg.solvers.solver import fit_levels
 from unireg.spatial.field import world_points
 from unireg.spatial.filters import box_sum, central_difference
 from unireg.spatial.grid import transform_points
@@ -64,6 +67,20 @@ def _voxel_gradient(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
+def _residual(
+    a: torch.Tensor, t: torch.Tensor, level: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual ``(N,)`` of the moving normalised image sampled through ``y = A (x - c) + c +
+    t`` against the fixed one, and its derivative in ``y`` ``(d, N)``. Outside the moving grid
+    the normalised moving image and its gradient are 0: a fixed voxel mapped out of view costs
+    its own square, so leaving the overlap never lowers the cost."""
+    x, c, to_moving, sampled, target = level
+    y = (x - c) @ a.T + c + t
+    pts = transform_points(to_moving, y).reshape(1, -1, x.shape[-1])
+    s = sample(sampled, pts, padding="zeros")[0]  # (1 + d, N)
+    return s[0] - target, s[1:]
+
+
 def affine_gauss_newton(
     fixed: Image,
     moving: Image,
@@ -94,6 +111,8 @@ def affine_gauss_newton(
         raise ValueError(f"window must be odd and positive, got {window}")
     d = fixed.ndim
     dev = torch.device(device)
+    # small images get fewer, finer levels (a level keeps at least 12 voxels an axis)
+    levels = [(lv.factor, lv.iterations) for lv in fit_levels(levels, fixed.shape)]
     factors = [float(f) for f, _ in levels]
     # both pyramids (and a 4x-coarser level for the start), each level made from the next
     # finer one, then rescaled to [0, 1] by the percentiles of the finest level used
@@ -116,6 +135,7 @@ def affine_gauss_newton(
         a = start[:d, :d].clone()
         t = a @ c + start[:d, d] - c
     trace: list[tuple[float, int, float]] = []
+    start_a, start_t = a.clone(), t.clone()
     for i, (factor, iterations) in enumerate(levels):
         fl, ml = pyramids[0][i], pyramids[1][i]
         gf = level_geometry(fixed.geometry, fl.shape[2:])
@@ -129,13 +149,10 @@ def affine_gauss_newton(
         target = fn.reshape(-1)
         lever1 = torch.cat([((x - c) / scale_mm).T, x.new_ones(1, x.shape[0])])  # (d + 1, N)
         to_moving = torch.from_numpy(gm.world_to_normalized).float().to(dev)
+
+        level = (x, c, to_moving, sampled, target)
         for it in range(int(iterations)):
-            y = (x - c) @ a.T + c + t
-            pts = transform_points(to_moving, y).reshape(1, -1, d)
-            s = sample(sampled, pts, padding="zeros")[0]  # (1 + d, N)
-            inside = (pts[0].abs() <= 1).all(-1).to(s.dtype)
-            r = (s[0] - target) * inside
-            g = s[1:] * inside  # (d, N): dr/dy
+            r, g = _residual(a, t, level)  # g: (d, N), dr/dy
             # parameters (i, j): dy_i/dA_ij = lever_j * scale_mm (j < d), dy_i/dt_i = 1 (j = d)
             # the transposed Jacobian, (d (d + 1), N), rows contiguous
             jac = (g[:, None, :] * lever1[None, :, :]).reshape(d * (d + 1), -1)
@@ -144,7 +161,11 @@ def affine_gauss_newton(
             delta = -torch.linalg.solve(h, jac @ r).reshape(d, d + 1)
             a = a + delta[:, :d] / scale_mm
             t = t + delta[:, d]
-            trace.append((float(factor), it, float((r * r).sum() / inside.sum().clamp_min(1))))
+            trace.append((float(factor), it, float((r * r).mean())))
+    # a solve that ends worse than it started (finest level) keeps its start
+    end = float(_residual(a, t, level)[0].square().mean())
+    if end > float(_residual(start_a, start_t, level)[0].square().mean()):
+        a, t = start_a, start_t
     matrix = torch.eye(d + 1, dtype=torch.float64)
     matrix[:d, :d] = a.double().cpu()
     matrix[:d, d] = (c + t - a @ c).double().cpu()

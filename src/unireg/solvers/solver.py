@@ -47,6 +47,26 @@ class Level:
     lr: float | None = None
 
 
+def fit_levels(
+    levels: Sequence[tuple[float, int]], shape: Sequence[int], min_size: int = 12
+) -> list[Level]:
+    """Clamp pyramid factors so the coarsest level keeps at least ``min_size`` voxels on its
+    shortest axis (small images get fewer, finer levels); merged levels keep the larger
+    iteration count."""
+    n = min(shape)
+    allowed = 1
+    while (n - 1) / (allowed * 2) + 1 >= min_size:
+        allowed *= 2
+    out: list[Level] = []
+    for factor, iterations in levels:
+        f = min(float(factor), float(allowed))
+        if out and out[-1].factor == f:
+            out[-1].iterations = max(out[-1].iterations, int(iterations))
+        else:
+            out.append(Level(f, int(iterations)))
+    return out
+
+
 @dataclass
 class Stage:
     """One transform model optimised over its levels (coarse to fine).

@@ -128,7 +128,44 @@ def point_map_jacobian_determinant(points: torch.Tensor) -> torch.Tensor:
     d = points.shape[-1]
     grads = torch.gradient(points, dim=tuple(range(1, d + 1)))  # d tensors (B, *S, d)
     jac = torch.stack(grads, dim=-1)  # (B, *S, d_out, d_in)
-    det: torch.Tensor = torch.linalg.det(jac)
+    return small_determinant(jac)
+
+
+def small_determinant(m: torch.Tensor) -> torch.Tensor:
+    """Determinants of a batch of 2x2 or 3x3 matrices ``(..., d, d)`` by the explicit
+    formula: elementwise, several times faster than an LU per voxel."""
+    d = m.shape[-1]
+    if m.shape[-2] != d or d not in (2, 3):
+        raise ValueError(f"expected (..., 2, 2) or (..., 3, 3) matrices, got {tuple(m.shape)}")
+    if d == 2:
+        return m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]
+    a, b, c = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
+    e, f, g = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
+    h, i, j = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
+    return a * (f * j - g * i) - b * (e * j - g * h) + c * (e * i - f * h)
+
+
+def displacement_jacobian_determinant(
+    displacement: torch.Tensor, geometry: Geometry
+) -> torch.Tensor:
+    """Jacobian determinant, with respect to world coordinates (mm/mm), of the world map
+    ``x -> x + u(x)`` given by its displacement ``u`` (mm, ``(d, *geometry.shape)``) on the
+    voxels of ``geometry``: 1 keeps volume, <= 0 is folding. ``(*geometry.shape)``.
+
+    The same differences as :func:`point_map_jacobian_determinant` of the points ``x + u``
+    (central inside, one-sided at the border; exact for the linear ``x`` part), taken on ``u``
+    alone, so single precision loses nothing to the size of the world coordinates."""
+    d = geometry.ndim
+    if tuple(displacement.shape) != (d, *geometry.shape):
+        raise ValueError(
+            f"displacement of shape {tuple(displacement.shape)} is not (d, *{geometry.shape})"
+        )
+    linear = torch.as_tensor(
+        geometry.affine[:d, :d], dtype=displacement.dtype, device=displacement.device
+    )
+    grads = torch.gradient(displacement, dim=tuple(range(1, d + 1)))  # du/di_k, (d, *S) each
+    jac = torch.stack(grads, dim=-1).movedim(0, -2)  # (*S, d_out, d_in)
+    det: torch.Tensor = small_determinant(jac + linear) / torch.linalg.det(linear)
     return det
 
 

@@ -5,6 +5,7 @@ augmentation settings, the preprocessed training volumes held in memory, and the
 from __future__ import annotations
 
 import math
+import os
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from unireg.cpu import available_cpus
 from unireg.data import Augmentation, LabelSynthesis, Manifest, Preprocessing, VolumeDataset
 from unireg.data.augment import apply_affine, random_affine_matrix
 from unireg.losses import one_hot
@@ -26,6 +28,7 @@ from unireg.training.checkpoint import (
     read_latest_checkpoint,
     save_checkpoint,
 )
+from unireg.training.distributed import Distributed
 
 
 @dataclass
@@ -37,7 +40,10 @@ class TrainConfig:
     output: str = "runs/train"
     seed: int = 0
     device: str = "cpu"
-    threads: int = 0  # 0: torch's default
+    threads: int = 0  # 0: torch's default (under torchrun on CPUs: the CPUs shared out)
+    # draws of the method's loss averaged per step, shared out over the torchrun processes
+    # (0: one per process); the same global batch gives the same run on any process count
+    global_batch: int = 0
     # data (paths relative to the config file)
     manifest: str = "../shared/data/manifest.csv"
     datasets: list[str] = field(default_factory=lambda: ["ixi", "synthseg"])
@@ -197,9 +203,19 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, volumes: TrainingVolumes | None = None):
         self.cfg = cfg
+        self.dist = Distributed.from_environment(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = torch.device(cfg.device)
+        elif self.dist.joined and cfg.device == "cpu":  # the node's CPUs shared out
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+            torch.set_num_threads(max(1, available_cpus() // max(1, local)))
+        self.device = self.dist.device or torch.device(cfg.device)
+        self.global_batch = cfg.global_batch or self.dist.world_size
+        if self.global_batch % self.dist.world_size:
+            raise ValueError(
+                f"global_batch = {cfg.global_batch} is not a multiple of the "
+                f"{self.dist.world_size} processes"
+            )
         torch.manual_seed(cfg.seed)  # the same seed builds the same initial network
         self.model = cfg.model().to(self.device)
         self.volumes = volumes or TrainingVolumes(cfg)
@@ -215,6 +231,7 @@ class Trainer:
             self._resume(latest)
         elif cfg.init:
             self._initialise(Path(cfg.init))
+        self.dist.broadcast_module(self.model)
 
     def _initialise(self, path: Path) -> None:
         """Start from the weights of the checkpoint ``path`` (step 0, a fresh optimiser); its
@@ -238,9 +255,12 @@ class Trainer:
             self.opt.load_state_dict(checkpoint.optimizer)
         self.step = checkpoint.step
 
-    def _generator(self) -> torch.Generator:
-        # one generator per step: resuming at step s draws exactly what step s drew before
-        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
+    def _generator(self, draw: int = 0) -> torch.Generator:
+        # one generator per step and draw of the global batch: resuming at step s draws
+        # exactly what step s drew before, on any number of processes (a CPU generator keeps
+        # the seed's low 32 bits: draws are 1e9 + 7 apart in them)
+        seed = self.cfg.seed * 1_000_003 + self.step + draw * 1_000_000_007
+        return torch.Generator().manual_seed(seed % 2**32)
 
     # -- data ------------------------------------------------------------------------------
     def _image(self, item: dict[str, Any], g: torch.Generator) -> torch.Tensor:
@@ -357,18 +377,30 @@ class Trainer:
         return cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * frac))
 
     def train_step(self) -> float:
-        g = self._generator()
+        """One optimiser step on the mean loss of the global batch's draws; this process
+        computes the draws ``rank, rank + world_size, ...`` and the gradients are summed over
+        the processes. Returns the global batch's mean loss."""
         for group in self.opt.param_groups:
             group["lr"] = self.learning_rate()
         self.model.train()
         self.opt.zero_grad()
-        loss = self.loss(g)
-        loss.backward()
+        total = 0.0
+        for draw in range(self.dist.rank, self.global_batch, self.dist.world_size):
+            loss = self.loss(self._generator(draw))
+            if self.global_batch > 1:
+                loss = loss / self.global_batch
+            loss.backward()
+            total += float(loss.detach())
+        self.dist.sum_gradients(self.model)
         self.opt.step()
         self.step += 1
-        return float(loss.detach())
+        return self.dist.sum(total)
 
     def save(self, name: str = "last.pt") -> Path:
+        """Write the checkpoint ``output/name`` (rank 0 only under torchrun; every rank gets
+        its path)."""
+        if not self.dist.is_main:
+            return self.out / name
         return save_checkpoint(
             self.out / name, self.method, self.model, optimizer=self.opt, step=self.step,
             preprocessing={"spacing_mm": self.cfg.spacing_mm, "shape": list(self.cfg.shape),
@@ -390,7 +422,9 @@ class Trainer:
         pending: list[str] = []
         t0 = time.perf_counter()
         log = self.out / "losses.csv"
-        bar = tqdm(total=total, initial=self.step, disable=not progress, desc=self.method)
+        main = self.dist.is_main
+        bar = tqdm(total=total, initial=self.step, disable=not progress or not main,
+                   desc=self.method)  # fmt: skip
         while self.step < total:
             phase = self.phase()
             loss = self.train_step()
@@ -400,7 +434,7 @@ class Trainer:
             rate = len(losses) / max(elapsed, 1e-9)
             bar.set_postfix(phase=phase, loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}")
             bar.update(1)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == total:
+            if main and (self.step % self.cfg.checkpoint_every == 0 or self.step == total):
                 self.save()  # creates the output folder
                 new_log = not log.exists()
                 with log.open("a") as fh:
