@@ -26,8 +26,6 @@ on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import csv
-import itertools
 import os
 import statistics
 import subprocess
@@ -37,29 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("UNIREG_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-ANTS_SCRIPT = """
-import shutil, sys
-from pathlib import Path
-import ants
-fixed, moving, out = ants.image_read(sys.argv[1]), ants.image_read(sys.argv[2]), sys.argv[3]
-reg = ants.registration(fixed, moving, type_of_transform="SyN")
-ants.image_write(reg["warpedmovout"], out + "/warped.nii.gz")
-for i, path in enumerate(reg["fwdtransforms"] + reg["invtransforms"]):
-    shutil.copy(path, out + f"/t{i}" + "".join(Path(path).suffixes))
-"""
-
-
-def test_pairs() -> list[tuple[Path, Path, Path, Path]]:
-    """Ordered pairs of the IXI test subjects: (fixed, moving, fixed labels, moving labels)."""
-    with open(DATA / "manifest.csv") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["dataset"] == "ixi" and r["split"] == "test"
-                and r["modality"] == "T1"]  # fmt: skip
-    subjects = [(DATA / r["image"], DATA / r["labels"]) for r in rows]
-    return [(f[0], m[0], f[1], m[1]) for f, m in itertools.permutations(subjects, 2)]
+from command_benchmark import ANTS_SCRIPT, test_pairs  # bench/ is on sys.path
 
 
 def wall(argv: list[str], env: dict[str, str]) -> float:
