@@ -306,6 +306,29 @@ def test_register_is_repeatable_with_a_seed_and_reports_its_trace():
     assert float((back - x).abs().max()) < 0.2
 
 
+def test_rigid_refines_at_the_finer_levels_of_affine():
+    # `rigid` on its own is refined at affine's finer levels (MI 1/4, LNCC 1/2), not left at
+    # its 1/8 start: measured on a shipped brain, 0.17 mm mean error over the head (0.53 with
+    # the 1/8 level alone)
+    from importlib.resources import files
+
+    from unireg.io import load_image
+    from unireg.solvers.api import preset_stages
+
+    stages = preset_stages("rigid", "fast", shape=(120, 120, 90))
+    assert [(s.model, s.loss) for s in stages] == [("rigid", "mi"), ("rigid", "mi"),
+                                                   ("rigid", "lncc")]  # fmt: skip
+    fixed = load_image(files("unireg.demo_data") / "IXI012-HH-1211-T1_ds.nii.gz")
+    geom = fixed.geometry
+    truth = _about_centre(_rigid_world([8.0, -6.0, 5.0], [3.0, -2.0, 1.0]), geom)
+    moving = _moving_of(fixed, truth)
+    head = np.argwhere(fixed.data[0].numpy() > np.percentile(fixed.data[0].numpy(), 70))
+    world = np.c_[head, np.ones(len(head))] @ geom.voxel_to_world.T
+    out = register(fixed, moving, "rigid")
+    err = np.linalg.norm(world @ out.extras.matrix.T - world @ truth.T, axis=1)
+    assert err.mean() < 0.3 and err.max() < 0.6, (err.mean(), err.max())
+
+
 def test_register_mi_aligns_a_multimodal_pair():
     fixed = _image((32, 32, 32), spacing=(1.5, 1.5, 1.5), seed=11)
     truth = _about_centre(_rigid_world([8.0, -6.0, 5.0], [3.0, -2.0, 1.0]), fixed.geometry)

@@ -3,7 +3,8 @@
 Methods (each chains the linear stages before the deformable one):
 
 ==========  ======================================================================
-``rigid``   moments initialisation (or ``init="search"``), rigid, MI
+``rigid``   moments initialisation (or ``init="search"``), rigid, MI (coarse levels); then
+            rigid at the finer levels of ``affine``: MI, then (same modality) LNCC
 ``affine``  rigid (coarse levels), then affine, MI; then (same modality) an affine
             refinement with LNCC
 ``affine-gn`` same modality only: affine by damped Gauss-Newton on locally normalised
@@ -108,23 +109,24 @@ def preset_stages(
         "rigid", fit(lin["rigid"]), loss="mi", loss_options=mi,
         samples=4096, lr=0.02, init=init, search_step=60.0,
     )  # fmt: skip
-    if method == "rigid":
-        return [rigid]
     # dense MI: 16 bins (half the Parzen work of 32; the affine stages keep 32)
     sim = ("mi", {"bins": 16}) if multimodal else ("lncc", {"window": window})
+    # after the coarse rigid start, the linear model of the method (rigid on its own, else
+    # affine) is refined at the finer levels: MI, then (one modality) LNCC
+    kind = "rigid" if method == "rigid" else "affine"
     if multimodal:
         linear = [
             rigid,
-            Stage("affine", fit(lin["affine_mi"]), loss="mi", loss_options=mi, samples=4096,
+            Stage(kind, fit(lin["affine_mi"]), loss="mi", loss_options=mi, samples=4096,
                   lr=0.01),
         ]  # fmt: skip
     else:
         linear = [
             rigid,
-            Stage("affine", fit(lin["affine"]), loss="mi", loss_options=mi, samples=4096, lr=0.01),
-            Stage("affine", fit(lin["refine"]), loss=sim[0], loss_options=sim[1], lr=0.005),
+            Stage(kind, fit(lin["affine"]), loss="mi", loss_options=mi, samples=4096, lr=0.01),
+            Stage(kind, fit(lin["refine"]), loss=sim[0], loss_options=sim[1], lr=0.005),
         ]
-    if method == "affine":
+    if method in ("rigid", "affine"):
         return linear
     dense_levels = _DENSE_LEVELS[preset]
     if multimodal and preset == "fast":  # dense MI costs ~5x LNCC per voxel: fewer fine steps
