@@ -92,7 +92,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(cohort, tmp_path, m
     whole = tmp_path / "whole"
     _run(cohort, whole)
     calls = {"n": 0}
-    real = register.register_into
+    real = register.compute
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -101,12 +101,12 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(cohort, tmp_path, m
         return real(*args, **kwargs)
 
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(register, "register_into", interrupted)
+    monkeypatch.setattr(register, "compute", interrupted)
     assert _run(cohort, resumed) == 130  # Ctrl-C
     rows = _summary(resumed)
     assert [r["status"] for r in rows] == ["done", "done", "pending", "pending", "pending"]
     assert not (resumed / rows[2]["id"]).exists()  # the pair in flight left nothing
-    monkeypatch.setattr(register, "register_into", real)
+    monkeypatch.setattr(register, "compute", real)
     assert _run(cohort, resumed) == 1
     assert [r["status"] for r in _summary(resumed)] == ["done"] * 4 + ["failed"]
     for r in rows[:4]:

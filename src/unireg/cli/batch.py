@@ -169,11 +169,13 @@ def _first(batch: list[Any]) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Register every pair of the CSV; write one folder per pair and ``summary.csv``."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from unireg.cli._common import device, threads
-    from unireg.cli.register import method_options, register_into
+    from unireg.cli.register import compute, method_options, publish
     from unireg.errors import UniregError
     from unireg.evaluation.harness import pairs_from_csv
     from unireg.io.outputs import OutputFolder
@@ -213,34 +215,59 @@ def run(args: argparse.Namespace) -> int:
     method = create(entry, options, device=str(dev)) if todo else None
     loader = DataLoader(_Loader(todo), batch_size=1, num_workers=args.workers,
                         collate_fn=_first, prefetch_factor=2 if args.workers else None)  # fmt: skip
-    failed = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), unit="pair", desc=f"{spec} ({skipped} done before)",
                disable=args.quiet or not dist.is_main)  # fmt: skip
-    try:
-        for index, inputs in loader:
-            pid, pair, pair_args = ids[index], pairs[index], pending[index]
-            if isinstance(inputs, str):
-                rows[index] = summary_row(pid, pair, "failed", error=inputs)
-                failed += 1
-            else:
-                try:
-                    with OutputFolder(outdir / pid, OUTPUTS, command="unireg batch") as folder:
-                        _, metrics, _ = register_into(
-                            pair_args, options, method, inputs, folder, device=str(dev)
-                        )
-                    rows[index] = summary_row(pid, pair, "done", metrics)
-                except Exception as err:  # one pair's failure never stops the others
-                    rows[index] = summary_row(pid, pair, "failed",
-                                              error=f"{type(err).__name__}: {err}")  # fmt: skip
-                    failed += 1
-            bar.update(1)
-            if dist.world_size == 1:
-                write_summary(outdir / SUMMARY, _all_rows(rows, ids, pairs))
-    finally:
-        bar.close()
+
+    def record(index: int, row: dict[str, Any]) -> None:
+        rows[index] = row
+        bar.update(1)
         if dist.world_size == 1:
             write_summary(outdir / SUMMARY, _all_rows(rows, ids, pairs))
+
+    def failure(index: int, err: BaseException | str) -> dict[str, Any]:
+        text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+        return summary_row(ids[index], pairs[index], "failed", error=text)
+
+    def write(index: int, done: Any, inputs: Any) -> dict[str, Any]:
+        # metrics and files of a computed pair, published as one folder
+        try:
+            with OutputFolder(outdir / ids[index], OUTPUTS, command="unireg batch") as folder:
+                metrics, _ = publish(pending[index], done, inputs, folder)
+            return summary_row(ids[index], pairs[index], "done", metrics)
+        except Exception as err:  # one pair's failure never stops the others
+            return failure(index, err)
+
+    # a pair's metrics and files are written in a background thread while the next pair is
+    # registered; at most one pair is being written at a time
+    writing: tuple[int, Future[dict[str, Any]]] | None = None
+
+    def settle() -> None:
+        nonlocal writing
+        if writing is not None:
+            index, future = writing
+            writing = None
+            record(index, future.result())
+
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        try:
+            for index, inputs in loader:
+                if isinstance(inputs, str):
+                    record(index, failure(index, inputs))
+                    continue
+                try:
+                    done = compute(pending[index], options, method, inputs, device=str(dev))
+                except Exception as err:  # one pair's failure never stops the others
+                    record(index, failure(index, err))
+                    continue
+                settle()
+                writing = (index, writer.submit(write, index, done, inputs))
+        finally:
+            settle()  # the pair being written is finished, even on Ctrl-C
+            bar.close()
+            if dist.world_size == 1:
+                write_summary(outdir / SUMMARY, _all_rows(rows, ids, pairs))
+    failed = sum(1 for r in rows.values() if r["status"] == "failed")
     elapsed = time.perf_counter() - t0
     computed = len(todo)
     if dist.world_size > 1:

@@ -259,54 +259,48 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     return Inputs(fixed, moving, fixed_labels, moving_labels, mask, points, provenance(args))
 
 
-def register_into(
-    args: argparse.Namespace,
-    options: Any,
-    method: Any,
-    inputs: Inputs,
-    folder: Any,
-    device: str = "cpu",
-) -> tuple[Any, dict[str, Any], dict[str, Path]]:
-    """Run ``method`` on ``inputs``, check the result's quality (and fall back to the solver
-    when asked), and publish the contract's files into ``folder`` (an open
-    :class:`~unireg.io.outputs.OutputFolder`). Returns the result, its metrics and the
-    published files."""
+@dataclass
+class Computed:
+    """A registration done and checked, before its files are written (see
+    :func:`compute`)."""
+
+    result: Any
+    method: str  # the registry name of the method that made ``result`` (the fallback's)
+    spec: str
+    setting: dict[str, Any]
+    quality: dict[str, Any]
+    fallback: dict[str, Any] | None
+
+
+def compute(
+    args: argparse.Namespace, options: Any, method: Any, inputs: Inputs, device: str = "cpu"
+) -> Computed:
+    """Run ``method`` on ``inputs`` and check the result's quality against no registration
+    (and its own linear stage); with ``--fallback solver`` a result that fails the check is
+    replaced by the training-free solver's (run on ``device``)."""
     import sys
-    from concurrent.futures import ThreadPoolExecutor
 
-    import torch
-
-    from unireg import __version__
-    from unireg.cli._common import write_json
     from unireg.methods import Prompts, create
-    from unireg.metrics import json_ready, registration_metrics
     from unireg.quality import quality_check
-    from unireg.result import KeyMorphExtras
     from unireg.spatial.transform import AffineTransform
 
     entry = entries()[args.method]
     verb = getattr(args, "command", None) or "register"
-    fixed, moving, moving_labels, points = (
-        inputs.fixed,
-        inputs.moving,
-        inputs.moving_labels,
-        inputs.points,
-    )
-    prompts = Prompts(inputs.fixed_labels, moving_labels, args.label_prompt, points[0], points[1],
-                      getattr(args, "landmark_weight", 1.0), mask=inputs.mask)  # fmt: skip
+    fixed, moving, points = inputs.fixed, inputs.moving, inputs.points
+    weight = getattr(args, "landmark_weight", 1.0)
+    prompts = Prompts(inputs.fixed_labels, inputs.moving_labels, args.label_prompt, points[0],
+                      points[1], weight, mask=inputs.mask)  # fmt: skip
     progress = None if args.quiet else (lambda line: print(line, flush=True))
     result = method.register(fixed, moving, prompts=prompts, seed=args.seed, progress=progress)
     spec = options.to_spec(args.method)
     quality = quality_check(result, fixed, moving)
     fallback = None
     if quality["quality_warning"] is not None:
-        print(f"unireg {verb}: warning: {spec}: {quality['quality_warning']}",
-              file=sys.stderr)  # fmt: skip
+        print(f"unireg {verb}: warning: {spec}: {quality['quality_warning']}", file=sys.stderr)
         if args.fallback == "solver" and entry.family != "unireg":
             name = "affine" if isinstance(result.transform, AffineTransform) else "syn"
             fallback = {"from": spec, "warning": quality["quality_warning"], "to": name}
-            print(f"unireg {verb}: --fallback solver: rerunning with {name}",
-                  file=sys.stderr)  # fmt: skip
+            print(f"unireg {verb}: --fallback solver: rerunning with {name}", file=sys.stderr)
             entry = entries()[name]
             options = entry.options()
             solver = create(entry, options, device=device)
@@ -314,20 +308,38 @@ def register_into(
                                      progress=progress)  # fmt: skip
             spec = options.to_spec(name)
             quality = quality_check(result, fixed, moving)
+    return Computed(result, entry.name, spec, options.to_dict(), quality, fallback)
+
+
+def publish(
+    args: argparse.Namespace, done: Computed, inputs: Inputs, folder: Any
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Compute the metrics of a :class:`Computed` registration while its files are written
+    (a background thread), and publish the contract's files into ``folder`` (an open
+    :class:`~unireg.io.outputs.OutputFolder`). Returns the metrics and the published files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from unireg import __version__
+    from unireg.cli._common import write_json
+    from unireg.metrics import json_ready, registration_metrics
+    from unireg.result import KeyMorphExtras
+
+    result, points = done.result, inputs.points
     stage = folder.stage
     assert stage is not None
-    # the files are written in a background thread while the metrics are computed
     with ThreadPoolExecutor(max_workers=1) as pool:
-        saving = pool.submit(result.save, stage, moving_labels=moving_labels,
+        saving = pool.submit(result.save, stage, moving_labels=inputs.moving_labels,
                              compresslevel=args.compression)  # fmt: skip
         metrics = registration_metrics(
-            result, fixed_labels=inputs.fixed_labels, moving_labels=moving_labels,
+            result, fixed_labels=inputs.fixed_labels, moving_labels=inputs.moving_labels,
             hd95=not args.no_hd95, fixed_landmarks=points[0], moving_landmarks=points[1],
         )  # fmt: skip
         saving.result()
     made = inputs.provenance
-    metrics = {"method": entry.name, "spec": spec, **options.to_dict(), **metrics, **quality,
-               "fallback": fallback, "threads": torch.get_num_threads(),
+    metrics = {"method": done.method, "spec": done.spec, **done.setting, **metrics,
+               **done.quality, "fallback": done.fallback, "threads": torch.get_num_threads(),
                "unireg_version": __version__, **made}  # fmt: skip
     write_json(stage / "metrics.json", json_ready(metrics))
     extras = result.extras
@@ -339,18 +351,20 @@ def register_into(
     if args.report:
         from unireg.report import keypoint_figure, registration_report
 
+        fixed = inputs.fixed
         fixed_img = fixed.with_data(fixed.data.to("cpu"))
-        registration_report(result, fixed_img, moving, stage / "report.png", metrics=metrics)
+        registration_report(result, fixed_img, inputs.moving, stage / "report.png",
+                            metrics=metrics)  # fmt: skip
         if keypoints:
             assert isinstance(extras, KeyMorphExtras)
             kps = {"fixed": extras.keypoints_fixed, "moving": extras.keypoints_moving,
                    "aligned": extras.keypoints_aligned}  # fmt: skip
             keypoint_figure(
-                fixed_img, moving, kps, stage / "keypoints.png", warped=result.warped,
+                fixed_img, inputs.moving, kps, stage / "keypoints.png", warped=result.warped,
                 title=f"{extras.method}: {len(kps['fixed'])} keypoints (world mm)",
             )  # fmt: skip
-    written = folder.commit({"method": entry.name, "spec": spec, **made})
-    return result, metrics, written
+    written = folder.commit({"method": done.method, "spec": done.spec, **made})
+    return metrics, written
 
 
 def run(args: argparse.Namespace) -> int:
@@ -366,9 +380,9 @@ def run(args: argparse.Namespace) -> int:
     with OutputFolder(args.output, OUTPUTS, command="unireg register") as folder:
         inputs = load_inputs(args)
         method = create(entry, options, device=str(dev))
-        result, metrics, written = register_into(
-            args, options, method, inputs, folder, device=str(dev)
-        )
+        done = compute(args, options, method, inputs, device=str(dev))
+        metrics, written = publish(args, done, inputs, folder)
+        result = done.result
     if not args.quiet:
         line = f"{metrics['spec']} in {result.elapsed:.1f} s"
         if "dice_mean" in metrics:
