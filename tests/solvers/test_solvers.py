@@ -329,6 +329,50 @@ def test_rigid_refines_at_the_finer_levels_of_affine():
     assert err.mean() < 0.3 and err.max() < 0.6, (err.mean(), err.max())
 
 
+def test_foreground_mask_of_a_zero_background():
+    from unireg.solvers.api import foreground_mask
+
+    x = torch.zeros(1, 12, 12, 12)
+    x[0, 3:9, 3:9, 3:9] = 1.0
+    image = Image(x, np.eye(4))
+    assert int(foreground_mask(image, erode=0).sum()) == 6**3
+    assert int(foreground_mask(image, erode=1).sum()) == 4**3
+    assert bool(foreground_mask(image, erode=5).all())  # nothing left: every voxel
+    noisy = Image(torch.rand(1, 8, 8, 8, generator=torch.Generator().manual_seed(0)), np.eye(4))
+    assert int(foreground_mask(noisy, erode=0).sum()) == 8**3 - 1  # all but the minimum
+
+
+def test_affine_on_a_brain_extracted_pair_near_the_identity_gains_on_it():
+    # a shipped brain, brain-extracted by its labels, against itself deformed by 4-8 mm with no
+    # rotation: the best linear map is about the identity. With the linear stages' similarity
+    # over the fixed foreground, affine gains on the identity (measured: Dice 0.769 against
+    # 0.755; over the whole grid 0.757; on 7 IXI training subjects the whole grid ended below
+    # the identity, 0.777 against 0.788, the LNCC windows along the cut edge pulling the
+    # outlines together, and the foreground 0.807)
+    from importlib.resources import files
+
+    from unireg.evaluation import shifts
+    from unireg.io import load_image, load_labels
+    from unireg.metrics import registration_metrics
+
+    demo = files("unireg.demo_data")
+    image = load_image(demo / "IXI012-HH-1211-T1_ds.nii.gz")
+    labels = load_labels(demo / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz")
+    s = shifts.skullstrip(shifts.Shifted(image, image, labels, labels), 0)
+    s = shifts.selfwarp(s, 0, angle=0.0)
+    dice = {}
+    for name, fg in (("masked", 0), ("whole", -1)):
+        out = register(s.fixed, s.moving, "affine", foreground=fg)
+        scores = registration_metrics(out, fixed_labels=s.fixed_labels,
+                                      moving_labels=s.moving_labels, hd95=False)  # fmt: skip
+        dice[name] = scores["dice_mean"]
+    identity = registration_metrics(transform=AffineTransform(np.eye(4)), fixed=s.fixed,
+                                    fixed_labels=s.fixed_labels, moving_labels=s.moving_labels,
+                                    hd95=False)["dice_mean"]  # fmt: skip
+    assert dice["masked"] > identity + 0.007, (dice, identity)
+    assert dice["masked"] > dice["whole"] + 0.006, (dice, identity)
+
+
 def test_register_mi_aligns_a_multimodal_pair():
     fixed = _image((32, 32, 32), spacing=(1.5, 1.5, 1.5), seed=11)
     truth = _about_centre(_rigid_world([8.0, -6.0, 5.0], [3.0, -2.0, 1.0]), fixed.geometry)

@@ -45,6 +45,7 @@ from unireg.solvers.solver import (
     solve,
 )
 from unireg.spatial.field import displacement_to_world
+from unireg.spatial.filters import box_sum
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.inversion import invert_displacement
 from unireg.spatial.transform import (
@@ -79,6 +80,29 @@ _DENSE_LEVELS = {
     "fast": [(4, 80), (2, 40)],  # the full-resolution field is the level-2 one upsampled
     "accurate": [(4, 100), (2, 60), (1, 20)],
 }
+
+
+# the linear stages' similarity is taken over the fixed image's foreground eroded by this many
+# voxels (see foreground_mask). Chosen on IXI training pairs (8 inter-subject, 8 of them
+# skull-stripped, 7 skull-stripped subjects against themselves deformed by 4-8 mm): the best
+# mean Dice of rigid and affine among the settings (-1 = everywhere, 0, 2) that lose at most
+# 0.005 in any group for rigid, affine or syn; 2 had the best mean but lost 0.027 for rigid
+# on skull-stripped pairs
+FOREGROUND_ERODE = 0
+
+
+def foreground_mask(image: Image, erode: int = FOREGROUND_ERODE) -> torch.Tensor:
+    """The voxels of ``image`` (first channel) above its minimum, eroded by ``erode`` voxels
+    (a box of ``2 erode + 1``), as ``(1, 1, *shape)`` booleans on the image's grid: the head or
+    brain of a scan whose background is exactly its minimum (zero-filled or brain-extracted);
+    nearly every voxel of a scan with background noise. All voxels if erosion leaves none."""
+    x = image.data[:1].unsqueeze(0)
+    m = (x > x.min()).float()
+    if erode > 0:
+        k = 2 * erode + 1
+        m = (box_sum(m, k, padding="replicate") > k ** (x.ndim - 2) - 0.5).float()
+    out = m > 0.5
+    return out if bool(out.any()) else torch.ones_like(out)
 
 
 def preset_stages(
@@ -208,6 +232,7 @@ def register(
     moving_landmarks: np.ndarray | None = None,
     landmark_weight: float = 1.0,
     mask: Image | None = None,
+    foreground: int = FOREGROUND_ERODE,
     device: torch.device | str = "cpu",
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -217,7 +242,9 @@ def register(
     Intensities are rescaled to [0, 1] (robust percentiles) first. ``stages`` overrides the
     named ``method``/``preset``. With both label maps and ``label_weight`` > 0 they are used as
     a Dice prompt; with landmarks (world mm, ``(N, d)``) a distance prompt is added. ``mask``
-    (fixed grid) restricts the similarity. The result's ``transform`` maps fixed world mm to
+    (fixed grid) restricts the similarity. Without a mask, the linear stages compare the images
+    over the fixed image's foreground (:func:`foreground_mask` eroded by ``foreground`` voxels;
+    -1: everywhere). The result's ``transform`` maps fixed world mm to
     moving world mm; ``inverse`` is given for linear methods and the symmetric SVF.
     """
     if fixed.ndim != moving.ndim:
@@ -264,12 +291,16 @@ def register(
     if mask is not None:
         check_same_grid(fixed, mask)
         mask_t = (mask.data[:1] > 0).unsqueeze(0).to(dev)
+    linear_mask = None
+    if mask is None and foreground >= 0:
+        linear_mask = foreground_mask(fixed, erode=foreground).to(dev)
 
     def run() -> tuple[Transform, Transform | None, SolverExtras]:
         out = solve(
             _prepare(fixed, dev), _prepare(moving, dev), stages,
             fixed_geometry=fixed.geometry, moving_geometry=moving.geometry,
-            prompts=prompts, mask=mask_t, seed=seed, progress=progress,
+            prompts=prompts, mask=mask_t, linear_mask=linear_mask, seed=seed,
+            progress=progress,
         )  # fmt: skip
         transform, inverse = world_transforms(out, fixed)
         extras = SolverExtras(

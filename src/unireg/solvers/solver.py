@@ -364,6 +364,7 @@ def solve(
     init: np.ndarray | None = None,
     prompts: Sequence[LabelPrompt | LandmarkPrompt] = (),
     mask: torch.Tensor | None = None,
+    linear_mask: torch.Tensor | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> SolveResult:
@@ -380,6 +381,8 @@ def solve(
         init: initial world map ``(d+1, d+1)`` (default identity).
         prompts: extra objective terms (label maps, landmarks).
         mask: fixed-grid weights ``(1, 1, *fixed_shape)`` for the similarity.
+        linear_mask: the same for the linear stages only, when ``mask`` is None (e.g. the
+            fixed image's foreground: :func:`unireg.solvers.api.foreground_mask`).
         seed: seeds MI's voxel sampling; the same seed gives the same result.
         progress: called with one line per finished level.
 
@@ -426,6 +429,7 @@ def solve(
                 f"{' (converged)' if conv else ''}, {entry['seconds']:.1f} s"
             )
 
+    lin_mask = mask if mask is not None else linear_mask
     for stage in stages:
         if stage.model in LINEAR:
             model: LinearModel | None = None
@@ -433,7 +437,7 @@ def solve(
                 t0 = time.perf_counter()
                 obj = Objective(
                     stage, lv.factor, ff.at(lv.factor), mf.at(lv.factor),
-                    fixed_geom, moving_geom, prompts, mask, generator,
+                    fixed_geom, moving_geom, prompts, lin_mask, generator,
                 )  # fmt: skip
                 if model is None:
                     # moments from a half-resolution copy: as good, and 8x less work in 3D
