@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 _STAT = "/proc/stat"
 
 
-@dataclass(frozen=True)
 class CpuSample:
     """A point in time: wall clock (s), CPU time all processes spent busy (s, from
-    ``/proc/stat``; None where it cannot be read) and this process's own CPU time (s)."""
+    ``/proc/stat``; None where it cannot be read) and this process's own CPU time (s).
+    (A plain class: importing dataclasses would add to every command's start-up.)"""
 
-    wall: float
-    busy: float | None
-    own: float
+    __slots__ = ("wall", "busy", "own")
+
+    def __init__(self, wall: float, busy: float | None, own: float) -> None:
+        self.wall, self.busy, self.own = wall, busy, own
 
 
 def _busy_seconds() -> float | None:
