@@ -54,6 +54,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="N",
         help="loader processes reading the next pairs ahead (0: read in the main process)",
     )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="register N pairs with one network pass (learned methods that can: sitreg; on a "
+        "GPU this keeps the device busy); the others ignore it",
+    )
     add_registration_arguments(p)
     return p
 
@@ -175,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from unireg.cli._common import device, threads
-    from unireg.cli.register import compute, method_options, publish
+    from unireg.cli.register import check, compute, method_options, publish
     from unireg.errors import UniregError
     from unireg.evaluation.harness import pairs_from_csv
     from unireg.io.outputs import OutputFolder
@@ -187,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
     args.command = "batch"
     if args.workers < 0:
         raise UniregError(f"--workers must be >= 0, got {args.workers}")
+    if args.batch_size < 1:
+        raise UniregError(f"--batch-size must be >= 1, got {args.batch_size}")
     entry = entries()[args.method]
     options = method_options(args)  # before any file is read
     spec = options.to_spec(args.method)
@@ -249,19 +259,49 @@ def run(args: argparse.Namespace) -> int:
             writing = None
             record(index, future.result())
 
+    def start_writing(index: int, done: Any, inputs: Any) -> None:
+        nonlocal writing
+        settle()
+        writing = (index, writer.submit(write, index, done, inputs))
+
+    def run_group(group: list[tuple[int, Any]]) -> None:
+        # several pairs in one network pass; a failure of the pass fails those pairs only
+        try:
+            results = method.register_many([(x.fixed, x.moving) for _, x in group])
+        except Exception as err:
+            for index, _ in group:
+                record(index, failure(index, err))
+            return
+        for (index, inputs), result in zip(group, results, strict=True):
+            try:
+                done = check(pending[index], options, result, inputs, device=str(dev))
+            except Exception as err:
+                record(index, failure(index, err))
+                continue
+            start_writing(index, done, inputs)
+
+    grouped = args.batch_size > 1 and hasattr(method, "register_many")
+    group: list[tuple[int, Any]] = []
     with ThreadPoolExecutor(max_workers=1) as writer:
         try:
             for index, inputs in loader:
                 if isinstance(inputs, str):
                     record(index, failure(index, inputs))
                     continue
+                if grouped:
+                    group.append((index, inputs))
+                    if len(group) == args.batch_size:
+                        run_group(group)
+                        group = []
+                    continue
                 try:
                     done = compute(pending[index], options, method, inputs, device=str(dev))
                 except Exception as err:  # one pair's failure never stops the others
                     record(index, failure(index, err))
                     continue
-                settle()
-                writing = (index, writer.submit(write, index, done, inputs))
+                start_writing(index, done, inputs)
+            if group:
+                run_group(group)
         finally:
             settle()  # the pair being written is finished, even on Ctrl-C
             bar.close()

@@ -272,26 +272,43 @@ class Computed:
     fallback: dict[str, Any] | None
 
 
+def _prompts(args: argparse.Namespace, inputs: Inputs) -> Any:
+    from unireg.methods import Prompts
+
+    points = inputs.points
+    weight = getattr(args, "landmark_weight", 1.0)
+    return Prompts(inputs.fixed_labels, inputs.moving_labels, args.label_prompt, points[0],
+                   points[1], weight, mask=inputs.mask)  # fmt: skip
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    return None if args.quiet else (lambda line: print(line, flush=True))
+
+
 def compute(
     args: argparse.Namespace, options: Any, method: Any, inputs: Inputs, device: str = "cpu"
 ) -> Computed:
-    """Run ``method`` on ``inputs`` and check the result's quality against no registration
-    (and its own linear stage); with ``--fallback solver`` a result that fails the check is
-    replaced by the training-free solver's (run on ``device``)."""
+    """Run ``method`` on ``inputs``, then :func:`check` the result."""
+    result = method.register(inputs.fixed, inputs.moving, prompts=_prompts(args, inputs),
+                             seed=args.seed, progress=_progress(args))  # fmt: skip
+    return check(args, options, result, inputs, device)
+
+
+def check(
+    args: argparse.Namespace, options: Any, result: Any, inputs: Inputs, device: str = "cpu"
+) -> Computed:
+    """Check a result's quality against no registration (and its own linear stage); with
+    ``--fallback solver`` a result that fails the check is replaced by the training-free
+    solver's (run on ``device``)."""
     import sys
 
-    from unireg.methods import Prompts, create
+    from unireg.methods import create
     from unireg.quality import quality_check
     from unireg.spatial.transform import AffineTransform
 
     entry = entries()[args.method]
     verb = getattr(args, "command", None) or "register"
-    fixed, moving, points = inputs.fixed, inputs.moving, inputs.points
-    weight = getattr(args, "landmark_weight", 1.0)
-    prompts = Prompts(inputs.fixed_labels, inputs.moving_labels, args.label_prompt, points[0],
-                      points[1], weight, mask=inputs.mask)  # fmt: skip
-    progress = None if args.quiet else (lambda line: print(line, flush=True))
-    result = method.register(fixed, moving, prompts=prompts, seed=args.seed, progress=progress)
+    fixed, moving = inputs.fixed, inputs.moving
     spec = options.to_spec(args.method)
     quality = quality_check(result, fixed, moving)
     fallback = None
@@ -304,8 +321,8 @@ def compute(
             entry = entries()[name]
             options = entry.options()
             solver = create(entry, options, device=device)
-            result = solver.register(fixed, moving, prompts=prompts, seed=args.seed,
-                                     progress=progress)  # fmt: skip
+            result = solver.register(fixed, moving, prompts=_prompts(args, inputs),
+                                     seed=args.seed, progress=_progress(args))  # fmt: skip
             spec = options.to_spec(name)
             quality = quality_check(result, fixed, moving)
     return Computed(result, entry.name, spec, options.to_dict(), quality, fallback)

@@ -5,10 +5,11 @@ fields turned into a world transform and its inverse by the shared pipeline
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
-from unireg.io.image import Image
+from unireg.io.image import Image, resample
 from unireg.methods.base import OptionError
 from unireg.methods.pipeline import (
     LearnedMethod,
@@ -20,9 +21,9 @@ from unireg.methods.pipeline import (
 from unireg.methods.sitreg import INFERENCE, SITRegOptions
 from unireg.methods.sitreg.model import SITReg
 from unireg.methods.stages import affine_stage
-from unireg.result import RegistrationResult, SITRegExtras, measured_result
+from unireg.profiling import Measure
+from unireg.result import RegistrationResult, SITRegExtras
 from unireg.solvers.gauss_newton import GN_LEVELS
-from unireg.spatial.transform import Transform
 from unireg.training.checkpoint import Checkpoint
 
 # affine-gn as SITReg's stage: the "fast" schedule stops the finest level after 3 iterations
@@ -64,41 +65,77 @@ def register_sitreg(
     ``G``, the network's own fields and the time of each stage (seconds); the measured time
     includes the warped image.
     """
+    return register_sitreg_many(
+        [(fixed, moving)], model=model, checkpoint=checkpoint, affine=affine, preset=preset,
+        inference=inference, device=device,
+    )[0]  # fmt: skip
+
+
+def register_sitreg_many(
+    pairs: Sequence[tuple[Image, Image]],
+    *,
+    model: SITReg,
+    checkpoint: Checkpoint,
+    affine: str = "affine-gn",
+    preset: str = "fast",
+    inference: str | None = None,
+    device: torch.device | str = "cpu",
+) -> list[RegistrationResult]:
+    """:func:`register_sitreg` for several ``(fixed, moving)`` pairs, any shapes: each pair's
+    affine stage and network grid on their own, then one network pass over all of them (the
+    network grid's shape is the model's, so any pairs stack), then each pair's transforms
+    and warped image. Each result's time is its own stages plus its share of the pass."""
     if inference is None:
         inference = str(checkpoint.train_config.get("inference", "standard"))
     if inference not in INFERENCE:
         raise OptionError(f"unknown SITReg inference {inference!r}; choose from {INFERENCE}")
-    check_dimensions(fixed, moving, int(model.config["ndim"]))
+    for fixed, moving in pairs:
+        check_dimensions(fixed, moving, int(model.config["ndim"]))
     dev = torch.device(device)
     variant: str = inference
-
-    def run() -> tuple[Transform, Transform | None, SITRegExtras]:
-        t0 = time.perf_counter()
-        linear = affine_stage(fixed, moving, affine, preset, dev, STAGE_GN_LEVELS)
+    staged = []
+    with Measure(dev) as whole:
+        for fixed, moving in pairs:
+            t0 = time.perf_counter()
+            linear = affine_stage(fixed, moving, affine, preset, dev, STAGE_GN_LEVELS)
+            grid = network_grid(checkpoint, fixed)
+            a, b = network_input(moving, grid, linear), network_input(fixed, grid)
+            staged.append((linear, grid, a, b, time.perf_counter() - t0))
         t1 = time.perf_counter()
-        grid = network_grid(checkpoint, fixed)
         net = model.to(dev).eval()
         with torch.no_grad():
             # a = moving, b = fixed: forward maps fixed's space to moving's; "fast": the
             # fields stay on their coarser grid (held there by the pipeline)
-            fwd, inv = net(
-                network_input(moving, grid, linear).to(dev), network_input(fixed, grid).to(dev),
-                inference=variant, resize=False,
+            a_all = torch.cat([s[2] for s in staged]).to(dev)
+            b_all = torch.cat([s[3] for s in staged]).to(dev)
+            fwd, inv = net(a_all, b_all, inference=variant, resize=False)
+        share = (time.perf_counter() - t1) / len(pairs)
+        results = []
+        for i, ((fixed, moving), (linear, grid, _, _, own)) in enumerate(
+            zip(pairs, staged, strict=True)
+        ):
+            t2 = time.perf_counter()
+            # the forward field is evaluated over the fixed field of view, the inverse over
+            # the moving one mapped by A^-1
+            f, v = fwd[i : i + 1], inv[i : i + 1]
+            transform, inverse = linear_and_fields(
+                f, v, grid, linear, fixed.geometry, moving.geometry
+            )
+            warped = resample(moving, fixed.geometry, transform)
+            extras = SITRegExtras(
+                method=f"sitreg ({variant}, affine stage {affine})",
+                matrix=linear.matrix.numpy(), inference=variant, network_grid=grid,
+                network_fields=(f.cpu(), v.cpu()),
+                stage_seconds={"affine": own, "network": share},
             )  # fmt: skip
-        # the forward field is evaluated over the fixed field of view, the inverse over the
-        # moving one mapped by A^-1
-        transform, inverse = linear_and_fields(
-            fwd, inv, grid, linear, fixed.geometry, moving.geometry
-        )
-        t2 = time.perf_counter()
-        extras = SITRegExtras(
-            method=f"sitreg ({variant}, affine stage {affine})", matrix=linear.matrix.numpy(),
-            inference=variant, network_grid=grid, network_fields=(fwd.cpu(), inv.cpu()),
-            stage_seconds={"affine": t1 - t0, "network": t2 - t1},
-        )  # fmt: skip
-        return transform, inverse, extras
-
-    return measured_result(fixed, moving, run, dev)
+            results.append(RegistrationResult(
+                transform=transform, fixed=fixed.geometry, moving=moving.geometry,
+                inverse=inverse, warped=warped, extras=extras,
+                elapsed=own + share + time.perf_counter() - t2,
+            ))  # fmt: skip
+    for r in results:
+        r.peak_memory = whole.peak_bytes
+    return results
 
 
 class SITRegMethod(LearnedMethod):
@@ -108,9 +145,14 @@ class SITRegMethod(LearnedMethod):
     options: SITRegOptions
 
     def run(self, fixed: Image, moving: Image) -> RegistrationResult:
+        return self.register_many([(fixed, moving)])[0]
+
+    def register_many(self, pairs: Sequence[tuple[Image, Image]]) -> list[RegistrationResult]:
+        """Several pairs with one network pass (:func:`register_sitreg_many`); what
+        ``unireg batch --batch-size`` uses."""
         o = self.options
         assert isinstance(self.model, SITReg)
-        return register_sitreg(
-            fixed, moving, model=self.model, checkpoint=self.checkpoint, affine=o.affine,
+        return register_sitreg_many(
+            pairs, model=self.model, checkpoint=self.checkpoint, affine=o.affine,
             preset=o.preset, inference=o.inference, device=self.device,
         )  # fmt: skip
