@@ -2,6 +2,7 @@
 IXI training subjects, and a killed batch run restarted to completion.
 
     python bench/batch_benchmark.py [--method sitreg] [--split train] [--no-kill]
+    python bench/batch_benchmark.py --device cuda --batch-size 8 --no-single --no-kill  # GPU
 
 1. Per-pair CLI: `unireg register F M -o DIR --method M --fixed-labels .. --moving-labels ..
    --no-hd95`, one process per pair, all pairs: pairs/s.
@@ -50,9 +51,9 @@ def write_pairs(split: str, path: Path) -> int:
     return len(pairs)
 
 
-def batch_command(pairs: Path, out: Path, method: str) -> list[str]:
+def batch_command(pairs: Path, out: Path, method: str, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "unireg", "batch", str(pairs), "-o", str(out), "--method",
-            method, "--no-hd95", "--quiet"]  # fmt: skip
+            method, "--no-hd95", *extra, "--quiet"]  # fmt: skip
 
 
 def done_folders(out: Path) -> int:
@@ -64,36 +65,44 @@ def main() -> None:
     parser.add_argument("--method", default="sitreg")
     parser.add_argument("--split", default="train")
     parser.add_argument("--no-kill", action="store_true", help="skip the kill-and-resume check")
+    parser.add_argument("--no-single", action="store_true", help="skip the per-pair CLI runs")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=1, help="pairs per network pass")
     args = parser.parse_args()
+    extra = ["--device", args.device, "--batch-size", str(args.batch_size)]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         n = write_pairs(args.split, tmp / "pairs.csv")
         with open(tmp / "pairs.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))
         t0 = time.perf_counter()
-        for i, r in enumerate(rows):
+        for i, r in enumerate([] if args.no_single else rows):
             subprocess.run([sys.executable, "-m", "unireg", "register", r["fixed"], r["moving"],
                             "-o", str(tmp / "single" / str(i)), "--method", args.method,
                             "--fixed-labels", r["fixed_labels"], "--moving-labels",
-                            r["moving_labels"], "--no-hd95", "--quiet"],
+                            r["moving_labels"], "--no-hd95", "--device", args.device, "--quiet"],
                            check=True, capture_output=True)  # fmt: skip
         single = time.perf_counter() - t0
-        print(f"{n} pairs, per-pair CLI: {single:.1f} s, {n / single:.3f} pairs/s", flush=True)
+        if not args.no_single:
+            print(f"{n} pairs, per-pair CLI: {single:.1f} s, {n / single:.3f} pairs/s", flush=True)
         t0 = time.perf_counter()
-        subprocess.run(batch_command(tmp / "pairs.csv", tmp / "whole", args.method), check=True)
+        whole = batch_command(tmp / "pairs.csv", tmp / "whole", args.method, extra)
+        subprocess.run(whole, check=True, capture_output=True)
         batch = time.perf_counter() - t0
-        print(f"{n} pairs, unireg batch: {batch:.1f} s, {n / batch:.3f} pairs/s, "
-              f"{single / batch:.2f}x the per-pair CLI", flush=True)  # fmt: skip
+        ratio = "" if args.no_single else f", {single / batch:.2f}x the per-pair CLI"
+        print(f"{n} pairs, unireg batch ({args.device}, batch size {args.batch_size}): "
+              f"{batch:.1f} s, {n / batch:.3f} pairs/s{ratio} (the whole command, start-up "
+              "and model loading included)", flush=True)  # fmt: skip
         if args.no_kill:
             return
         cut = tmp / "cut"
-        proc = subprocess.Popen(batch_command(tmp / "pairs.csv", cut, args.method))
+        proc = subprocess.Popen(batch_command(tmp / "pairs.csv", cut, args.method, extra))
         while done_folders(cut) < n // 3 and proc.poll() is None:
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         before = done_folders(cut)
-        finish = subprocess.run(batch_command(tmp / "pairs.csv", cut, args.method)[:-1],
+        finish = subprocess.run(batch_command(tmp / "pairs.csv", cut, args.method, extra)[:-1],
                                 check=True, capture_output=True, text=True)  # fmt: skip
         last = finish.stdout.strip().splitlines()[-1]
         print(f"killed with {before} pairs done; the restart: {last}")
