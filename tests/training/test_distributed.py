@@ -49,7 +49,7 @@ def _train(config: str, out, processes: int = 1) -> list[float]:
     else:
         cmd = [sys.executable, *cli]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, run.stderr[-8000:]
     with open(out / "losses.csv", newline="") as fh:
         return [float(r["loss"]) for r in csv.DictReader(fh)]
 

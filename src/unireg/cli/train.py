@@ -61,11 +61,10 @@ def run(args: argparse.Namespace) -> int:
     main = trainer.dist.is_main
     if trainer.resumed_from is not None and main:
         print(f"resuming {trainer.resumed_from} at step {trainer.step}", file=sys.stderr)
-    try:
-        losses = trainer.run(progress=not args.quiet)
-        final = trainer.save("final.pt")  # rank 0 only
-    finally:
-        trainer.dist.close()
+    losses = trainer.run(progress=not args.quiet)
+    final = trainer.save("final.pt")  # rank 0 only
+    # (on an error the process exits without waiting, and torchrun stops the other ranks)
+    trainer.dist.close()
     if main:
         tail = losses[-20:]
         mean = sum(tail) / len(tail) if tail else float("nan")

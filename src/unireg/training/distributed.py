@@ -117,7 +117,9 @@ class Distributed:
                 torch_dist.broadcast(t.data, src=0)
 
     def close(self) -> None:
-        """Leave the process group."""
+        """Leave the process group once every rank has come here (no rank tears its
+        connections down while another still talks to it)."""
         if self.joined and torch_dist.is_initialized():
+            torch_dist.barrier()
             torch_dist.destroy_process_group()
             self.joined = False
