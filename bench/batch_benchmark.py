@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import itertools
-import os
 import signal
 import subprocess
 import sys
@@ -30,24 +28,19 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("UNIREG_SHARED_DATA", REPO.parent / "shared" / "data"))
+from command_benchmark import test_pairs  # bench/ is on sys.path
+
 COMPARED = ("warped.nii.gz", "warped_labels.nii.gz", "transform.nii.gz",
             "inverse_transform.nii.gz", "affine.mat")  # fmt: skip
 
 
 def write_pairs(split: str, path: Path) -> int:
     """The ordered pairs of a split's IXI T1 subjects as a pairs CSV; returns their number."""
-    with open(DATA / "manifest.csv") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["dataset"] == "ixi" and r["split"] == split
-                and r["modality"] == "T1"]  # fmt: skip
+    pairs = test_pairs(split)
     with open(path, "w", newline="") as fh:
         out = csv.writer(fh)
         out.writerow(["fixed", "moving", "fixed_labels", "moving_labels"])
-        pairs = list(itertools.permutations(rows, 2))
-        for a, b in pairs:
-            out.writerow([DATA / a["image"], DATA / b["image"], DATA / a["labels"],
-                          DATA / b["labels"]])  # fmt: skip
+        out.writerows(pairs)
     return len(pairs)
 
 

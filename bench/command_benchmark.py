@@ -46,10 +46,11 @@ for i, path in enumerate(reg["fwdtransforms"] + reg["invtransforms"]):
 """
 
 
-def test_pairs() -> list[tuple[Path, Path, Path, Path]]:
-    """Ordered pairs of the IXI test subjects: (fixed, moving, fixed labels, moving labels)."""
+def test_pairs(split: str = "test") -> list[tuple[Path, Path, Path, Path]]:
+    """Ordered pairs of a split's IXI T1 subjects: (fixed, moving, fixed labels, moving
+    labels)."""
     with open(DATA / "manifest.csv") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["dataset"] == "ixi" and r["split"] == "test"
+        rows = [r for r in csv.DictReader(fh) if r["dataset"] == "ixi" and r["split"] == split
                 and r["modality"] == "T1"]  # fmt: skip
     subjects = [(DATA / r["image"], DATA / r["labels"]) for r in rows]
     return [(f[0], m[0], f[1], m[1]) for f, m in itertools.permutations(subjects, 2)]

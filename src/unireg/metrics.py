@@ -98,16 +98,12 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 def _label_boxes(labels: np.ndarray, chosen: Sequence[int]) -> dict[int, tuple[slice, ...] | None]:
     """Each chosen label's bounding box in ``labels`` (None when absent), from one pass over
     the map."""
-    values = np.asarray(chosen, dtype=np.int64)
-    index = np.searchsorted(np.sort(values), labels.ravel())
-    index = np.clip(index, 0, len(values) - 1)
-    order = np.sort(values)
-    hit = order[index] == labels.ravel()
-    positions = np.where(hit, index + 1, 0).reshape(labels.shape)  # 1-based, 0 = other
     from scipy import ndimage
 
-    found = ndimage.find_objects(positions.astype(np.int32), max_label=len(values))
-    return {int(order[i]): found[i] for i in range(len(values))}
+    index = label_indices(torch.as_tensor(labels.astype(np.int64)), chosen).numpy()
+    positions = np.where(index < len(chosen), index + 1, 0)  # 1-based, 0 = other
+    found = ndimage.find_objects(positions.astype(np.int32), max_label=len(chosen))
+    return {int(k): found[i] for i, k in enumerate(chosen)}
 
 
 def hausdorff95(

@@ -3,6 +3,7 @@ place a method's transform becomes a measured result (:func:`measured_result`)."
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,9 @@ class AVSMExtras(Extras):
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
+_DISPLACEMENT_LOCK = threading.Lock()
+
+
 @dataclass
 class RegistrationResult:
     """A registration of ``moving`` onto ``fixed``.
@@ -124,10 +128,11 @@ class RegistrationResult:
         """The forward transform's world displacement ``T(x) - x`` (mm, ``(d, *fixed.shape)``,
         float32) on the fixed grid: computed once, shared by the written ``transform.nii.gz``
         and the Jacobian metrics."""
-        cached = self.__dict__.get("_displacement")
-        if cached is None:
-            cached = self.transform.displacement(self.fixed)
-            self.__dict__["_displacement"] = cached
+        with _DISPLACEMENT_LOCK:  # the writer thread and the metrics may ask at once
+            cached = self.__dict__.get("_displacement")
+            if cached is None:
+                cached = self.transform.displacement(self.fixed)
+                self.__dict__["_displacement"] = cached
         return cached
 
     def warp(self, image: Image, *, mode: str | None = None) -> Image:

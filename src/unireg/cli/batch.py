@@ -15,7 +15,6 @@ import argparse
 import csv
 import io
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -75,10 +74,18 @@ def pair_ids(pairs: list[Any]) -> list[str]:
         if pair.name:
             ids.append(pair.name)
             continue
-        stems = [re.sub(r"(\.nii\.gz|\.nii|\.mgz|\.mgh)$", "", Path(p).name) if p else "none"
-                 for p in (pair.fixed, pair.moving)]  # fmt: skip
+        stems = [_stem(p) if p else "none" for p in (pair.fixed, pair.moving)]
         ids.append(f"{i:04d}_{stems[0]}_{stems[1]}")
     return ids
+
+
+def _stem(path: Path) -> str:
+    """A file's name without its image extension."""
+    from unireg.io.image import IMAGE_SUFFIXES
+
+    name = Path(path).name
+    suffix = next((x for x in IMAGE_SUFFIXES if name.lower().endswith(x)), "")
+    return name[: len(name) - len(suffix)]
 
 
 def _check_ids(ids: list[str], path: str) -> None:

@@ -276,9 +276,8 @@ def _prompts(args: argparse.Namespace, inputs: Inputs) -> Any:
     from unireg.methods import Prompts
 
     points = inputs.points
-    weight = getattr(args, "landmark_weight", 1.0)
     return Prompts(inputs.fixed_labels, inputs.moving_labels, args.label_prompt, points[0],
-                   points[1], weight, mask=inputs.mask)  # fmt: skip
+                   points[1], args.landmark_weight, mask=inputs.mask)  # fmt: skip
 
 
 def _progress(args: argparse.Namespace) -> Any:
