@@ -30,6 +30,7 @@ VERBS = {
     "evaluate": "run methods side by side on pairs under misalignment; tables and plots",
     "train": "train a learned method from a config file",
     "models": "list the methods, their options and shipped models",
+    "view": "write an interactive HTML report (NiiVue) of a register output folder",
     "demo": "register two real brains shipped with unireg and write a report",
     "synthesize": "draw a synthetic image of random contrast from a label map",
     "info": "print grid, orientation and range of image files",

@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "warped.nii.gz), affine.mat (the linear part), inverse_transform.nii.gz (when the "
             "method gives an inverse), warped_labels.nii.gz (with --moving-labels), "
             "metrics.json (Dice/HD95 with both label maps; folding and Jacobian always) and "
-            f"report.png (with --report). Methods: {listing}."
+            f"report.png or report.html (with --report). Methods: {listing}."
         ),
     )
     p.add_argument("fixed", metavar="FIXED", help="fixed (target) image")
@@ -100,7 +100,18 @@ def add_registration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-prompt", type=float, default=0.0, metavar="WEIGHT",
                    help="also align the label maps (soft Dice term of this weight)")  # fmt: skip
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 in metrics.json")
-    p.add_argument("--report", action="store_true", help="also write report.png")
+    p.add_argument(
+        "--report",
+        nargs="?",
+        const="png",
+        choices=["png", "html", "both"],
+        default=None,
+        help="also write report.png (the default when no format is given), report.html (an "
+        "interactive page built on NiiVue that works offline; see unireg view) or both",
+    )
+    from unireg.cli.view import add_report_resolution
+
+    add_report_resolution(p)
     p.add_argument(
         "--compression",
         type=int,
@@ -176,6 +187,7 @@ def _options_file(path: str, method: str) -> dict[str, Any]:
 OUTPUTS = (
     "warped.nii.gz", "warped_labels.nii.gz", "transform.nii.gz", "affine.mat",
     "inverse_transform.nii.gz", "metrics.json", "keypoints.csv", "report.png", "keypoints.png",
+    "report.html",
 )  # fmt: skip
 
 
@@ -195,6 +207,8 @@ def check_arguments(args: argparse.Namespace) -> Any:
         raise UniregError("--label-prompt needs --fixed-labels and --moving-labels")
     if args.label_prompt < 0:
         raise UniregError(f"--label-prompt must be >= 0, got {args.label_prompt}")
+    if args.report_resolution <= 0:
+        raise UniregError(f"--report-resolution must be > 0 mm, got {args.report_resolution}")
     if args.landmark_weight <= 0:
         raise UniregError(f"--landmark-weight must be > 0, got {args.landmark_weight}")
     steering = [n for n, given in (("labels", args.label_prompt > 0),
@@ -364,7 +378,9 @@ def publish(
         from unireg.methods.keymorph.inference import write_keypoints_csv
 
         write_keypoints_csv(result, stage / "keypoints.csv")
-    if args.report:
+    if args.report in ("html", "both"):
+        write_html_report(args, done, inputs, metrics, stage / "report.html")
+    if args.report in ("png", "both"):
         from unireg.report import keypoint_figure, registration_report
 
         fixed = inputs.fixed
@@ -381,6 +397,36 @@ def publish(
             )  # fmt: skip
     written = folder.commit({"method": done.method, "spec": done.spec, **made})
     return metrics, written
+
+
+def write_html_report(
+    args: argparse.Namespace, done: Computed, inputs: Inputs, metrics: dict[str, Any], path: Path
+) -> None:
+    """``report.html`` of a registration (:mod:`unireg.viewer.page`)."""
+    import numpy as np
+
+    from unireg.result import KeyMorphExtras
+    from unireg.spatial.transform import DisplacementFieldTransform
+    from unireg.viewer.page import Keypoints, build_report, write_report
+
+    result, extras = done.result, done.result.extras
+    # the map as written to transform.nii.gz, on the CPU: the page unireg view makes from it
+    displacement = result.displacement().detach().float().cpu()
+    transform = DisplacementFieldTransform(displacement, result.fixed)
+    keypoints = None
+    if isinstance(extras, KeyMorphExtras) and extras.keypoints_fixed is not None:
+        keypoints = Keypoints(np.asarray(extras.keypoints_fixed),
+                              np.asarray(extras.keypoints_moving),
+                              np.asarray(extras.keypoints_aligned))  # fmt: skip
+    fixed = inputs.fixed
+    page = build_report(
+        fixed.with_data(fixed.data.cpu()), inputs.moving.with_data(inputs.moving.data.cpu()),
+        transform, metrics=metrics, fixed_labels=inputs.fixed_labels,
+        displacement=displacement, keypoints=keypoints,
+        resolution=args.report_resolution,
+        title=f"{done.spec}: {Path(args.moving).name} onto {Path(args.fixed).name}",
+    )  # fmt: skip
+    write_report(path, page)
 
 
 def run(args: argparse.Namespace) -> int:

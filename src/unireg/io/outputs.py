@@ -321,3 +321,41 @@ def publish_files(jobs: Iterable[tuple[str | Path, Any]]) -> list[Path]:
         for tmp, (_, writer) in zip(tmps, jobs, strict=True):
             writer(tmp)
     return [Path(path) for path, _ in jobs]
+
+
+def add_files(
+    target: str | Path,
+    managed: Collection[str],
+    writers: dict[str, Any],
+    *,
+    command: str = "unireg",
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Add (or replace) files in a published output folder as one transaction: the folder's
+    other files are hard-linked into a fresh staging folder (published files are never
+    changed in place), ``writers[name](path)`` writes each new file there, and the staging
+    folder is committed with a new manifest (the old one's provenance, updated by
+    ``provenance``). Returns the published files by name."""
+    folder = Path(os.path.abspath(target))
+    old_manifest = folder / MANIFEST
+    previous: dict[str, Any] = {}
+    if old_manifest.is_file():
+        try:
+            previous = json.loads(old_manifest.read_text())
+        except ValueError as err:
+            raise OutputPathError(f"unreadable manifest ({err})", old_manifest) from err
+    for key in ("format", "unireg_version", "created", "files"):
+        previous.pop(key, None)
+    with OutputFolder(folder, managed, command=command) as out:
+        stage = out.stage
+        assert stage is not None
+        for path in folder.iterdir():
+            if path.name == MANIFEST or path.name in writers or not path.is_file():
+                continue
+            try:
+                os.link(path, stage / path.name)
+            except OSError:
+                shutil.copy2(path, stage / path.name)
+        for name, write in writers.items():
+            write(stage / name)
+        return out.commit({**previous, **(provenance or {})})
