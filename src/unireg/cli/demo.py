@@ -16,8 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=(
             "Registers IXI013 onto IXI012 (2 mm T1 with skull, DLMUSE labels; shipped inside "
             "the package with their CC BY-SA 3.0 attribution) with the best available method, "
-            "and writes the register outputs, report.png and a metrics table beside no "
-            "registration and the affine stage."
+            "and writes the register outputs, report.png, report.html and a metrics table "
+            "beside no registration and the affine stage."
         ),
     )
     p.add_argument("--output", "-o", default="unireg-demo", help="output folder")
@@ -73,8 +73,15 @@ def _demo(args: argparse.Namespace, out: Any, data: Any, *paths: Any) -> None:
     metrics = registration_metrics(result, fixed_labels=flab, moving_labels=mlab)
     result.save(out, moving_labels=mlab)
     write_json(out / "metrics.json", json_ready({"method": spec, **metrics}))
-    registration_report(result, fixed, moving, out / "report.png", metrics=metrics,
-                        title=f"unireg demo: {spec}, IXI013 onto IXI012")  # fmt: skip
+    title = f"unireg demo: {spec}, IXI013 onto IXI012"
+    registration_report(result, fixed, moving, out / "report.png", metrics=metrics, title=title)
+    from unireg.viewer.page import build_report, write_report
+
+    page = build_report(
+        fixed, moving, result.transform, metrics={"spec": spec, **metrics}, fixed_labels=flab,
+        displacement=result.displacement(), title=title,
+    )  # fmt: skip
+    write_report(out / "report.html", page)
     print("comparing with no registration and the affine stage alone ...")
     pair = Pair(fixed_p, moving_p, fixed_l, moving_l, "IXI012", "IXI013")
     others = [make_method(s) for s in ("none", "unireg:affine")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from unireg.cli import VERBS, add_threads_flag
 
@@ -20,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "with translation and scaling (KeyMorph's robustness protocol). Methods: none, "
             "unireg:METHOD[:key=value...] (e.g. unireg:syn:preset=accurate), "
             "ants:TYPE[:init=search] (needs pip install 'unireg[peers]'). Writes pairs.csv, "
-            "summary.csv, summary.md, dice_vs_angle.png and dice_boxplot.png into OUTDIR."
+            "summary.csv, summary.md, dice_vs_angle.png and dice_boxplot.png (and report.html "
+            "with --report html) into OUTDIR."
         ),
     )
     p.add_argument("--pairs", default=None, help="CSV of pairs")
@@ -47,6 +49,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hd95", action="store_true")
     p.add_argument("--output", "-o", required=True, help="output folder")
+    p.add_argument(
+        "--report",
+        choices=["html"],
+        default=None,
+        help="also write report.html (the summary, the plots and every registration, each "
+        "linked to its own interactive page case-NNNN.html, see unireg view; a few MB per "
+        "registration)",
+    )
+    from unireg.cli.view import add_report_resolution
+
+    add_report_resolution(p)
     p.add_argument("--quiet", "-q", action="store_true")
     add_threads_flag(p)
     return p
@@ -96,15 +109,22 @@ def run(args: argparse.Namespace) -> int:
             print(f"unireg evaluate: skipping {spec}: {e}", file=sys.stderr)
     if not methods:
         raise UniregError("no method left to run")
+    if args.report_resolution <= 0:
+        raise UniregError(f"--report-resolution must be > 0 mm, got {args.report_resolution}")
     start = time.perf_counter()
     with OutputFolder(args.output, EVALUATION_OUTPUTS, command="unireg evaluate") as folder:
+        assert folder.stage is not None
+        pages = CasePages(folder.stage, args.report_resolution) if args.report else None
         rows = evaluate(
             pairs, methods, args.angles, axes=args.axes, translation=args.translation,
             scale=args.scale, seed=args.seed, hd95=not args.no_hd95, progress=not args.quiet,
-            shifts=args.shift,
+            shifts=args.shift, on_result=pages,
         )  # fmt: skip
-        assert folder.stage is not None
         write_outputs(rows, folder.stage)
+        if pages is not None:
+            run = {"command": command_line(args), "methods": list(args.methods),
+                   "shifts": list(args.shift), "angles": list(args.angles)}  # fmt: skip
+            pages.index(rows, run)
         written = folder.commit({"command": command_line(args), "methods": list(args.methods),
                                  "shifts": list(args.shift)})  # fmt: skip
     elapsed = time.perf_counter() - start
@@ -116,3 +136,40 @@ def run(args: argparse.Namespace) -> int:
         for name in written:
             print(f"wrote {folder.target / name}")
     return 0
+
+
+class CasePages:
+    """``--report html``: each registration's page (``case-NNNN.html``) written into the
+    staging folder as it is made, then ``report.html``, the index that links them."""
+
+    def __init__(self, stage: Any, resolution: float) -> None:
+        self.stage = stage
+        self.resolution = resolution
+        self.links: list[str | None] = []
+
+    def __call__(self, done: Any) -> None:
+        from unireg.viewer.page import build_report, write_report
+
+        row = done.row
+        name = f"case-{len(self.links) + 1:04d}.html"
+        title = (f"{row['method']}: {row['moving']} onto {row['fixed']} (shift {row['shift']}, "
+                 f"{row['angle']:g} deg)")  # fmt: skip
+        metrics = {"method": row["method"], **done.metrics}
+        fixed = done.fixed.with_data(done.fixed.data.cpu())
+        page = build_report(
+            fixed, done.moving.with_data(done.moving.data.cpu()), done.result.transform,
+            metrics=metrics, fixed_labels=done.fixed_labels,
+            displacement=done.result.displacement(), resolution=self.resolution, title=title,
+        )  # fmt: skip
+        write_report(self.stage / name, page)
+        self.links.append(name)
+
+    def index(self, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+        from unireg.evaluation import summarize
+        from unireg.viewer.page import build_index, write_report
+
+        plots = {p: (self.stage / p).read_bytes() for p in ("dice_vs_angle.png",
+                                                             "dice_boxplot.png")}  # fmt: skip
+        page = build_index(rows, summarize(rows), plots=plots, links=self.links,
+                           settings=settings, title="unireg evaluate")  # fmt: skip
+        write_report(self.stage / "report.html", page)

@@ -183,6 +183,20 @@ def endpoint_error(
     return float(target_registration_error(transform, sample, truth_points)["tre_mean_mm"])
 
 
+@dataclass
+class Registered:
+    """One registration of an evaluation run as it was made: its row, the images it
+    registered (after the shift and the misalignment), the fixed labels, the result and its
+    metrics."""
+
+    row: dict[str, Any]
+    fixed: Any
+    moving: Any
+    fixed_labels: Any
+    result: Any
+    metrics: dict[str, Any]
+
+
 def evaluate(
     pairs: Sequence[Pair],
     methods: Sequence[Any],
@@ -197,13 +211,15 @@ def evaluate(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     shifts: Sequence[str] = ("none",),
     quality: bool = True,
+    on_result: Callable[[Registered], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every method on every pair under every shift (:mod:`unireg.evaluation.shifts`) at
     every misalignment angle; one row per (pair, shift, angle, method) with the pair, the
     shift, the misalignment and the metrics of :data:`METRIC_COLUMNS` (Dice and HD95 when both
     label maps are given, nearest-neighbour label warping; the end-point error in mm when the
     shift knows the true map; ``flagged``: 1 when :func:`unireg.quality.quality_check` finds
-    the result worse than no registration or than its own linear stage)."""
+    the result worse than no registration or than its own linear stage). ``on_result`` sees
+    each registration with its inputs (for per-case reports) as it is made."""
     from tqdm import tqdm
 
     from unireg.evaluation.shifts import apply_shift, check_shift, misaligned_truth
@@ -255,6 +271,9 @@ def evaluate(
                     rows.append(row)
                     if on_row is not None:
                         on_row(row)
+                    if on_result is not None:
+                        on_result(Registered(row, case.fixed, moving, case.fixed_labels,
+                                             result, metrics))  # fmt: skip
     return rows
 
 

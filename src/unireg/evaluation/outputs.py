@@ -77,7 +77,7 @@ def plot_boxes(rows: Sequence[dict[str, Any]], path: Path, key: str = "dice_mean
 
 # the files an evaluation run writes into its folder
 EVALUATION_OUTPUTS = ("pairs.csv", "summary.csv", "summary.md", "dice_vs_angle.png",
-                      "dice_boxplot.png")  # fmt: skip
+                      "dice_boxplot.png", "report.html", "case-*.html")  # fmt: skip
 
 
 def write_outputs(rows: Sequence[dict[str, Any]], outdir: str | Path) -> dict[str, Path]:

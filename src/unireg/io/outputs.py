@@ -121,7 +121,8 @@ class OutputFolder:
 
     Args:
         target: the output folder.
-        managed: the file names this kind of run writes (the command-line contract); an
+        managed: the file names this kind of run writes (the command-line contract; a name
+            with ``*`` is a pattern, as ``case-*.html``); an
             existing target holding anything else is refused, never overwritten.
         command: the verb, for messages (``"unireg register"``).
     """
@@ -136,6 +137,14 @@ class OutputFolder:
         self._lock_fd: int | None = None
         self._made: list[Path] = []  # parent folders this run created (removed on abort)
         self._committed = False
+
+    def manages(self, name: str) -> bool:
+        """Whether ``name`` is one of the files this kind of run writes."""
+        import fnmatch
+
+        return name in self.managed or any(
+            "*" in m and fnmatch.fnmatchcase(name, m) for m in self.managed
+        )
 
     # -- before the work -------------------------------------------------------------------
     def open(self) -> Path:
@@ -156,7 +165,7 @@ class OutputFolder:
             if target.exists():
                 if not os.access(target, os.W_OK | os.X_OK):
                     raise OutputPathError("output folder is not writable", target)
-                foreign = sorted(p.name for p in target.iterdir() if p.name not in self.managed)
+                foreign = sorted(p.name for p in target.iterdir() if not self.manages(p.name))
                 if foreign:
                     shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
                     raise OutputPathError(
@@ -237,7 +246,7 @@ class OutputFolder:
         if self.stage is None:
             raise RuntimeError("commit() before open()")
         files = sorted(p for p in self.stage.iterdir() if p.name != MANIFEST)
-        unexpected = [p.name for p in files if p.name not in self.managed]
+        unexpected = [p.name for p in files if not self.manages(p.name)]
         if unexpected:
             raise RuntimeError(f"files outside the output contract: {unexpected}")
         manifest = {

@@ -48,9 +48,10 @@ from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import Transform
 
 REPORT_RESOLUTION = 2.0  # mm: the default report grid spacing
-GRID_MM = 8.0  # mm between the deformation grid's sheets (in the moving world)
+GRID_MM = 10.0  # mm between the deformation grid's sheets (in the moving world)
 LOGJAC_STEP = 1.0 / 32.0  # log2 Jacobian quantisation of the embedded volume
 LOGJAC_LIMIT = 2.0  # |log2 det| shown up to this (det 1/4 .. 4)
+LOGJAC_SHOWN = 0.15  # |log2 det| below this (volume change under about 11 %) is not coloured
 CHECKER_MM = 16.0  # edge of a checkerboard block, mm
 GZIP_LEVEL = 6
 
@@ -418,6 +419,7 @@ def build_report(
         "grid_mm": GRID_MM,
         "checker_block": block + [1] * (3 - len(block)),
         "logjac_limit": LOGJAC_LIMIT,
+        "logjac_min": LOGJAC_SHOWN,
         "folded_voxels": folded,
         "report_grid": {
             "fixed": {"shape": list(fgrid.shape), "spacing": list(fgrid.spacing)},
@@ -438,7 +440,7 @@ def render_page(title: str, data: Mapping[str, Any], script: str) -> str:
         "{{TITLE}}": html.escape(title),
         "{{STYLE}}": _static("report.css"),
         "{{DATA}}": _json_for_script(data),
-        "{{NIIVUE}}": _static("niivue.umd.js") if script == "report.js" else "",
+        "{{NIIVUE}}": _static("niivue.umd.js") if script == "report.js" else "",  # index: none
         "{{SCRIPT}}": _static(script),
     }
     out = []
@@ -562,3 +564,33 @@ def folder_report(
         displacement=transform.field, keypoints=keypoints, resolution=resolution, title=title,
     )  # fmt: skip
     return page, warnings
+
+
+# --------------------------------------------------------------------------------------------
+# The index page of an evaluation run
+# --------------------------------------------------------------------------------------------
+
+
+def build_index(
+    rows: list[dict[str, Any]],
+    summary: list[dict[str, Any]],
+    *,
+    plots: Mapping[str, bytes] | None = None,
+    links: list[str | None] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    title: str = "unireg evaluation",
+) -> str:
+    """The index page of an evaluation (HTML text): the summary table, the plots (PNG bytes,
+    embedded), every case with a link to its page (``links[i]`` for ``rows[i]``, relative)
+    and the run's settings. Self-contained like the report pages, without NiiVue."""
+    data = {
+        "title": title,
+        "rows": [dict(r) for r in rows],
+        "summary": [dict(s) for s in summary],
+        "links": list(links) if links is not None else [None] * len(rows),
+        "plots": {
+            name: base64.b64encode(png).decode("ascii") for name, png in (plots or {}).items()
+        },
+        "settings": dict(settings or {}),
+    }
+    return render_page(title, _finite(data), "index.js")

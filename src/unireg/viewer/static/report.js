@@ -66,7 +66,7 @@
   if (data.volumes.outline) controls.append(outlineL);
   controls.append(jacL, foldsL, gridL);
   if (data.keypoints) controls.append(kpL);
-  controls.append(el("span", { class: "legend", text: "click a view to move the crosshair in all three; Jacobian: blue shrinks, red/yellow grows" }));
+  controls.append(el("span", { class: "legend", text: "click a view to move the crosshair in all three; Jacobian: blue-green shrinks, red-yellow grows (by over 11 %), red voxels fold; grid: white" }));
   app.append(controls);
 
   const views = el("div", { class: "views" });
@@ -136,7 +136,7 @@
     return { R: all.map((e) => e[1][0]), G: all.map((e) => e[1][1]), B: all.map((e) => e[1][2]), A: all.map((e) => e[2]), I: all.map((e) => e[0]),
       labels: all.map((e) => e[3] || "") };
   };
-  const gridLut = (hidden) => lut([[0, [0, 0, 0], 0], ...[1, 2, 3].map((v) => [v, [255, 230, 60], hidden === v ? 0 : 255, `grid ${"RAS"[v - 1]}`])]);
+  const gridLut = (hidden) => lut([[0, [0, 0, 0], 0], ...[1, 2, 3].map((v) => [v, [235, 235, 235], hidden === v ? 0 : 255, `grid ${"RAS"[v - 1]}`])]);
   // keypoint markers: 1 detected (yellow), 2 a fixed keypoint mapped by the transform (cyan),
   // 3 the line between a pair (white); a colour map of steps, not a label table (NiiVue shows
   // one label-table overlay over another badly)
@@ -179,7 +179,7 @@
       decode("warped", { ...gray, opacity: 0.5 }),
       decode("fixed", { ...gray, opacity: 0 }),
       has("outline") ? decode("outline", labelOpts(maxLabel, outlineLut())) : null,
-      decode("logjac", { colormap: "warm", colormapNegative: "winter", cal_min: 0.05, cal_max: data.logjac_limit, opacity: 0 }),
+      decode("logjac", { colormap: "warm", colormapNegative: "winter", cal_min: data.logjac_min, cal_max: data.logjac_limit, opacity: 0 }),
       decode("folds", { colormap: "red", cal_min: 0.5, cal_max: 1, opacity: 1 }),
       decode("grid", labelOpts(3, gridLut(0), 0)),
       has("kp_fixed") ? decode("kp_fixed", markers) : null,

@@ -1,0 +1,185 @@
+"""The HTML report in a real browser: Debian's Chromium, headless, driven by Playwright.
+
+Skipped when Playwright or Chromium is missing, unless ``UNIREG_REQUIRE_BROWSER=1`` (CI sets
+it, and installs Chromium), which turns the skip into a failure."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import demo_brains  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# software WebGL (SwiftShader): no GPU, no display; no network services of the browser itself
+CHROMIUM_ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader", "--disable-background-networking", "--disable-sync",
+    "--disable-component-update", "--no-first-run", "--disable-quic",
+]  # fmt: skip
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("UNIREG_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"UNIREG_REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(reason)
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    from PIL import Image as PILImage
+
+    return np.asarray(PILImage.open(io.BytesIO(png)).convert("RGB")).astype(np.float64)
+
+
+def _page(tmp: Path) -> tuple[Path, dict]:
+    """The report of the demo pair under a smooth warp with one fold, with labels, metrics
+    and keypoints."""
+    from unireg.metrics import registration_metrics
+    from unireg.result import RegistrationResult
+    from unireg.spatial.transform import DisplacementFieldTransform
+    from unireg.viewer.page import Keypoints, build_report, write_report
+
+    fixed, moving, flab, mlab = demo_brains()
+    geom = fixed.geometry
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randn(1, 3, 4, 4, 4, generator=g)
+    u = torch.nn.functional.interpolate(coarse, size=geom.shape, mode="trilinear")[0] * 3.0
+    u[0, 60, 60, 45] += 12.0  # a spike: a fold beside it
+    transform = DisplacementFieldTransform(u, geom)
+    result = RegistrationResult(transform, geom, moving.geometry)
+    metrics = registration_metrics(result, fixed_labels=flab, moving_labels=mlab, hd95=False)
+    centre = geom.center_world
+    kp = Keypoints(centre + [[0, 0, 0], [20, 10, 0]], centre + [[2, 0, 0], [20, 14, 0]],
+                   centre + [[3, 1, 0], [22, 12, 0]])  # fmt: skip
+    page = build_report(fixed, moving, transform, metrics={"spec": "test", **metrics},
+                        fixed_labels=flab, keypoints=kp, title="browser test")  # fmt: skip
+    path = tmp / "report.html"
+    write_report(path, page)
+    return path, metrics
+
+
+@pytest.fixture(scope="module")
+def browser_page(tmp_path_factory):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("playwright is not installed (pip install playwright)")
+    if not Path(CHROMIUM).exists():
+        _unavailable(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    path, metrics = _page(tmp_path_factory.mktemp("report"))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        log: dict = {"console": [], "requests": [], "metrics": metrics, "path": path}
+        page.on("console", lambda m: log["console"].append((m.type, m.text)))
+        page.on("pageerror", lambda e: log["console"].append(("pageerror", str(e))))
+        page.on("request", lambda r: log["requests"].append(r.url))
+        page.goto(path.as_uri())
+        page.wait_for_function("window.unireg && (window.unireg.ready || "
+                               "window.unireg.errors.length > 0)", timeout=90_000)  # fmt: skip
+        log["first_draw_ms"] = page.evaluate("window.unireg.firstDrawMs")
+        yield page, log
+        browser.close()
+
+
+def _crosshair_mm(page, view: str) -> np.ndarray:
+    return np.array(page.evaluate(
+        f"(() => {{ const nv = window.unireg.views['{view}']; "
+        "return Array.from(nv.frac2mm(nv.scene.crosshairPos)).slice(0, 3); })()"
+    ))  # fmt: skip
+
+
+def _canvas(page, name: str) -> np.ndarray:
+    return _pixels(page.locator(f"#view-{name}").screenshot())
+
+
+def _set(page, selector: str, script: str) -> None:
+    page.evaluate(f"(() => {{ const e = document.querySelector('{selector}'); {script}; }})()")
+    page.wait_for_timeout(300)
+
+
+def test_page_loads_without_errors_or_requests(browser_page):
+    page, log = browser_page
+    assert page.evaluate("window.unireg.errors") == []
+    errors = [m for m in log["console"] if m[0] in ("error", "pageerror")]
+    assert errors == []
+    # offline: the page itself is the only thing the browser fetched
+    assert [u for u in log["requests"] if not u.startswith(("data:", "blob:"))] == [
+        log["path"].as_uri()
+    ]
+    assert 0 < log["first_draw_ms"] < 90_000
+
+
+def test_every_view_is_drawn(browser_page):
+    page, _ = browser_page
+    for name in ("fixed", "moving", "warped"):
+        px = _canvas(page, name)
+        bright = (px.mean(axis=2) > 40).mean()
+        assert bright > 0.05, f"{name}: only {bright:.1%} of the canvas is drawn"
+        assert px.std() > 20, f"{name}: no structure drawn"
+
+
+def test_click_moves_the_crosshair_in_every_view(browser_page):
+    page, _ = browser_page
+    before = {v: _crosshair_mm(page, v) for v in ("fixed", "moving", "warped")}
+    pixels = _canvas(page, "fixed")
+    box = page.locator("#view-fixed").bounding_box()
+    # the multiplanar layout's top-left tile; 35 % across and 30 % down lands inside it
+    page.mouse.click(box["x"] + 0.15 * box["width"], box["y"] + 0.15 * box["height"])
+    page.wait_for_timeout(500)
+    after = {v: _crosshair_mm(page, v) for v in ("fixed", "moving", "warped")}
+    assert np.linalg.norm(after["fixed"] - before["fixed"]) > 2.0
+    for v in ("moving", "warped"):  # linked in world mm
+        assert np.allclose(after[v], after["fixed"], atol=2.5), (v, after[v], after["fixed"])
+    assert np.abs(_canvas(page, "fixed") - pixels).mean() > 0.5
+
+
+def test_fade_slider_and_checkerboard_change_the_warped_view(browser_page):
+    page, _ = browser_page
+    _set(page, "#fade", "e.value = 0; e.dispatchEvent(new Event('input'))")
+    fixed_only = _canvas(page, "warped")
+    _set(page, "#fade", "e.value = 100; e.dispatchEvent(new Event('input'))")
+    warped_only = _canvas(page, "warped")
+    assert np.abs(warped_only - fixed_only).mean() > 2.0
+    # at 0 the panel shows the fixed image, as the fixed view does (same crosshair, same slices)
+    assert (
+        np.abs(fixed_only - _canvas(page, "fixed")).mean()
+        < np.abs(warped_only - _canvas(page, "fixed")).mean()
+    )
+    _set(page, "#checker", "e.click()")
+    checker = _canvas(page, "warped")
+    assert np.abs(checker - warped_only).mean() > 1.0
+    _set(page, "#checker", "e.click()")
+    _set(page, "#fade", "e.value = 50; e.dispatchEvent(new Event('input'))")
+
+
+def test_overlays_draw_and_label_rows_lead_to_their_label(browser_page):
+    page, _ = browser_page
+    plain = _canvas(page, "warped")
+    _set(page, "#jacobian", "e.click()")
+    assert np.abs(_canvas(page, "warped") - plain).mean() > 1.0
+    _set(page, "#jacobian", "e.click()")
+    rows = page.evaluate("Array.from(document.querySelectorAll('#labels tr[data-label]'))"
+                         ".map(r => Number(r.dataset.label))")  # fmt: skip
+    data = page.evaluate("JSON.parse(document.getElementById('unireg-data').textContent)")
+    dice = [r["dice"] for r in data["labels"]]
+    assert rows == [r["label"] for r in data["labels"]] and len(rows) > 100
+    assert dice[0] == min(d for d in dice if d is not None)  # worst first
+    target = data["labels"][3]
+    _set(page, f'#labels tr[data-label="{target["label"]}"]', "e.click()")
+    for v in ("fixed", "warped"):
+        assert np.allclose(_crosshair_mm(page, v), target["centre"], atol=1.5)
+    _set(page, f'#labels tr[data-label="{target["label"]}"]', "e.click()")
+    _set(page, "#plane", "e.value = 'axial'; e.dispatchEvent(new Event('change'))")
+    axial = _canvas(page, "warped")
+    _set(page, "#grid", "e.click()")
+    assert np.abs(_canvas(page, "warped") - axial).mean() > 1.0
+    assert page.evaluate("window.unireg.errors") == []
