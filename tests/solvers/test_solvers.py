@@ -526,3 +526,22 @@ def test_affine_gn_refuses_what_it_cannot_do():
         preset_stages("affine-gn")
     with pytest.raises(ValueError, match="preset"):
         register(fixed, fixed, "affine-gn", preset="slow")
+
+
+def test_masks_and_label_prompts_match_levels_made_octave_by_octave():
+    # 54, 60 and 44 voxels: their 1/8 levels made by halving three times have 7, 9 and 7
+    # voxels, one resampling of the full grid would give 8, 8 and 6 (the mask of a 1 mm MNI
+    # image crashed the affine stage this way)
+    from unireg.solvers import LabelPrompt, Level, Stage, solve
+    from unireg.solvers.pyramid import level_shape
+
+    shape = (54, 60, 44)
+    assert level_shape(level_shape(level_shape(shape, 2), 2), 2) != level_shape(shape, 8)
+    image = smooth_image(shape, seed=2)
+    labels = (image > image.mean()).long()
+    mask = torch.ones(1, 1, *shape)
+    mask[..., :5] = 0
+    stage = Stage(model="affine", levels=[Level(8, 3), Level(4, 3)], loss="mse")
+    out = solve(image, image, [stage], linear_mask=mask,
+                prompts=[LabelPrompt(labels, labels, 0.5)])  # fmt: skip
+    assert np.allclose(out.matrix, np.eye(4), atol=0.05)

@@ -25,12 +25,20 @@ def level_shape(shape: Sequence[int], factor: float) -> tuple[int, ...]:
     return tuple(min(n, max(round((n - 1) / factor) + 1, 4)) for n in shape)
 
 
-def downsample(x: torch.Tensor, factor: float, *, smooth: bool = True) -> torch.Tensor:
+def downsample(
+    x: torch.Tensor,
+    factor: float,
+    *,
+    smooth: bool = True,
+    shape: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Level ``factor`` of ``x`` ``(B, C, *spatial)``: Gaussian anti-aliasing with sigma
-    ``factor / 2`` voxels (as ANTs' default smoothing schedule), then linear resampling."""
-    if factor == 1:
+    ``factor / 2`` voxels (as ANTs' default smoothing schedule), then linear resampling to
+    ``shape`` (default :func:`level_shape`; give the shape of an image's level made another
+    way, octave by octave, so that a mask or label map matches it voxel for voxel)."""
+    shape = level_shape(x.shape[2:], factor) if shape is None else tuple(shape)
+    if factor == 1 and shape == tuple(x.shape[2:]):
         return x
-    shape = level_shape(x.shape[2:], factor)
     mode = "bilinear" if x.ndim == 4 else "trilinear"
     if not smooth:
         return F.interpolate(x, size=shape, mode=mode, align_corners=True)

@@ -230,8 +230,10 @@ class Objective:
         self.fixed_geom, self.moving_geom = fixed_geom, moving_geom
         shape = tuple(fixed.shape[2:])
         self.mask = None
+        # masks and label maps on the levels' own grids (the image levels are made octave by
+        # octave, whose rounding can differ by a voxel from one resampling of the full grid)
         if mask is not None:
-            self.mask = downsample(mask.float(), factor, smooth=False) > 0.5
+            self.mask = downsample(mask.float(), factor, smooth=False, shape=shape) > 0.5
         self.labels: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         self.landmarks: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         for p in prompts:
@@ -239,8 +241,10 @@ class Objective:
                 values = p.labels
                 if values is None:
                     values = [int(v) for v in torch.unique(p.fixed) if int(v) != 0]
-                fo = downsample(one_hot(p.fixed.long(), values).to(fixed.dtype), factor)
-                mo = downsample(one_hot(p.moving.long(), values).to(fixed.dtype), factor)
+                fo = downsample(one_hot(p.fixed.long(), values).to(fixed.dtype), factor,
+                                shape=shape)  # fmt: skip
+                mo = downsample(one_hot(p.moving.long(), values).to(fixed.dtype), factor,
+                                shape=moving.shape[2:])  # fmt: skip
                 self.labels.append((fo, mo, p.weight))
             else:
                 xf = torch.as_tensor(np.asarray(p.fixed), dtype=torch.float64)
