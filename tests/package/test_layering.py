@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("solvers",),
     ("training",),
     ("methods",),
-    ("evaluation", "report"),
+    ("evaluation", "report", "viewer"),
     ("cli",),
     ("__main__",),
 ]

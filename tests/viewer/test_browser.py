@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,14 +16,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import demo_brains  # noqa: E402
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# software WebGL (SwiftShader): no GPU, no display; no network services of the browser itself
-CHROMIUM_ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--use-angle=swiftshader",
-    "--enable-unsafe-swiftshader", "--disable-background-networking", "--disable-sync",
-    "--disable-component-update", "--no-first-run", "--disable-quic",
-]  # fmt: skip
 
 
 def _unavailable(reason: str) -> None:
@@ -69,25 +60,19 @@ def _page(tmp: Path) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def browser_page(tmp_path_factory):
     try:
-        from playwright.sync_api import sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         _unavailable("playwright is not installed (pip install playwright)")
-    if not Path(CHROMIUM).exists():
-        _unavailable(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    from unireg.viewer.browser import chromium_path, headless_chromium, open_report
+
+    if not chromium_path().exists():
+        _unavailable(f"no Chromium at {chromium_path()} (apt-get install chromium)")
     path, metrics = _page(tmp_path_factory.mktemp("report"))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1000})
-        log: dict = {"console": [], "requests": [], "metrics": metrics, "path": path}
-        page.on("console", lambda m: log["console"].append((m.type, m.text)))
-        page.on("pageerror", lambda e: log["console"].append(("pageerror", str(e))))
-        page.on("request", lambda r: log["requests"].append(r.url))
-        page.goto(path.as_uri())
-        page.wait_for_function("window.unireg && (window.unireg.ready || "
-                               "window.unireg.errors.length > 0)", timeout=90_000)  # fmt: skip
+    with headless_chromium() as browser:
+        page, log = open_report(browser, path)
+        log.update(metrics=metrics, path=path)
         log["first_draw_ms"] = page.evaluate("window.unireg.firstDrawMs")
         yield page, log
-        browser.close()
 
 
 def _crosshair_mm(page, view: str) -> np.ndarray:

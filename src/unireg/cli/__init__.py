@@ -66,6 +66,18 @@ def add_threads_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_report_resolution(p: argparse.ArgumentParser) -> None:
+    """``--report-resolution``: the voxel size of the volumes a report page embeds."""
+    p.add_argument(
+        "--report-resolution",
+        type=float,
+        default=2.0,
+        metavar="MM",
+        help="voxel size (mm) of the volumes report.html embeds; images finer than this are "
+        "resampled, coarser ones kept (default 2: a few MB per page for 1 mm volumes)",
+    )
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser of the ``unireg`` command (no torch, no NumPy). With ``argv``, only
     the verb it names gets its full parser (the others a placeholder with their help line),

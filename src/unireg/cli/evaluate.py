@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from unireg.cli import VERBS, add_threads_flag
+from unireg.cli import VERBS, add_report_resolution, add_threads_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -57,8 +57,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "linked to its own interactive page case-NNNN.html, see unireg view; a few MB per "
         "registration)",
     )
-    from unireg.cli.view import add_report_resolution
-
     add_report_resolution(p)
     p.add_argument("--quiet", "-q", action="store_true")
     add_threads_flag(p)

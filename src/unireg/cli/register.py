@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unireg.cli import VERBS, add_orientation_flag, add_threads_flag
+from unireg.cli import VERBS, add_orientation_flag, add_report_resolution, add_threads_flag
 from unireg.methods.base import OptionInfo
 from unireg.methods.registry import entries
 
@@ -109,8 +109,6 @@ def add_registration_arguments(p: argparse.ArgumentParser) -> None:
         help="also write report.png (the default when no format is given), report.html (an "
         "interactive page built on NiiVue that works offline; see unireg view) or both",
     )
-    from unireg.cli.view import add_report_resolution
-
     add_report_resolution(p)
     p.add_argument(
         "--compression",

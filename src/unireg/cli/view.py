@@ -5,19 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from unireg.cli import VERBS, add_orientation_flag, add_threads_flag
-
-
-def add_report_resolution(p: argparse.ArgumentParser) -> None:
-    """``--report-resolution``: the voxel size of the volumes a report page embeds."""
-    p.add_argument(
-        "--report-resolution",
-        type=float,
-        default=2.0,
-        metavar="MM",
-        help="voxel size (mm) of the volumes report.html embeds; images finer than this are "
-        "resampled, coarser ones kept (default 2: a few MB per page for 1 mm volumes)",
-    )
+from unireg.cli import VERBS, add_orientation_flag, add_report_resolution, add_threads_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

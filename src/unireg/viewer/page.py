@@ -388,7 +388,7 @@ def build_report(
                              ("outline_axial", 2)):  # fmt: skip
             in_plane = tuple(a for a in range(fgrid.ndim) if to_world[a] != normal)
             volumes[name] = nifti_base64(label_outline(lab_r, in_plane).astype(dtype), fgrid)
-        centres = label_centres(fixed_labels.data[0].cpu().numpy(), fixed_labels.geometry)
+        centres = label_centres(lab_r, fgrid)  # on the grid the page shows
         labels = _label_rows(metrics, centres)
         if not labels:  # no Dice in the metrics: the labels alone, for the outline colours
             labels = [{"label": k, "dice": None, "hd95": None, "centre": c}

@@ -86,7 +86,15 @@
   const tables = el("div", { class: "tables" });
   const kv = (obj) => {
     const t = el("table");
-    for (const [k, v] of Object.entries(obj)) t.append(el("tr", {}, el("td", { text: k }), el("td", { class: typeof v === "number" ? "num" : "", text: fmt(v) })));
+    for (const [k, v] of Object.entries(obj)) {
+      let text = fmt(v);
+      if (k === "inputs" && v && typeof v === "object") {  // one line per input file
+        text = Object.entries(v).map(([name, r]) => `${name}: ${r && r.path ? r.path : fmt(r)}`).join("\n");
+      } else if (k === "command" && Array.isArray(v)) {
+        text = v.join(" ");
+      }
+      t.append(el("tr", {}, el("td", { text: k }), el("td", { class: typeof v === "number" ? "num" : "pre", text })));
+    }
     return t;
   };
   tables.append(el("div", {}, el("h3", { text: "metrics" }), el("div", { class: "scroll" }, kv(data.metrics || {}))));
