@@ -145,3 +145,32 @@ def demo_brains():
     images = [load_image(str(data / f"{n}.nii.gz")) for n in names]
     labels = [load_labels(str(data / f"{n}_DLMUSE.nii.gz")) for n in names]
     return images[0], images[1], labels[0], labels[1]
+
+
+def write_nifti(path: Path, data, affine) -> Path:
+    """Save an array as NIfTI with ``affine``; returns the path."""
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
+    return path
+
+
+def oblique_pair(
+    folder: Path,
+    shape: tuple[int, int, int],
+    seed: int,
+    fixed_origin: tuple[float, float, float],
+    moving_angles: tuple[float, float, float],
+    moving_origin: tuple[float, float, float],
+):
+    """A small 3D pair, one smooth image on two grids of 2 x 2 x 2.2 mm (the moving one
+    turned by ``moving_angles`` degrees), with two-label maps: ``(fixed, moving,
+    fixed_labels, moving_labels)`` paths in ``folder``."""
+    vol = smooth_image(shape, seed=seed)[0, 0].numpy().astype(np.float32)
+    fixed_aff = oblique_affine((2.0, 2.0, 2.2), (0, 0, 0), fixed_origin)
+    moving_aff = oblique_affine((2.0, 2.0, 2.2), moving_angles, moving_origin)
+    labels = (vol > np.percentile(vol, 60)).astype(np.int16) + (vol > np.percentile(vol, 85))
+    return (write_nifti(folder / "fixed.nii.gz", vol, fixed_aff),
+            write_nifti(folder / "moving.nii.gz", vol, moving_aff),
+            write_nifti(folder / "fixed_labels.nii.gz", labels, fixed_aff),
+            write_nifti(folder / "moving_labels.nii.gz", labels, moving_aff))  # fmt: skip

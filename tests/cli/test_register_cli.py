@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import oblique_affine, shared_file, smooth_image
+from conftest import oblique_pair, shared_file, write_nifti
 
 from unireg.cli import main
 from unireg.io import load_image, load_labels, resample
@@ -18,23 +17,10 @@ from unireg.metrics import label_metrics
 from unireg.solvers.api import fit_levels
 
 
-def _write(path, data, affine):
-    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
-    return path
-
-
 @pytest.fixture
 def pair(tmp_path):
     """A small 3D pair on different oblique grids, with label maps."""
-    vol = smooth_image((28, 30, 26), seed=4)[0, 0].numpy().astype(np.float32)
-    fixed_aff = oblique_affine((2.0, 2.0, 2.2), (0, 0, 0), (-28, -30, -28))
-    moving_aff = oblique_affine((2.0, 2.0, 2.2), (6, -4, 5), (-25, -32, -27))
-    labels = (vol > np.percentile(vol, 60)).astype(np.int16) + (vol > np.percentile(vol, 85))
-    f = _write(tmp_path / "fixed.nii.gz", vol, fixed_aff)
-    m = _write(tmp_path / "moving.nii.gz", vol, moving_aff)
-    fl = _write(tmp_path / "fixed_labels.nii.gz", labels, fixed_aff)
-    ml = _write(tmp_path / "moving_labels.nii.gz", labels, moving_aff)
-    return f, m, fl, ml
+    return oblique_pair(tmp_path, (28, 30, 26), 4, (-28, -30, -28), (6, -4, 5), (-25, -32, -27))
 
 
 def test_fit_levels_keeps_coarse_levels_for_brains_and_clamps_small_images():
@@ -91,7 +77,7 @@ def test_register_affine_mat_is_read_by_ants(pair, tmp_path):
 
 def test_register_errors_name_the_file_and_leave_nothing(pair, tmp_path, capsys):
     f, m, fl, ml = pair
-    flat = _write(tmp_path / "flat.nii.gz", np.zeros((20, 20), np.float32), np.eye(4))
+    flat = write_nifti(tmp_path / "flat.nii.gz", np.zeros((20, 20), np.float32), np.eye(4))
     out = tmp_path / "bad"
     assert main(["register", str(f), str(flat), "-o", str(out), "-q"]) == 1
     assert "flat.nii.gz" in capsys.readouterr().err

@@ -13,27 +13,15 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import oblique_affine, smooth_image  # noqa: E402
+from conftest import oblique_pair, write_nifti  # noqa: E402
 
 from unireg.cli import main  # noqa: E402
 from unireg.io.outputs import manifest_problems  # noqa: E402
 
 
-def _write(path, data, affine):
-    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
-    return path
-
-
 @pytest.fixture
 def pair(tmp_path):
-    vol = smooth_image((24, 26, 22), seed=3)[0, 0].numpy().astype(np.float32)
-    fixed_aff = oblique_affine((2.0, 2.0, 2.2), (0, 0, 0), (-24, -26, -24))
-    moving_aff = oblique_affine((2.0, 2.0, 2.2), (5, -3, 4), (-22, -27, -23))
-    labels = (vol > np.percentile(vol, 60)).astype(np.int16) + (vol > np.percentile(vol, 85))
-    return (_write(tmp_path / "fixed.nii.gz", vol, fixed_aff),
-            _write(tmp_path / "moving.nii.gz", vol, moving_aff),
-            _write(tmp_path / "fixed_labels.nii.gz", labels, fixed_aff),
-            _write(tmp_path / "moving_labels.nii.gz", labels, moving_aff))  # fmt: skip
+    return oblique_pair(tmp_path, (24, 26, 22), 3, (-24, -26, -24), (5, -3, 4), (-22, -27, -23))
 
 
 def _data(page: str) -> dict:
@@ -93,7 +81,7 @@ def test_view_refuses_bad_folders_and_names_the_file(pair, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["register", str(f), str(m), "-o", str(out), "--method", "affine", "-q"]) == 0
     # the fixed image given is not the grid the transform is on
-    other = _write(tmp_path / "other.nii.gz", np.zeros((5, 5, 5), np.float32) + 1, np.eye(4))
+    other = write_nifti(tmp_path / "other.nii.gz", np.zeros((5, 5, 5), np.float32) + 1, np.eye(4))
     assert main(["view", str(out), "--fixed", str(other)]) == 1
     err = capsys.readouterr().err
     assert "transform.nii.gz" in err and "grid" in err
