@@ -20,6 +20,7 @@ Formats:
 from __future__ import annotations
 
 import re
+import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,6 +113,21 @@ def _matrix_from_itk(name: str, params: np.ndarray, fixed: np.ndarray, path: Pat
     return ras_to_lps_matrix(d) @ lps @ ras_to_lps_matrix(d)
 
 
+def matlab_v4(columns: dict[str, np.ndarray]) -> bytes:
+    """MATLAB level-4 file bytes holding each array as a little-endian float64 column vector,
+    as ITK's MatlabTransformIO writes and reads them (the same bytes as
+    ``scipy.io.savemat(..., format="4")``, without importing scipy.io: 0.3 s of the whole
+    register command)."""
+    out = bytearray()
+    for name, values in columns.items():
+        column = np.asarray(values, dtype="<f8").reshape(-1)
+        encoded = name.encode("ascii") + b"\0"
+        # type 0 (little-endian float64 full matrix), rows, columns, no imaginary part, name
+        out += struct.pack("<5i", 0, column.size, 1, 0, len(encoded)) + encoded
+        out += column.tobytes()
+    return bytes(out)
+
+
 def save_affine(transform: AffineTransform, path: str | Path) -> Path:
     """Write a fixed->moving world affine as an ITK/ANTs ``.mat`` or ``.txt``/``.tfm`` file.
 
@@ -126,13 +142,7 @@ def save_affine(transform: AffineTransform, path: str | Path) -> Path:
     if suffix == ".mat":
 
         def writer(tmp: Path) -> None:
-            import scipy.io  # 0.1 s to import: only for .mat files
-
-            scipy.io.savemat(
-                str(tmp),
-                {name: params.reshape(-1, 1), "fixed": fixed.reshape(-1, 1)},
-                format="4",
-            )
+            tmp.write_bytes(matlab_v4({name: params, "fixed": fixed}))
 
     else:
         text = (
