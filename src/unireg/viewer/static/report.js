@@ -202,6 +202,8 @@
     }
     fillChecker(checkerV, fixedW, warped);
     Object.assign(vol, { outlineF, kpF, kpM, warped, checker: checkerV, outlineW, logjac, folds: foldsV, grid, kpW });
+    configurePlane();
+    configureOverlays();
     addAll(nvF, [fixedF, outlineF, kpF]);
     addAll(nvM, [moving, kpM]);
     addAll(nvW, [fixedW, warped, checkerV, outlineW, logjac, foldsV, grid, kpW]);
@@ -211,7 +213,7 @@
     for (const [name, nv] of Object.entries(state.views)) {
       nv.onLocationChange = (loc) => { location.textContent = `${name}: ${loc && loc.string ? loc.string : ""}`; };
     }
-    applyPlane();
+    for (const nv of [nvF, nvM, nvW]) nv.setSliceType(sliceType());
   }
 
   // fixed and warped in alternating blocks of data.checker_block voxels (NIfTI order: x fastest)
@@ -223,17 +225,16 @@
     }
   }
 
-  function applyPlane() {
-    const type = { render: NV.SLICE_TYPE.RENDER, multi: NV.SLICE_TYPE.MULTIPLANAR, axial: NV.SLICE_TYPE.AXIAL, coronal: NV.SLICE_TYPE.CORONAL, sagittal: NV.SLICE_TYPE.SAGITTAL }[plane.value];
-    // grid sheets lying in the viewed plane are hidden (axial: S, coronal: A, sagittal: R)
+  const sliceType = () => ({ render: NV.SLICE_TYPE.RENDER, multi: NV.SLICE_TYPE.MULTIPLANAR, axial: NV.SLICE_TYPE.AXIAL, coronal: NV.SLICE_TYPE.CORONAL, sagittal: NV.SLICE_TYPE.SAGITTAL }[plane.value]);
+  // the volumes' settings for the chosen plane, without a GPU upload: grid sheets lying in
+  // the viewed plane are hidden (axial: S, coronal: A, sagittal: R); the outlines of that plane
+  function configurePlane() {
     const hidden = { render: 0, multi: 0, axial: 3, coronal: 2, sagittal: 1 }[plane.value];
     vol.grid.setColormapLabel(gridLut(hidden));
     for (const v of [vol.outlineF, vol.outlineW]) if (v) v.img = outlines[plane.value];
-    for (const nv of Object.values(state.views)) nv.setSliceType(type);
-    applyOverlays(true);
   }
-  // overlay visibility from the controls; one GPU upload per view that changed
-  function applyOverlays(all = false) {
+  // the overlays' visibility from the controls, without a GPU upload
+  function configureOverlays() {
     const f = Number(fade.value) / 100;
     const set = (v, o) => { if (v) v.opacity = o; };
     set(vol.warped, checker.checked ? 0 : f);
@@ -244,8 +245,17 @@
     for (const v of [vol.kpF, vol.kpM, vol.kpW]) set(v, kpC.checked ? 1 : 0);
     const cm = outlineLut();
     for (const v of [vol.outlineF, vol.outlineW]) if (v) { v.setColormapLabel(cm); v.opacity = outline.checked ? 1 : 0; }
-    const changed = all ? Object.values(state.views) : [state.views.warped, ...(vol.outlineF || vol.kpF ? [state.views.fixed] : []), ...(vol.kpM ? [state.views.moving] : [])];
-    for (const nv of changed) { nv.updateGLVolume(); }
+  }
+  function applyPlane() {
+    configurePlane();
+    configureOverlays();
+    for (const nv of Object.values(state.views)) { nv.setSliceType(sliceType()); nv.updateGLVolume(); }
+  }
+  // one GPU upload per view whose overlays changed
+  function applyOverlays() {
+    configureOverlays();
+    const changed = [state.views.warped, ...(vol.outlineF || vol.kpF ? [state.views.fixed] : []), ...(vol.kpM ? [state.views.moving] : [])];
+    for (const nv of changed) nv.updateGLVolume();
   }
   function applyOverlaysWarped() {
     const f = Number(fade.value) / 100;
