@@ -54,7 +54,12 @@ def _page(tmp: Path) -> tuple[Path, dict]:
                         fixed_labels=flab, keypoints=kp, title="browser test")  # fmt: skip
     path = tmp / "report.html"
     write_report(path, page)
-    return path, metrics
+    from unireg.spatial.field import displacement_jacobian_determinant
+
+    folded = (displacement_jacobian_determinant(u, geom) <= 0).nonzero()
+    assert len(folded) >= 1  # the spike folds the map (beside it, along world R)
+    fold = geom.voxel_to_world[:3, :3] @ folded[0].double().numpy() + geom.voxel_to_world[:3, 3]
+    return path, {**metrics, "fold_mm": fold.tolist()}
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +167,24 @@ def test_overlays_draw_and_label_rows_lead_to_their_label(browser_page):
     _set(page, f'#labels tr[data-label="{target["label"]}"]', "e.click()")
     for v in ("fixed", "warped"):
         assert np.allclose(_crosshair_mm(page, v), target["centre"], atol=1.5)
+    # the read-out under the views names the label the crosshair is in, with its Dice
+    where = page.evaluate("document.getElementById('location').textContent")
+    assert f"label {target['label']}, Dice {target['dice']:.3f}" in where
     _set(page, f'#labels tr[data-label="{target["label"]}"]', "e.click()")
     _set(page, "#plane", "e.value = 'axial'; e.dispatchEvent(new Event('change'))")
     axial = _canvas(page, "warped")
     _set(page, "#grid", "e.click()")
     assert np.abs(_canvas(page, "warped") - axial).mean() > 1.0
     assert page.evaluate("window.unireg.errors") == []
+
+
+def test_readout_marks_the_fold(browser_page):
+    page, log = browser_page
+    mm = log["metrics"]["fold_mm"]
+    page.evaluate(f"window.unireg.moveTo({mm})")
+    page.wait_for_timeout(300)
+    where = page.evaluate("document.getElementById('location').textContent")
+    assert "folded here" in where and "Jacobian det" in where
+    page.evaluate(f"window.unireg.moveTo([{mm[0] + 30}, {mm[1]}, {mm[2]}])")
+    page.wait_for_timeout(300)
+    assert "folded here" not in page.evaluate("document.getElementById('location').textContent")

@@ -164,7 +164,8 @@ def test_report_page_is_self_contained_and_carries_the_registration():
                "folding_percent": 0.1}  # fmt: skip
     kp = Keypoints(np.array([[0.0, 0, 0]]), np.array([[-15.0, 0, 0]]), np.array([[12.0, 0, 0]]))
     page = build_report(fixed, moving, transform, metrics=metrics, fixed_labels=labels,
-                        keypoints=kp, resolution=2.0, title="a <b> test")  # fmt: skip
+                        keypoints=kp, resolution=2.0, title="a <b> test",
+                        label_names={300: "</script> cortex"})  # fmt: skip
     # offline: every script inline, nothing loaded from anywhere, a CSP that forbids it
     assert "default-src 'none'" in page
     assert not re.search(r"<(script|img|link|iframe)[^>]*\s(src|href)=", page)
@@ -172,6 +173,9 @@ def test_report_page_is_self_contained_and_carries_the_registration():
     data = page_data(page)
     assert [r["label"] for r in data["labels"]] == [300, 2]  # worst Dice first
     assert data["labels"][0]["hd95"] == 7.0 and data["labels"][0]["centre"] is not None
+    # names reach the table; a name cannot end the data's script element
+    assert data["labels"][0]["name"] == "</script> cortex" and data["labels"][1]["name"] is None
+    assert "</script> cortex" not in page
     assert data["metrics"]["dice_mean"] == 0.5 and "dice_2" not in data["metrics"]
     assert data["settings"]["spec"] == "syn" and "inputs" in data["settings"]
     assert data["folded_voxels"] > 0

@@ -66,8 +66,8 @@ def add_threads_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_report_resolution(p: argparse.ArgumentParser) -> None:
-    """``--report-resolution``: the voxel size of the volumes a report page embeds."""
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    """``--report-resolution`` and ``--label-names``: the report page's grid and names."""
     p.add_argument(
         "--report-resolution",
         type=float,
@@ -75,6 +75,14 @@ def add_report_resolution(p: argparse.ArgumentParser) -> None:
         metavar="MM",
         help="voxel size (mm) of the volumes report.html embeds; images finer than this are "
         "resampled, coarser ones kept (default 2: a few MB per page for 1 mm volumes)",
+    )
+    p.add_argument(
+        "--label-names",
+        default=None,
+        metavar="FILE",
+        help="names of the label values for report.html: a CSV with a header (an integer "
+        "column and a name column, as DLMUSE's MUSE_listROIs.csv), FreeSurfer's colour table "
+        "(FreeSurferColorLUT.txt) or a JSON object",
     )
 
 

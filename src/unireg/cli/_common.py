@@ -65,3 +65,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     from unireg.io.files import write_atomic
 
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def label_names(args: Any) -> dict[int, str] | None:
+    """The ``--label-names`` table, read once and kept on ``args`` (read before any heavy
+    work, so a bad file is refused at once)."""
+    if getattr(args, "label_names", None) is None:
+        return None
+    table: dict[int, str] | None = getattr(args, "label_names_table", None)
+    if table is None:
+        from unireg.io.label_names import read_label_names
+
+        table = read_label_names(args.label_names)
+        args.label_names_table = table
+    return table

@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from unireg.cli._common import device, threads
+    from unireg.cli._common import device, label_names, threads
     from unireg.cli.register import check, compute, method_options, publish
     from unireg.errors import UniregError
     from unireg.evaluation.harness import pairs_from_csv
@@ -206,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         raise UniregError(f"--batch-size must be >= 1, got {args.batch_size}")
     entry = entries()[args.method]
     options = method_options(args)  # before any file is read
+    label_names(args)
     spec = options.to_spec(args.method)
     pairs = pairs_from_csv(args.pairs)
     ids = pair_ids(pairs)

@@ -75,11 +75,13 @@ def _demo(args: argparse.Namespace, out: Any, data: Any, *paths: Any) -> None:
     write_json(out / "metrics.json", json_ready({"method": spec, **metrics}))
     title = f"unireg demo: {spec}, IXI013 onto IXI012"
     registration_report(result, fixed, moving, out / "report.png", metrics=metrics, title=title)
+    from unireg.io.label_names import read_label_names
     from unireg.viewer.page import build_report, write_report
 
     page = build_report(
         fixed, moving, result.transform, metrics={"spec": spec, **metrics}, fixed_labels=flab,
         displacement=result.displacement(), title=title,
+        label_names=read_label_names(str(data / "MUSE_listROIs.csv")),
     )  # fmt: skip
     write_report(out / "report.html", page)
     print("comparing with no registration and the affine stage alone ...")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from unireg.cli import VERBS, add_report_resolution, add_threads_flag
+from unireg.cli import VERBS, add_report_options, add_threads_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -57,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "linked to its own interactive page case-NNNN.html, see unireg view; a few MB per "
         "registration)",
     )
-    add_report_resolution(p)
+    add_report_options(p)
     p.add_argument("--quiet", "-q", action="store_true")
     add_threads_flag(p)
     return p
@@ -109,10 +109,13 @@ def run(args: argparse.Namespace) -> int:
         raise UniregError("no method left to run")
     if args.report_resolution <= 0:
         raise UniregError(f"--report-resolution must be > 0 mm, got {args.report_resolution}")
+    from unireg.cli._common import label_names
+
+    names = label_names(args)
     start = time.perf_counter()
     with OutputFolder(args.output, EVALUATION_OUTPUTS, command="unireg evaluate") as folder:
         assert folder.stage is not None
-        pages = CasePages(folder.stage, args.report_resolution) if args.report else None
+        pages = CasePages(folder.stage, args.report_resolution, names) if args.report else None
         rows = evaluate(
             pairs, methods, args.angles, axes=args.axes, translation=args.translation,
             scale=args.scale, seed=args.seed, hd95=not args.no_hd95, progress=not args.quiet,
@@ -140,9 +143,10 @@ class CasePages:
     """``--report html``: each registration's page (``case-NNNN.html``) written into the
     staging folder as it is made, then ``report.html``, the index that links them."""
 
-    def __init__(self, stage: Any, resolution: float) -> None:
+    def __init__(self, stage: Any, resolution: float, names: dict[int, str] | None) -> None:
         self.stage = stage
         self.resolution = resolution
+        self.names = names
         self.links: list[str | None] = []
 
     def __call__(self, done: Any) -> None:
@@ -158,6 +162,7 @@ class CasePages:
             fixed, done.moving.with_data(done.moving.data.cpu()), done.result.transform,
             metrics=metrics, fixed_labels=done.fixed_labels,
             displacement=done.result.displacement(), resolution=self.resolution, title=title,
+            label_names=self.names,
         )  # fmt: skip
         write_report(self.stage / name, page)
         self.links.append(name)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unireg.cli import VERBS, add_orientation_flag, add_report_resolution, add_threads_flag
+from unireg.cli import VERBS, add_orientation_flag, add_report_options, add_threads_flag
 from unireg.methods.base import OptionInfo
 from unireg.methods.registry import entries
 
@@ -109,7 +109,7 @@ def add_registration_arguments(p: argparse.ArgumentParser) -> None:
         help="also write report.png (the default when no format is given), report.html (an "
         "interactive page built on NiiVue that works offline; see unireg view) or both",
     )
-    add_report_resolution(p)
+    add_report_options(p)
     p.add_argument(
         "--compression",
         type=int,
@@ -190,8 +190,9 @@ OUTPUTS = (
 
 
 def check_arguments(args: argparse.Namespace) -> Any:
-    """Everything about the command line that can be checked without reading a file: the
-    method's options and the combinations of flags. Returns the validated options."""
+    """Everything about the command line that can be checked before the inputs are read: the
+    method's options, the combinations of flags and the label-name table. Returns the
+    validated options."""
     from unireg.errors import UniregError
 
     entry = entries()[args.method]
@@ -207,6 +208,9 @@ def check_arguments(args: argparse.Namespace) -> Any:
         raise UniregError(f"--label-prompt must be >= 0, got {args.label_prompt}")
     if args.report_resolution <= 0:
         raise UniregError(f"--report-resolution must be > 0 mm, got {args.report_resolution}")
+    from unireg.cli._common import label_names
+
+    label_names(args)  # a small table: refused here when bad, before any heavy work
     if args.landmark_weight <= 0:
         raise UniregError(f"--landmark-weight must be > 0, got {args.landmark_weight}")
     steering = [n for n, given in (("labels", args.label_prompt > 0),
@@ -403,6 +407,7 @@ def write_html_report(
     """``report.html`` of a registration (:mod:`unireg.viewer.page`)."""
     import numpy as np
 
+    from unireg.cli._common import label_names
     from unireg.result import KeyMorphExtras
     from unireg.spatial.transform import DisplacementFieldTransform
     from unireg.viewer.page import Keypoints, build_report, write_report
@@ -420,7 +425,7 @@ def write_html_report(
     page = build_report(
         fixed.with_data(fixed.data.cpu()), inputs.moving.with_data(inputs.moving.data.cpu()),
         transform, metrics=metrics, fixed_labels=inputs.fixed_labels,
-        displacement=displacement, keypoints=keypoints,
+        displacement=displacement, keypoints=keypoints, label_names=label_names(args),
         resolution=args.report_resolution,
         title=f"{done.spec}: {Path(args.moving).name} onto {Path(args.fixed).name}",
     )  # fmt: skip

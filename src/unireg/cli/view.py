@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from unireg.cli import VERBS, add_orientation_flag, add_report_resolution, add_threads_flag
+from unireg.cli import VERBS, add_orientation_flag, add_report_options, add_threads_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="the fixed label map (default: as recorded, if any)")  # fmt: skip
     p.add_argument("--output", "-o", default=None,
                    help="write the page here instead of OUTDIR/report.html")  # fmt: skip
-    add_report_resolution(p)
+    add_report_options(p)
     add_orientation_flag(p)
     add_threads_flag(p)
     p.add_argument("--quiet", "-q", action="store_true")
@@ -47,11 +47,14 @@ def run(args: argparse.Namespace) -> int:
     threads(args)
     if args.report_resolution <= 0:
         raise UniregError(f"--report-resolution must be > 0 mm, got {args.report_resolution}")
+    from unireg.cli._common import label_names
     from unireg.viewer.page import folder_report, write_report
 
+    names = label_names(args)
     page, warnings = folder_report(
         args.outdir, fixed=args.fixed, moving=args.moving, fixed_labels=args.fixed_labels,
         resolution=args.report_resolution, assume_orientation=args.assume_orientation,
+        label_names=names,
     )  # fmt: skip
     for line in warnings:
         print(f"unireg view: warning: {line}", file=sys.stderr)

@@ -13,6 +13,8 @@ Volumes (world coordinates RAS+ mm, as every NIfTI unireg writes):
   warped image uses the moving image's window);
 - (the page itself builds the checkerboard of fixed and warped from those two, in blocks of
   ``CHECKER_MM``);
+- ``labels``: the fixed label map itself (not drawn: the read-out under the views names the
+  label at the crosshair and its Dice from it);
 - ``outline``: the boundary voxels of the fixed label map, each keeping its label value (in
   3D, and ``outline_axial``/``_coronal``/``_sagittal`` within each viewing plane);
 - ``logjac``: ``log2`` of the transform's Jacobian determinant (int8, 1/32 steps, clipped to
@@ -272,7 +274,9 @@ def niivue_version() -> str:
 
 
 def _label_rows(
-    metrics: Mapping[str, Any], centres: dict[int, list[float]]
+    metrics: Mapping[str, Any],
+    centres: dict[int, list[float]],
+    names: Mapping[int, str] | None = None,
 ) -> list[dict[str, Any]]:
     rows = []
     for key, value in metrics.items():
@@ -281,7 +285,8 @@ def _label_rows(
         label = int(key[5:])
         dice = float(value)
         hd = metrics.get(f"hd95_{label}")
-        rows.append({"label": label, "dice": None if math.isnan(dice) else dice,
+        rows.append({"label": label, "name": (names or {}).get(label),
+                     "dice": None if math.isnan(dice) else dice,
                      "hd95": None if hd is None or math.isnan(float(hd)) else float(hd),
                      "centre": centres.get(label)})  # fmt: skip
     # the labels that fail most first (labels without a Dice last)
@@ -335,6 +340,7 @@ def build_report(
     keypoints: Keypoints | None = None,
     resolution: float = REPORT_RESOLUTION,
     title: str = "unireg registration",
+    label_names: Mapping[int, str] | None = None,
 ) -> str:
     """The report page (HTML text) of a registration of ``moving`` onto ``fixed`` by
     ``transform`` (fixed world -> moving world, mm).
@@ -342,7 +348,8 @@ def build_report(
     ``displacement`` is the forward world displacement on the fixed grid (``(d, *shape)``
     mm, as :meth:`~unireg.result.RegistrationResult.displacement`), computed when not
     given; ``metrics`` is the ``metrics.json`` dict (per-label Dice and HD95 feed the label
-    table); ``resolution`` is the report grid's voxel size in mm."""
+    table); ``label_names`` names the label values (:mod:`unireg.io.label_names`);
+    ``resolution`` is the report grid's voxel size in mm."""
     metrics = dict(metrics or {})
     fixed, moving = _first_channel(fixed), _first_channel(moving)
     fixed = fixed.with_data(fixed.data.cpu(), fixed.affine)
@@ -381,6 +388,7 @@ def build_report(
     if fixed_labels is not None:
         lab_r = resample(fixed_labels, fgrid).data[0].numpy()
         dtype = np.uint8 if lab_r.max(initial=0) < 256 else np.int16
+        volumes["labels"] = nifti_base64(lab_r.astype(dtype), fgrid)  # for the read-out
         volumes["outline"] = nifti_base64(label_outline(lab_r).astype(dtype), fgrid)
         # the outline of each viewing plane (sagittal, coronal, axial: normal R, A, S)
         to_world = world_axes(fgrid)
@@ -389,9 +397,10 @@ def build_report(
             in_plane = tuple(a for a in range(fgrid.ndim) if to_world[a] != normal)
             volumes[name] = nifti_base64(label_outline(lab_r, in_plane).astype(dtype), fgrid)
         centres = label_centres(lab_r, fgrid)  # on the grid the page shows
-        labels = _label_rows(metrics, centres)
+        labels = _label_rows(metrics, centres, label_names)
         if not labels:  # no Dice in the metrics: the labels alone, for the outline colours
-            labels = [{"label": k, "dice": None, "hd95": None, "centre": c}
+            labels = [{"label": k, "name": (label_names or {}).get(k), "dice": None,
+                       "hd95": None, "centre": c}
                       for k, c in sorted(centres.items())]  # fmt: skip
     kp: dict[str, Any] | None = None
     if keypoints is not None:
@@ -496,6 +505,7 @@ def folder_report(
     fixed_labels: str | Path | None = None,
     resolution: float = REPORT_RESOLUTION,
     assume_orientation: str | None = None,
+    label_names: Mapping[int, str] | None = None,
 ) -> tuple[str, list[str]]:
     """The report page of a ``unireg register`` output folder, and warnings.
 
@@ -562,6 +572,7 @@ def folder_report(
     page = build_report(
         fixed_img, moving_img, transform, metrics=metrics, fixed_labels=labels,
         displacement=transform.field, keypoints=keypoints, resolution=resolution, title=title,
+        label_names=label_names,
     )  # fmt: skip
     return page, warnings
 

@@ -101,12 +101,14 @@
   const labelBox = el("div", {});
   if (data.labels && data.labels.length) {
     const t = el("table", { id: "labels" });
-    t.append(el("tr", {}, el("th", { text: "label" }), el("th", { class: "num", text: "Dice" }), el("th", { class: "num", text: "HD95 mm" })));
+    const named = data.labels.some((r) => r.name);
+    t.append(el("tr", {}, el("th", { text: "label" }), named ? el("th", { text: "name" }) : null, el("th", { class: "num", text: "Dice" }), el("th", { class: "num", text: "HD95 mm" })));
     for (const r of data.labels) {
       const [R, G, B] = labelColour(r.label);
       const sw = el("span", { class: "swatch" }); sw.style.background = `rgb(${R},${G},${B})`;
       const bar = el("span", { class: "bar" }); bar.style.width = `${Math.round(60 * (r.dice || 0))}px`;
       const row = el("tr", { "data-label": String(r.label) }, el("td", {}, sw, String(r.label)),
+        named ? el("td", { class: "name", text: r.name || "" }) : null,
         el("td", { class: "num" }, bar, " ", fmt(r.dice)), el("td", { class: "num", text: fmt(r.hd95) }));
       row.addEventListener("click", () => selectLabel(r, row));
       t.append(row);
@@ -154,8 +156,9 @@
   let selected = null;
   const maxLabel = Math.max(1, ...(data.labels || []).map((r) => r.label));
   // every label's outline, or the selected label's alone (NiiVue draws overlays opaque)
-  const outlineLut = () => lut([[0, [0, 0, 0], 0], ...(data.labels || []).map((r) => [r.label, labelColour(r.label), selected === null || selected === r.label ? 255 : 0,
-    `label ${r.label}` + (r.dice === null ? "" : ` Dice ${r.dice.toFixed(3)}`)])]);
+  const outlineLut = () => lut([[0, [0, 0, 0], 0], ...(data.labels || []).map((r) => [r.label, labelColour(r.label), selected === null || selected === r.label ? 255 : 0])]);
+  // the undrawn label map, read by the line under the views
+  const namesLut = lut([[0, [0, 0, 0], 0], ...(data.labels || []).map((r) => [r.label, [0, 0, 0], 0])]);
 
   const decode = (name, extra = {}) => NV.NVImage.loadFromBase64({ base64: data.volumes[name], name: `${name}.nii.gz`, ...extra });
   async function make(canvas) {
@@ -170,14 +173,21 @@
     nv.updateGLVolume();
   }
   const gray = { colormap: "gray", cal_min: 0, cal_max: 255 };
-  const labelOpts = (max, cm, opacity = 1) => ({ cal_min: 0, cal_max: max, opacity, colormapLabel: NV.cmapper.makeLabelLut(cm) });
+  // NiiVue's table from ours; its location read-out names value v by labels[v], not by
+  // labels[v - min], so the names are shifted to start at value 0
+  const labelTable = (cm) => {
+    const t = NV.cmapper.makeLabelLut(cm);
+    if (t.labels && t.min < 0) t.labels = t.labels.slice(-t.min);
+    return t;
+  };
+  const labelOpts = (max, cm, opacity = 1) => ({ cal_min: 0, cal_max: max, opacity, colormapLabel: labelTable(cm) });
   const vol = {};
   const outlines = {};
   async function setup() {
     const [nvF, nvM, nvW] = await Promise.all([make(cF), make(cM), make(cW)]);
     state.views = { fixed: nvF, moving: nvM, warped: nvW };
     const has = (name) => Boolean(data.volumes[name]);
-    const [fixedF, outlineF, kpF, moving, kpM, fixedW, warped, checkerV, outlineW, logjac, foldsV, grid, kpW] = await Promise.all([
+    const [fixedF, outlineF, kpF, moving, kpM, fixedW, warped, checkerV, outlineW, logjac, foldsV, grid, kpW, namesF, namesW] = await Promise.all([
       decode("fixed", gray),
       has("outline") ? decode("outline", labelOpts(maxLabel, outlineLut())) : null,
       has("kp_fixed") ? decode("kp_fixed", markers) : null,
@@ -191,6 +201,8 @@
       decode("folds", { colormap: "red", cal_min: 0.5, cal_max: 1, opacity: 1 }),
       decode("grid", labelOpts(3, gridLut(0), 0)),
       has("kp_fixed") ? decode("kp_fixed", markers) : null,
+      has("labels") ? decode("labels", labelOpts(maxLabel, namesLut, 0)) : null,
+      has("labels") ? decode("labels", labelOpts(maxLabel, namesLut, 0)) : null,
     ]);
     state.volumes = vol;
     // the outline arrays of each view plane, swapped into the outline volumes by applyPlane
@@ -201,19 +213,34 @@
       ["axial", "coronal", "sagittal"].forEach((p, i) => { outlines[p] = planes[i].img; });
     }
     fillChecker(checkerV, fixedW, warped);
-    Object.assign(vol, { outlineF, kpF, kpM, warped, checker: checkerV, outlineW, logjac, folds: foldsV, grid, kpW });
+    Object.assign(vol, { outlineF, kpF, kpM, warped, checker: checkerV, outlineW, logjac, folds: foldsV, grid, kpW, namesW });
     configurePlane();
     configureOverlays();
-    addAll(nvF, [fixedF, outlineF, kpF]);
+    addAll(nvF, [fixedF, namesF, outlineF, kpF]);
     addAll(nvM, [moving, kpM]);
-    addAll(nvW, [fixedW, warped, checkerV, outlineW, logjac, foldsV, grid, kpW]);
+    addAll(nvW, [fixedW, warped, checkerV, namesW, outlineW, logjac, foldsV, grid, kpW]);
     nvF.broadcastTo([nvM, nvW], { "2d": true, "3d": true });
     nvM.broadcastTo([nvF, nvW], { "2d": true, "3d": true });
     nvW.broadcastTo([nvF, nvM], { "2d": true, "3d": true });
-    for (const [name, nv] of Object.entries(state.views)) {
-      nv.onLocationChange = (loc) => { location.textContent = `${name}: ${loc && loc.string ? loc.string : ""}`; };
-    }
+    for (const nv of Object.values(state.views)) nv.onLocationChange = readout;
+    readout();
     for (const nv of [nvF, nvM, nvW]) nv.setSliceType(sliceType());
+  }
+
+  // the line under the views: the crosshair in world mm, the fixed label there with its
+  // Dice, the Jacobian determinant and whether the map folds there
+  const labelText = {};
+  for (const r of data.labels || []) labelText[r.label] = `label ${r.label}` + (r.name ? ` ${r.name}` : "") + (r.dice === null ? "" : `, Dice ${r.dice.toFixed(3)}`);
+  function readout() {
+    const nv = state.views.warped;
+    const mm = nv.frac2mm(nv.scene.crosshairPos);
+    const at = (img) => { const v = img.mm2vox([mm[0], mm[1], mm[2]]); return img.getValue(v[0], v[1], v[2]); };
+    const parts = [`R ${mm[0].toFixed(1)}  A ${mm[1].toFixed(1)}  S ${mm[2].toFixed(1)} mm`];
+    if (vol.namesW) { const k = Math.round(at(vol.namesW)); parts.push(k ? (labelText[k] || `label ${k}`) : "no label"); }
+    const lj = at(vol.logjac);
+    parts.push(`Jacobian det ${Math.pow(2, lj).toFixed(2)}` + (Math.abs(lj) >= data.logjac_limit ? " (or beyond)" : ""));
+    if (at(vol.folds) > 0.5) parts.push("folded here");
+    location.textContent = parts.join("  ·  ");
   }
 
   // fixed and warped in alternating blocks of data.checker_block voxels (NIfTI order: x fastest)
@@ -230,7 +257,7 @@
   // the viewed plane are hidden (axial: S, coronal: A, sagittal: R); the outlines of that plane
   function configurePlane() {
     const hidden = { render: 0, multi: 0, axial: 3, coronal: 2, sagittal: 1 }[plane.value];
-    vol.grid.setColormapLabel(gridLut(hidden));
+    vol.grid.colormapLabel = labelTable(gridLut(hidden));
     for (const v of [vol.outlineF, vol.outlineW]) if (v) v.img = outlines[plane.value];
   }
   // the overlays' visibility from the controls, without a GPU upload
@@ -244,7 +271,7 @@
     set(vol.grid, gridC.checked ? 0.9 : 0);
     for (const v of [vol.kpF, vol.kpM, vol.kpW]) set(v, kpC.checked ? 1 : 0);
     const cm = outlineLut();
-    for (const v of [vol.outlineF, vol.outlineW]) if (v) { v.setColormapLabel(cm); v.opacity = outline.checked ? 1 : 0; }
+    for (const v of [vol.outlineF, vol.outlineW]) if (v) { v.colormapLabel = labelTable(cm); v.opacity = outline.checked ? 1 : 0; }
   }
   function applyPlane() {
     configurePlane();
@@ -269,8 +296,9 @@
       nv.scene.crosshairPos = nv.mm2frac([mm[0], mm[1], mm[2] || 0]);
       nv.drawScene();
     }
-    state.views.warped.createOnLocationChange && state.views.warped.createOnLocationChange();
+    readout();
   }
+  state.moveTo = moveTo;  // world RAS mm, for scripts driving the page
   function selectLabel(r, row) {
     document.querySelectorAll("#labels tr.selected").forEach((x) => x.classList.remove("selected"));
     if (selected === r.label) { selected = null; } else { selected = r.label; row.classList.add("selected"); outline.checked = true; moveTo(r.centre); }
