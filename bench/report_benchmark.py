@@ -70,7 +70,8 @@ def main() -> None:
         "2 mm (IXI demo)": (
             demo / "IXI012-HH-1211-T1_ds.nii.gz", demo / "IXI013-HH-1212-T1_ds.nii.gz",
             ["--fixed-labels", str(demo / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"),
-             "--moving-labels", str(demo / "IXI013-HH-1212-T1_ds_DLMUSE.nii.gz")], [], [2.0],
+             "--moving-labels", str(demo / "IXI013-HH-1212-T1_ds_DLMUSE.nii.gz")],
+            ["--label-names", str(demo / "MUSE_listROIs.csv")], [2.0],
         ),
         "1 mm (Colin27 onto MNI152)": (
             SHARED / "antspy" / "mni.nii.gz", SHARED / "antspy" / "ch2.nii.gz", [],
