@@ -188,3 +188,20 @@ def test_readout_marks_the_fold(browser_page):
     page.evaluate(f"window.unireg.moveTo([{mm[0] + 30}, {mm[1]}, {mm[2]}])")
     page.wait_for_timeout(300)
     assert "folded here" not in page.evaluate("document.getElementById('location').textContent")
+
+
+def test_pointer_readout_names_the_label_under_it(browser_page):
+    page, _ = browser_page
+    box = page.locator("#view-warped").bounding_box()
+    seen = set()
+    for fx in (0.1, 0.15, 0.2, 0.25, 0.3, 0.35):
+        page.mouse.move(box["x"] + fx * box["width"], box["y"] + 0.15 * box["height"])
+        page.wait_for_timeout(100)
+        seen.add(page.evaluate("document.getElementById('location').textContent"))
+    hovered = [t for t in seen if t.startswith("pointer: ")]
+    assert len(hovered) >= 3 and any("label " in t for t in hovered)
+    page.mouse.move(box["x"] - 20, box["y"] - 20)  # off the canvas: back to the crosshair
+    page.wait_for_timeout(100)
+    assert not page.evaluate("document.getElementById('location').textContent").startswith(
+        "pointer"
+    )

@@ -222,7 +222,9 @@
     nvF.broadcastTo([nvM, nvW], { "2d": true, "3d": true });
     nvM.broadcastTo([nvF, nvW], { "2d": true, "3d": true });
     nvW.broadcastTo([nvF, nvM], { "2d": true, "3d": true });
-    for (const nv of Object.values(state.views)) nv.onLocationChange = readout;
+    for (const nv of Object.values(state.views)) nv.onLocationChange = () => readout();
+    hover(nvF, cF);
+    hover(nvW, cW);
     readout();
     for (const nv of [nvF, nvM, nvW]) nv.setSliceType(sliceType());
   }
@@ -231,16 +233,26 @@
   // Dice, the Jacobian determinant and whether the map folds there
   const labelText = {};
   for (const r of data.labels || []) labelText[r.label] = `label ${r.label}` + (r.name ? ` ${r.name}` : "") + (r.dice === null ? "" : `, Dice ${r.dice.toFixed(3)}`);
-  function readout() {
+  function readout(at_mm = null, prefix = "") {
     const nv = state.views.warped;
-    const mm = nv.frac2mm(nv.scene.crosshairPos);
+    const mm = at_mm || nv.frac2mm(nv.scene.crosshairPos);
     const at = (img) => { const v = img.mm2vox([mm[0], mm[1], mm[2]]); return img.getValue(v[0], v[1], v[2]); };
     const parts = [`R ${mm[0].toFixed(1)}  A ${mm[1].toFixed(1)}  S ${mm[2].toFixed(1)} mm`];
     if (vol.namesW) { const k = Math.round(at(vol.namesW)); parts.push(k ? (labelText[k] || `label ${k}`) : "no label"); }
     const lj = at(vol.logjac);
     parts.push(`Jacobian det ${Math.pow(2, lj).toFixed(2)}` + (Math.abs(lj) >= data.logjac_limit ? " (or beyond)" : ""));
     if (at(vol.folds) > 0.5) parts.push("folded here");
-    location.textContent = parts.join("  ·  ");
+    location.textContent = prefix + parts.join("  ·  ");
+  }
+  // the same read-out under the pointer, over the fixed and the warped views
+  function hover(nv, canvas) {
+    canvas.addEventListener("mousemove", (e) => {
+      const dpr = nv.uiData && nv.uiData.dpr ? nv.uiData.dpr : window.devicePixelRatio || 1;
+      const frac = nv.canvasPos2frac([e.offsetX * dpr, e.offsetY * dpr]);
+      if (!frac || frac[0] < 0) { readout(); return; }
+      readout(nv.frac2mm(frac), "pointer: ");
+    });
+    canvas.addEventListener("mouseleave", () => readout());
   }
 
   // fixed and warped in alternating blocks of data.checker_block voxels (NIfTI order: x fastest)
