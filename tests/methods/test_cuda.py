@@ -1,6 +1,6 @@
 """On CUDA: every registered method gives the CPU's result (Dice within 0.005), SITReg's
-grouped pairs give the one-pair results, and batch mode runs under torchrun with NCCL; skipped
-without a GPU."""
+grouped pairs give the one-pair results, batch mode runs under torchrun with NCCL, and
+register writes its HTML report from a CUDA result; skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -64,3 +64,22 @@ def test_batch_under_torchrun_with_nccl(tmp_path) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     with open(tmp_path / "out" / "summary.csv", newline="") as fh:
         assert [r["status"] for r in csv.DictReader(fh)] == ["done"] * 4
+
+
+def test_register_on_cuda_writes_the_html_report(tmp_path) -> None:
+    import json
+    from importlib.resources import files
+
+    from unireg.cli import main
+
+    demo = files("unireg.demo_data")
+    f, m = demo / "IXI012-HH-1211-T1_ds.nii.gz", demo / "IXI013-HH-1212-T1_ds.nii.gz"
+    fl, ml = (
+        demo / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz",
+        demo / "IXI013-HH-1212-T1_ds_DLMUSE.nii.gz",
+    )
+    out = tmp_path / "out"
+    assert main(["register", str(f), str(m), "-o", str(out), "--method", "sitreg", "--device",
+                 "cuda", "--fixed-labels", str(fl), "--moving-labels", str(ml), "--report",
+                 "html", "-q"]) == 0  # fmt: skip
+    assert "report.html" in json.loads((out / "manifest.json").read_text())["files"]

@@ -352,7 +352,7 @@ def build_report(
     ``resolution`` is the report grid's voxel size in mm."""
     metrics = dict(metrics or {})
     fixed, moving = _first_channel(fixed), _first_channel(moving)
-    fixed = fixed.with_data(fixed.data.cpu(), fixed.affine)
+    fixed, moving = fixed.with_data(fixed.data.cpu()), moving.with_data(moving.data.cpu())
     fgrid = report_grid(fixed.geometry, resolution)
     mgrid = report_grid(moving.geometry, resolution)
     fwin, mwin = display_window(fixed), display_window(moving)
@@ -386,6 +386,7 @@ def build_report(
     }
     labels: list[dict[str, Any]] = []
     if fixed_labels is not None:
+        fixed_labels = fixed_labels.with_data(fixed_labels.data.cpu())
         lab_r = resample(fixed_labels, fgrid).data[0].numpy()
         dtype = np.uint8 if lab_r.max(initial=0) < 256 else np.int16
         volumes["labels"] = nifti_base64(lab_r.astype(dtype), fgrid)  # for the read-out
