@@ -1,5 +1,5 @@
-"""On CUDA: every registered method gives the CPU's result (Dice within 0.005), SITReg's
-grouped pairs give the one-pair results, batch mode runs under torchrun with NCCL, and
+"""On CUDA: every registered method gives the CPU's result (Dice within 0.005), SITReg's and
+KeyMorph's grouped pairs give the one-pair results, batch mode runs under torchrun with NCCL, and
 register writes its HTML report from a CUDA result; skipped without a GPU."""
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ def test_every_method_on_cuda_matches_the_cpu(name: str) -> None:
     assert abs(dice["cuda"] - dice["cpu"]) < 0.005, dice
 
 
-def test_sitreg_register_many_on_cuda_matches_one_pair_at_a_time() -> None:
+@pytest.mark.parametrize("name", ["sitreg", "keymorph"])
+def test_register_many_on_cuda_matches_one_pair_at_a_time(name: str) -> None:
     fixed, moving, fl, ml = demo_brains()
-    method = create("sitreg", device="cuda")
+    method = create(name, device="cuda")
     pairs = [(fixed, moving), (moving, fixed), (fixed, moving)]
     many = method.register_many(pairs)
     for (f, m), res in zip(pairs, many, strict=True):

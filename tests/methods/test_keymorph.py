@@ -857,3 +857,32 @@ def test_the_project_training_configs_parse():
     assert Path(up.init).is_file() and Path(up.coarse).is_file()
     sr = SITRegConfig.from_file(root / "sitreg_ixi_2mm.toml")
     assert sr.lncc_window == 7 and sr.steps > 0
+
+
+def test_keymorph_register_many_equals_one_pair_at_a_time():
+    # the keypoints of every image of every pair in one detector batch per stage: the same
+    # keypoints, transforms and extras as registering each pair alone
+    import sys
+    from pathlib import Path
+
+    from unireg.methods import create, model_path
+    from unireg.methods.registry import entries
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import demo_brains
+
+    if not model_path("keymorph").exists():
+        pytest.skip("no KeyMorph model shipped in src/unireg/models/")
+    fixed, moving, _, _ = demo_brains()
+    entry = entries()["keymorph"]
+    method = create(entry, entry.options(rotations=2, transform="affine"))
+    pairs = [(fixed, moving), (moving, fixed)]
+    many = method.register_many(pairs)
+    for (f, m), res in zip(pairs, many, strict=True):
+        one = method.register(f, m)
+        assert np.allclose(res.extras.keypoints_fixed, one.extras.keypoints_fixed, atol=1e-5)
+        assert np.allclose(res.extras.keypoints_moving, one.extras.keypoints_moving, atol=1e-5)
+        assert np.allclose(res.transform.matrix, one.transform.matrix, atol=1e-6)
+        assert res.elapsed is not None and res.elapsed > 0
+    # the pairs differ: the batch did not hand one pair's keypoints to another
+    assert not np.allclose(many[0].extras.keypoints_fixed, many[1].extras.keypoints_fixed)

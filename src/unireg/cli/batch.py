@@ -58,8 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="register N pairs with one network pass (learned methods that can: sitreg; on a "
-        "GPU this keeps the device busy); the others ignore it",
+        help="register N pairs with one network pass (learned methods that can: sitreg, "
+        "keymorph; on a GPU this keeps the device busy); the others ignore it",
     )
     add_registration_arguments(p)
     return p

@@ -4,9 +4,11 @@ result built by the shared pipeline (:mod:`unireg.methods.pipeline`)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,19 +65,34 @@ def detect_keypoints(
     ``model.template`` to them) and the upright detector finds the keypoints, once, turned
     back to the image's world. It also runs on the image unturned; the keypoints returned are
     those of the two that fit the template best (:func:`rigid_residual`)."""
+    return detect_keypoints_many(model, checkpoint, [image], rotations, device)[0]
+
+
+def detect_keypoints_many(
+    model: KeyMorph,
+    checkpoint: Checkpoint,
+    images: Sequence[Image],
+    rotations: int = 1,
+    device: torch.device | str = "cpu",
+) -> list[torch.Tensor]:
+    """:func:`detect_keypoints` of several images, with every turned copy of every image in
+    one detector batch per stage (the same keypoints as one image at a time)."""
     two_stage = model.coarse is not None
-    centre = image.geometry.center_world
-    turns = [linear_about(rot, centre) for rot in test_time_rotations(rotations)]
-    points = _detect_turned(model, checkpoint, image, turns, device, coarse=two_stage)
+    rots = test_time_rotations(rotations)
+    jobs = [(im, [linear_about(r, im.geometry.center_world) for r in rots]) for im in images]
+    points = _detect_many(model, checkpoint, jobs, device, coarse=two_stage)
     if two_stage:
         template = model.template.detach().double().cpu().numpy()
         # two candidate upright turns: stage 1's, and none (the head as the image's world
         # holds it; stage 1 misjudges brain-extracted heads); stage 2, which knows upright
         # heads only, fits the template best on the head it sees upright
-        found = [_detect_turned(model, checkpoint, image, [turn], device)
-                 for turn in (upright_turn(template, points), np.eye(4))]  # fmt: skip
-        points = min(found, key=lambda f: rigid_residual(template, f))
-    return torch.as_tensor(points)[None].to(device)
+        upright = [(im, [upright_turn(template, p)]) for im, p in zip(images, points, strict=True)]
+        found = _detect_many(model, checkpoint, [*upright, *[(im, [np.eye(4)]) for im in images]],
+                             device)  # fmt: skip
+        n = len(images)
+        points = [min(found[i], found[n + i], key=lambda f: rigid_residual(template, f))
+                  for i in range(n)]  # fmt: skip
+    return [torch.as_tensor(p)[None].to(device) for p in points]
 
 
 def rigid_residual(template: np.ndarray, points: np.ndarray) -> float:
@@ -105,13 +122,37 @@ def _detect_turned(
     """Mean over the world matrices ``turns`` of the keypoints ``(K, 3)`` (world mm) found in
     ``image`` turned by each (only its affine changes), each mapped back by the turn's
     inverse."""
-    found = []
-    for turn in turns:
-        turned = image.with_data(image.data, turn @ image.geometry.affine)
-        x, geom = _detector_input(turned, checkpoint)
-        points = model.keypoints_world(x.to(device), geom, coarse=coarse)
-        found.append(apply_matrix_np(np.linalg.inv(turn), points[0].double().cpu().numpy()))
-    return np.mean(found, axis=0)
+    return _detect_many(model, checkpoint, [(image, list(turns))], device, coarse)[0]
+
+
+def _detect_many(
+    model: KeyMorph,
+    checkpoint: Checkpoint,
+    jobs: Sequence[tuple[Image, Sequence[np.ndarray]]],
+    device: torch.device | str,
+    coarse: bool = False,
+) -> list[np.ndarray]:
+    """:func:`_detect_turned` for several ``(image, turns)`` at once: every turned copy of
+    every image through the detector in one batch (the detector sees each copy alone: no
+    layer mixes a batch), then each image's mean keypoints ``(K, 3)``."""
+    inputs, geometries, owners, inverses = [], [], [], []
+    for index, (image, turns) in enumerate(jobs):
+        for turn in turns:
+            turned = image.with_data(image.data, turn @ image.geometry.affine)
+            x, geom = _detector_input(turned, checkpoint)
+            inputs.append(x)
+            geometries.append(geom)
+            owners.append(index)
+            inverses.append(np.linalg.inv(turn))
+    detector = model.coarse if coarse else model.detector
+    if detector is None:
+        raise ValueError("this KeyMorph model has no coarse stage")
+    normalized = detector(torch.cat(inputs).to(device))
+    found: list[list[np.ndarray]] = [[] for _ in jobs]
+    for i, (geom, inverse) in enumerate(zip(geometries, inverses, strict=True)):
+        points = model.to_world(normalized[i : i + 1], geom)[0].double().cpu().numpy()
+        found[owners[i]].append(apply_matrix_np(inverse, points))
+    return [np.mean(f, axis=0) for f in found]
 
 
 def register_keymorph(
@@ -125,6 +166,7 @@ def register_keymorph(
     refine: str = "none",
     rotations: int = DEFAULT_ROTATIONS,
     device: torch.device | str = "cpu",
+    keypoints: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with a KeyMorph ``model`` and its ``checkpoint``
     (:func:`unireg.methods.load_model`).
@@ -141,7 +183,8 @@ def register_keymorph(
     keypoints give robustness to any head orientation, the intensities the accuracy.
 
     ``rotations``: each image's keypoints are the average over that many test-time rotations
-    (:func:`detect_keypoints`; 1: one detection per image).
+    (:func:`detect_keypoints`; 1: one detection per image). ``keypoints``: the fixed and
+    moving keypoints already detected (:func:`register_keymorph_many`).
     """
     if transform not in TRANSFORMS:
         raise OptionError(f"unknown transform {transform!r}; choose from {TRANSFORMS}")
@@ -153,8 +196,10 @@ def register_keymorph(
     @torch.no_grad()
     def run() -> tuple[Transform, Transform | None, KeyMorphExtras]:
         net = model.to(dev).eval()
-        fk = detect_keypoints(net, checkpoint, fixed, rotations, dev)
-        mk = detect_keypoints(net, checkpoint, moving, rotations, dev)
+        if keypoints is None:
+            fk, mk = detect_keypoints_many(net, checkpoint, [fixed, moving], rotations, dev)
+        else:
+            fk, mk = (k.to(dev) for k in keypoints)
         alignment = net.align(fk, mk, fixed.geometry, transform, lam)
         assert isinstance(alignment, KeypointAlignment)
         matrix: np.ndarray | None = None
@@ -197,6 +242,40 @@ def register_keymorph(
     return measured_result(fixed, moving, run, dev)
 
 
+def register_keymorph_many(
+    pairs: Sequence[tuple[Image, Image]],
+    *,
+    model: KeyMorph,
+    checkpoint: Checkpoint,
+    rotations: int = DEFAULT_ROTATIONS,
+    device: torch.device | str = "cpu",
+    **options: Any,
+) -> list[RegistrationResult]:
+    """:func:`register_keymorph` for several ``(fixed, moving)`` pairs: the keypoints of all
+    their images detected in one batch per detector stage, then each pair's closed form (and
+    refinement). Each result's time is its own alignment plus its share of the detection."""
+    for fixed, moving in pairs:
+        if fixed.ndim != 3 or moving.ndim != 3:
+            raise ValueError("the KeyMorph models are 3D")
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        net = model.to(dev).eval()
+        images = [im for pair in pairs for im in pair]
+        found = detect_keypoints_many(net, checkpoint, images, rotations, dev)
+    share = (time.perf_counter() - t0) / max(len(pairs), 1)
+    out = []
+    for i, (fixed, moving) in enumerate(pairs):
+        result = register_keymorph(
+            fixed, moving, model=model, checkpoint=checkpoint, rotations=rotations, device=dev,
+            keypoints=(found[2 * i], found[2 * i + 1]), **options,
+        )  # fmt: skip
+        if result.elapsed is not None:
+            result = replace(result, elapsed=result.elapsed + share)
+        out.append(result)
+    return out
+
+
 def write_keypoints_csv(result: RegistrationResult, path: str | Path) -> Path:
     """``keypoints.csv``: per keypoint, the fixed, moving and aligned (the fixed keypoint
     mapped by the transform) positions in world mm (RAS), the residual to the moving
@@ -230,5 +309,15 @@ class KeyMorphMethod(LearnedMethod):
         assert isinstance(self.model, KeyMorph)
         return register_keymorph(
             fixed, moving, model=self.model, checkpoint=self.checkpoint, transform=o.transform,
+            lam=o.lam, refine=o.refine, rotations=o.rotations, device=self.device,
+        )  # fmt: skip
+
+    def register_many(self, pairs: Sequence[tuple[Image, Image]]) -> list[RegistrationResult]:
+        """Several pairs with their keypoints detected in one batch
+        (:func:`register_keymorph_many`); what ``unireg batch --batch-size`` uses."""
+        o = self.options
+        assert isinstance(self.model, KeyMorph)
+        return register_keymorph_many(
+            pairs, model=self.model, checkpoint=self.checkpoint, transform=o.transform,
             lam=o.lam, refine=o.refine, rotations=o.rotations, device=self.device,
         )  # fmt: skip
