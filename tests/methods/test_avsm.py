@@ -320,3 +320,29 @@ def test_the_shipped_avsm_model_improves_on_its_affine_network_on_the_demo_brain
     assert linear["dice_mean"] > before["dice_mean"] + 0.05
     assert full["dice_mean"] > linear["dice_mean"] + 0.01
     assert full["folding_percent"] == 0.0
+
+
+def test_avsm_register_many_equals_one_pair_at_a_time():
+    # one network pass over the stacked pairs: the same maps as one pass per pair
+    import sys
+    from pathlib import Path
+
+    from unireg.methods import create, model_path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import demo_brains
+
+    if not model_path("avsm").exists():
+        pytest.skip("no AVSM model shipped in src/unireg/models/")
+    fixed, moving, _, _ = demo_brains()
+    method = create("avsm")
+    pairs = [(fixed, moving), (moving, fixed)]
+    many = method.register_many(pairs)
+    for (f, m), res in zip(pairs, many, strict=True):
+        one = method.register(f, m)
+        a = one.transform.displacement(f.geometry)
+        b = res.transform.displacement(f.geometry)
+        assert float((a - b).abs().max()) < 1e-3  # mm
+        assert np.allclose(res.extras.matrix, one.extras.matrix, atol=1e-5)
+        assert res.inverse is not None and res.elapsed is not None
+    assert not np.allclose(many[0].extras.matrix, many[1].extras.matrix)

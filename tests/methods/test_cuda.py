@@ -1,6 +1,6 @@
-"""On CUDA: every registered method gives the CPU's result (Dice within 0.005), SITReg's and
-KeyMorph's grouped pairs give the one-pair results, batch mode runs under torchrun with NCCL, and
-register writes its HTML report from a CUDA result; skipped without a GPU."""
+"""On CUDA: every registered method gives the CPU's result (Dice within 0.005), SITReg's,
+KeyMorph's and AVSM's grouped pairs give the one-pair results, batch mode runs under torchrun
+with NCCL, and register writes its HTML report from a CUDA result; skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_every_method_on_cuda_matches_the_cpu(name: str) -> None:
     assert abs(dice["cuda"] - dice["cpu"]) < 0.005, dice
 
 
-@pytest.mark.parametrize("name", ["sitreg", "keymorph"])
+@pytest.mark.parametrize("name", ["sitreg", "keymorph", "avsm"])
 def test_register_many_on_cuda_matches_one_pair_at_a_time(name: str) -> None:
     fixed, moving, fl, ml = demo_brains()
     method = create(name, device="cuda")

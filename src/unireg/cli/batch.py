@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="register N pairs with one network pass (learned methods that can: sitreg, "
-        "keymorph; on a GPU this keeps the device busy); the others ignore it",
+        "keymorph, avsm; on a GPU this keeps the device busy); the others ignore it",
     )
     add_registration_arguments(p)
     return p
