@@ -565,20 +565,23 @@ def test_pretraining_targets_follow_the_random_affine_and_deformation(tmp_path):
 
 class _IntensityCentres(KeyMorph):
     """A rotation-equivariant stand-in for a detector: keypoint k is the intensity centre of
-    mass of the image (world mm) with the intensity raised to ``powers[k]``. Records each call
-    (which stage, the keypoints found in the world it was shown)."""
+    mass of the image (world mm) with the intensity raised to ``powers[k]``. Records a call
+    for each image of a batch (which stage, the keypoints found in the world it was shown)."""
 
     powers = (1, 4)
 
     def keypoints_world(self, image, geometry, coarse=False):
+        geometries = [geometry] * image.shape[0] if hasattr(geometry, "affine") else geometry
         axes = [torch.arange(n, dtype=torch.float64) for n in image.shape[2:]]
         idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
-        w = image[0, 0].double().clamp_min(0)
-        pts = [(idx * (w**p)[..., None]).sum((0, 1, 2)) / (w**p).sum() for p in self.powers]
-        vox = torch.stack(pts).numpy()
-        out = torch.as_tensor(vox @ geometry.affine[:3, :3].T + geometry.affine[:3, 3])[None]
-        self.seen.append((coarse, out[0].numpy()))
-        return out
+        out = []
+        for b, geom in enumerate(geometries):
+            w = image[b, 0].double().clamp_min(0)
+            pts = [(idx * (w**p)[..., None]).sum((0, 1, 2)) / (w**p).sum() for p in self.powers]
+            vox = torch.stack(pts).numpy()
+            out.append(torch.as_tensor(vox @ geom.affine[:3, :3].T + geom.affine[:3, 3]))
+            self.seen.append((coarse, out[-1].numpy()))
+        return torch.stack(out)
 
 
 def test_test_time_rotations_turn_back_the_keypoints_they_average():

@@ -144,14 +144,11 @@ def _detect_many(
             geometries.append(geom)
             owners.append(index)
             inverses.append(np.linalg.inv(turn))
-    detector = model.coarse if coarse else model.detector
-    if detector is None:
-        raise ValueError("this KeyMorph model has no coarse stage")
-    normalized = detector(torch.cat(inputs).to(device))
+    world = model.keypoints_world(torch.cat(inputs).to(device), geometries, coarse=coarse)
+    world = world.detach().double().cpu().numpy()
     found: list[list[np.ndarray]] = [[] for _ in jobs]
-    for i, (geom, inverse) in enumerate(zip(geometries, inverses, strict=True)):
-        points = model.to_world(normalized[i : i + 1], geom)[0].double().cpu().numpy()
-        found[owners[i]].append(apply_matrix_np(inverse, points))
+    for i, inverse in enumerate(inverses):
+        found[owners[i]].append(apply_matrix_np(inverse, world[i]))
     return [np.mean(f, axis=0) for f in found]
 
 

@@ -108,16 +108,28 @@ class KeyMorph(nn.Module):
         return cls(KeypointDetector(**config["detector"]), config["unit_mm"], coarse)
 
     def keypoints_world(
-        self, image: torch.Tensor, geometry: Geometry, *, coarse: bool = False
+        self,
+        image: torch.Tensor,
+        geometry: Geometry | Sequence[Geometry],
+        *,
+        coarse: bool = False,
     ) -> torch.Tensor:
         """Keypoints ``(B, K, d)`` of ``image`` ``(B, C, *shape)`` in world mm, found by the
-        detector (``coarse``: by the coarse stage)."""
-        if tuple(image.shape[2:]) != tuple(geometry.shape):
+        detector (``coarse``: by the coarse stage) in one pass; ``geometry``: the grid of
+        the whole batch, or one per batch element (each placed in its own world)."""
+        geometries = [geometry] * image.shape[0] if isinstance(geometry, Geometry) else geometry
+        if len(geometries) != image.shape[0]:
+            raise ValueError("give one geometry, or one per batch element")
+        if any(tuple(image.shape[2:]) != tuple(g.shape) for g in geometries):
             raise ValueError("the geometry does not match the image's shape")
         if coarse and self.coarse is None:
             raise ValueError("this KeyMorph model has no coarse stage")
         detector = self.coarse if coarse else self.detector
-        return self.to_world(detector(image), geometry)
+        normalized = detector(image)
+        if isinstance(geometry, Geometry):
+            return self.to_world(normalized, geometry)
+        return torch.cat([self.to_world(normalized[i : i + 1], g)
+                          for i, g in enumerate(geometries)])  # fmt: skip
 
     @staticmethod
     def to_world(normalized: torch.Tensor, geometry: Geometry) -> torch.Tensor:
