@@ -150,7 +150,11 @@ def test_demo_runs_on_the_shipped_brains(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "-o", str(out), "--method", "affine"]) == 0
     names = {p.name for p in out.iterdir()}
-    assert {"warped.nii.gz", "transform.nii.gz", "report.png", "metrics.md"} <= names
+    assert {"warped.nii.gz", "transform.nii.gz", "report.png", "report.html",
+            "metrics.md"} <= names  # fmt: skip
+    # the page names the DLMUSE labels, and view rebuilds it from the recorded inputs
+    assert '"name": "3rdVentricle"' in (out / "report.html").read_text()
+    assert main(["view", str(out), "-o", str(tmp_path / "again.html"), "-q"]) == 0
     table = (out / "metrics.md").read_text()
     dice = {line.split("|")[1].strip(): float(line.split("|")[4].split("±")[0])
             for line in table.splitlines()[2:]}  # fmt: skip

@@ -72,7 +72,12 @@ def _demo(args: argparse.Namespace, out: Any, data: Any, *paths: Any) -> None:
     result = method.register(fixed, moving, seed=0)
     metrics = registration_metrics(result, fixed_labels=flab, moving_labels=mlab)
     result.save(out, moving_labels=mlab)
-    write_json(out / "metrics.json", json_ready({"method": spec, **metrics}))
+    from unireg.io.outputs import file_record
+
+    named = {"fixed": fixed_p, "moving": moving_p, "fixed_labels": fixed_l,
+             "moving_labels": moving_l}  # fmt: skip
+    inputs = {k: file_record(v) for k, v in named.items()}  # so that unireg view can reread them
+    write_json(out / "metrics.json", json_ready({"method": spec, **metrics, "inputs": inputs}))
     title = f"unireg demo: {spec}, IXI013 onto IXI012"
     registration_report(result, fixed, moving, out / "report.png", metrics=metrics, title=title)
     from unireg.io.label_names import read_label_names
