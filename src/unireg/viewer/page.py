@@ -388,7 +388,8 @@ def build_report(
     if fixed_labels is not None:
         fixed_labels = fixed_labels.with_data(fixed_labels.data.cpu())
         lab_r = resample(fixed_labels, fgrid).data[0].numpy()
-        dtype = np.uint8 if lab_r.max(initial=0) < 256 else np.int16
+        top = int(lab_r.max(initial=0))
+        dtype = np.uint8 if top < 256 else np.int16 if top < 32768 else np.int32
         volumes["labels"] = nifti_base64(lab_r.astype(dtype), fgrid)  # for the read-out
         volumes["outline"] = nifti_base64(label_outline(lab_r).astype(dtype), fgrid)
         # the outline of each viewing plane (sagittal, coronal, axial: normal R, A, S)
