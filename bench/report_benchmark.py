@@ -27,9 +27,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-SHARED = Path(
-    os.environ.get("UNIREG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+from command_benchmark import DATA as SHARED  # bench/ is on sys.path
 
 
 def unireg(*args: str) -> float:

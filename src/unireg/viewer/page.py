@@ -45,8 +45,9 @@ import torch
 
 from unireg.io.files import write_atomic
 from unireg.io.image import Image, LabelMap, affine_to_4x4, percentile_range, resample
-from unireg.spatial.field import displacement_jacobian_determinant
-from unireg.spatial.geometry import Geometry
+from unireg.spatial.field import displacement_jacobian_determinant, world_points
+from unireg.spatial.geometry import Geometry, apply_matrix_np
+from unireg.spatial.keypoints import fit_affine
 from unireg.spatial.transform import Transform
 
 REPORT_RESOLUTION = 2.0  # mm: the default report grid spacing
@@ -154,9 +155,8 @@ def label_centres(labels: np.ndarray, geometry: Geometry) -> dict[int, list[floa
     order = np.lexsort((dist, flat[inside]))  # by label, then by distance
     first = np.unique(flat[inside][order], return_index=True)[1]
     nearest = idx[:, inside[order[first]]]
-    world = geometry.voxel_to_world[: lab.ndim, : lab.ndim] @ nearest
-    world += geometry.voxel_to_world[: lab.ndim, lab.ndim, None]
-    return {int(k): [float(v) for v in world[:, i]] for i, k in enumerate(present)}
+    world = apply_matrix_np(geometry.voxel_to_world, nearest.T)
+    return {int(k): [float(v) for v in world[i]] for i, k in enumerate(present)}
 
 
 def fold_mask(det: torch.Tensor, geometry: Geometry, grid: Geometry) -> np.ndarray:
@@ -186,13 +186,12 @@ def grid_sheets(points: torch.Tensor, grid: Geometry, spacing_mm: float = GRID_M
     axis closest to the sheet's normal (from the least-squares linear part of the map), so
     sheets can be hidden in the view of the plane they lie in."""
     d = grid.ndim
-    pts = points.reshape(d, -1).double().cpu().numpy()
-    vox = np.indices(grid.shape).reshape(d, -1).astype(np.float64)
-    world = grid.voxel_to_world[:d, :d] @ vox + grid.voxel_to_world[:d, d, None]
-    design = np.vstack([world, np.ones((1, world.shape[1]))]).T
-    step = max(1, design.shape[0] // 20000)
-    coef, *_ = np.linalg.lstsq(design[::step], pts[:, ::step].T, rcond=None)
-    linear = coef[:d].T  # d(point_k)/d(world_j)
+    pts = points.reshape(d, -1).double().cpu()
+    world = world_points(grid, dtype=torch.float64)[0].reshape(-1, d)
+    step = max(1, world.shape[0] // 20000)
+    fit = fit_affine(world[None, ::step], pts.T[None, ::step])[0].numpy()
+    linear = fit[:d, :d]  # d(point_k)/d(world_j)
+    pts = pts.numpy()
     out = np.zeros(pts.shape[1], np.uint8)
     half = min(grid.spacing) / 2.0
     for k in range(d):
@@ -217,11 +216,9 @@ def marker_volume(
     d = grid.ndim
     shape = np.array(grid.shape)
     out = np.zeros(grid.shape, np.uint8)
-    inv = grid.world_to_voxel
 
     def voxels(points: np.ndarray) -> np.ndarray:
-        pts = np.asarray(points, np.float64).reshape(-1, d)
-        return pts @ inv[:d, :d].T + inv[:d, d]
+        return apply_matrix_np(grid.world_to_voxel, np.asarray(points, np.float64).reshape(-1, d))
 
     def paint(v: np.ndarray, value: int) -> None:
         v = np.round(v).astype(int)
@@ -370,11 +367,10 @@ def build_report(
     logjac = resample(logjac_full, fgrid, padding="border").data[0]
     logjac_q = torch.round(logjac / LOGJAC_STEP).clamp(-127, 127).to(torch.int8).numpy()
     folds = fold_mask(det, fixed.geometry, fgrid)
-    points = transform.displacement(fgrid).detach().float().cpu()
-    vox = torch.from_numpy(np.indices(fgrid.shape).reshape(fgrid.ndim, -1).astype(np.float32))
-    lin = torch.from_numpy(fgrid.voxel_to_world.astype(np.float32))
-    world = lin[: fgrid.ndim, : fgrid.ndim] @ vox + lin[: fgrid.ndim, fgrid.ndim, None]
-    grid = grid_sheets(points + world.reshape(points.shape), fgrid)
+    # each report voxel's moving world position: its world position plus the displacement
+    moved = transform.displacement(fgrid).detach().float().cpu()
+    moved += world_points(fgrid)[0].movedim(-1, 0)
+    grid = grid_sheets(moved, fgrid)
 
     volumes = {
         "fixed": nifti_base64(f8, fgrid),

@@ -111,20 +111,6 @@ def upright_turn(template: np.ndarray, points: np.ndarray) -> np.ndarray:
     return linear_about(fit[:d, :d].T, points.mean(0))
 
 
-def _detect_turned(
-    model: KeyMorph,
-    checkpoint: Checkpoint,
-    image: Image,
-    turns: Sequence[np.ndarray],
-    device: torch.device | str,
-    coarse: bool = False,
-) -> np.ndarray:
-    """Mean over the world matrices ``turns`` of the keypoints ``(K, 3)`` (world mm) found in
-    ``image`` turned by each (only its affine changes), each mapped back by the turn's
-    inverse."""
-    return _detect_many(model, checkpoint, [(image, list(turns))], device, coarse)[0]
-
-
 def _detect_many(
     model: KeyMorph,
     checkpoint: Checkpoint,
@@ -132,9 +118,10 @@ def _detect_many(
     device: torch.device | str,
     coarse: bool = False,
 ) -> list[np.ndarray]:
-    """:func:`_detect_turned` for several ``(image, turns)`` at once: every turned copy of
-    every image through the detector in one batch (the detector sees each copy alone: no
-    layer mixes a batch), then each image's mean keypoints ``(K, 3)``."""
+    """For each ``(image, turns)``: the mean over the world matrices ``turns`` of the
+    keypoints ``(K, 3)`` (world mm) found in the image turned by each (only its affine
+    changes), each mapped back by the turn's inverse. Every turned copy of every image goes
+    through the detector in one batch (it sees each copy alone: no layer mixes a batch)."""
     inputs, geometries, owners, inverses = [], [], [], []
     for index, (image, turns) in enumerate(jobs):
         for turn in turns:

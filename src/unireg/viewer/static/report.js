@@ -296,12 +296,12 @@
     const changed = [state.views.warped, ...(vol.outlineF || vol.kpF ? [state.views.fixed] : []), ...(vol.kpM ? [state.views.moving] : [])];
     for (const nv of changed) nv.updateGLVolume();
   }
+  // the fade slider and the checkerboard change the warped view alone
   function applyOverlaysWarped() {
-    const f = Number(fade.value) / 100;
-    vol.warped.opacity = checker.checked ? 0 : f;
-    vol.checker.opacity = checker.checked ? 1 : 0;
+    configureOverlays();
     state.views.warped.updateGLVolume();
   }
+
   function moveTo(mm) {
     if (!mm) return;
     for (const nv of Object.values(state.views)) {
