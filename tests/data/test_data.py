@@ -260,6 +260,34 @@ def test_synthesis_regions_have_the_drawn_intensities():
         exact(labels.float())
 
 
+def test_degrade_resolution_blurs_only_the_drawn_axes():
+    """A lower acquisition resolution along one axis removes detail along that axis alone:
+    an image varying along the other axes only is unchanged, a fine pattern along it is
+    smoothed away, and a probability of 0 leaves the image as it is."""
+    from unireg.data.synthesis import degrade_resolution
+
+    n = 24
+    fine = (torch.arange(n) % 2).float()  # one-voxel stripes
+    along_x = fine.view(1, 1, n, 1, 1).expand(1, 1, n, n, n).contiguous()
+    along_z = fine.view(1, 1, 1, 1, n).expand(1, 1, n, n, n).contiguous()
+    g = torch.Generator().manual_seed(0)
+    assert degrade_resolution(along_x, g, 3.0, probability=0.0) is along_x
+    for seed in range(5):
+        # draw order: (use, factor) per axis; find a seed degrading x alone
+        g = torch.Generator().manual_seed(seed)
+        draws = torch.rand(6, generator=g, dtype=torch.float64)
+        if not (draws[0] < 0.5 and draws[2] >= 0.5 and draws[4] >= 0.5):
+            continue
+        out_x = degrade_resolution(along_x, torch.Generator().manual_seed(seed), 4.0)
+        out_z = degrade_resolution(along_z, torch.Generator().manual_seed(seed), 4.0)
+        assert torch.allclose(out_z, along_z, atol=1e-6)  # z untouched
+        assert float(out_x.std()) < 0.25 * float(along_x.std())  # the stripes smoothed away
+        assert float(out_x.mean()) == pytest.approx(float(along_x.mean()), abs=0.05)
+        break
+    else:
+        pytest.fail("no seed in 0-4 degrades the first axis alone")
+
+
 def test_synthesis_on_a_real_label_map():
     m = Manifest.read(shared_file("manifest.csv")).select(dataset="synthseg", subject="synthseg_03")
     labels = VolumeDataset(m, Preprocessing(spacing=2.0, shape=(80, 96, 80)))[0]["labels"][None]

@@ -299,6 +299,39 @@ def test_skull_strip_and_contrast_inversion_augmentations(tmp_path):
         KeyMorphConfig.from_file(bad)
 
 
+def test_synthesised_views_stripped_and_coarse_acquisitions(tmp_path):
+    """``synthesised_skull_strip_probability`` masks a synthesised view to its brain labels;
+    ``resolution_change > 1`` degrades every view with the trainer's generator, after the
+    image was drawn; both take no draws when off."""
+    from unireg.data.synthesis import degrade_resolution
+    from unireg.methods.keymorph.training import KeyMorphConfig, KeyMorphTrainer
+    from unireg.training.base import skull_strip
+
+    cfg, _ = _tiny_config(tmp_path, "synth-strip", synthesis_probability=1.0,
+                          synthesised_skull_strip_probability=1.0)  # fmt: skip
+    trainer = KeyMorphTrainer(cfg)
+    item = trainer.volumes.items[0]
+    got = trainer._image(item, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    torch.rand(1, generator=g)  # real or synthesised
+    synthesised = trainer.synth(item["labels"][None], generator=g)["image"]
+    assert torch.equal(got, skull_strip(synthesised, item["brain"][None]))
+    outside = torch.nn.functional.max_pool3d((item["brain"][None] > 0).float(), 3, 1, 1) == 0
+    assert outside.any() and not got[outside].any()
+
+    trainer.cfg = replace(cfg, synthesis_probability=0.0, resolution_change=3.0,
+                          resolution_probability=1.0)  # fmt: skip
+    got = trainer._image(item, torch.Generator().manual_seed(6))
+    g = torch.Generator().manual_seed(6)
+    torch.rand(1, generator=g)
+    assert torch.equal(got, degrade_resolution(item["image"][None], g, 3.0, 1.0))
+    assert not torch.equal(got, item["image"][None])
+    bad = tmp_path / "coarse.toml"
+    bad.write_text("resolution_change = 0.5\n")
+    with pytest.raises(ValueError, match=r"coarse.toml: resolution_change must be >= 1"):
+        KeyMorphConfig.from_file(bad)
+
+
 def test_cosine_learning_rate_schedule_reaches_lr_final_and_resumes(tmp_path):
     """``lr_schedule = "cosine"`` sets each step's rate from the step alone: ``lr`` at the
     first step, ``lr_final`` at the last, falling in between, so a resume continues it."""
@@ -860,6 +893,13 @@ def test_the_project_training_configs_parse():
     assert Path(up.init).is_file() and Path(up.coarse).is_file()
     sr = SITRegConfig.from_file(root / "sitreg_ixi_2mm.toml")
     assert sr.lncc_window == 7 and sr.steps > 0
+    for name in ("keymorph_ixi_4mm_anatomical_synth", "keymorph_ixi_4mm_upright_synth",
+                 "sitreg_ixi_2mm_lite_synth"):  # fmt: skip
+        cls = SITRegConfig if name.startswith("sitreg") else KeyMorphConfig
+        syn = cls.from_file(root / f"{name}.toml")
+        assert syn.resolution_change > 1 and syn.synthesised_skull_strip_probability > 0
+        assert Path(syn.init).is_file() and syn.lr_schedule == "cosine"
+    assert "synthseg" in SITRegConfig.from_file(root / "sitreg_ixi_2mm_lite_synth.toml").datasets
 
 
 def test_keymorph_register_many_equals_one_pair_at_a_time():

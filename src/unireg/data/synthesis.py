@@ -177,20 +177,29 @@ class LabelSynthesis:
         return labels
 
     def _degrade(self, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Simulate a lower acquisition resolution along random axes, then resample back."""
-        shape = tuple(image.shape[2:])
-        d = len(shape)
-        factors = []
-        for _ in range(d):
-            use = float(_rand(g, 1)) < self.resolution_probability
-            f = 1.0 + float(_rand(g, 1)) * (self.resolution - 1.0)
-            factors.append(f if use else 1.0)
-        if all(f == 1.0 for f in factors):
-            return image
-        # anti-aliasing blur of sigma ~ factor / 2.355 voxels (FWHM of the coarse voxel)
-        sigmas = [0.0 if f == 1.0 else f / 2.355 for f in factors]
-        low = gaussian_blur(image, sigmas)
-        small = tuple(max(2, round(n / f)) for n, f in zip(shape, factors, strict=True))
-        mode = "bilinear" if d == 2 else "trilinear"
-        low = F.interpolate(low, size=small, mode=mode, align_corners=True)
-        return F.interpolate(low, size=shape, mode=mode, align_corners=True)
+        return degrade_resolution(image, g, self.resolution, self.resolution_probability)
+
+
+def degrade_resolution(
+    image: torch.Tensor, g: torch.Generator, max_factor: float, probability: float = 0.5
+) -> torch.Tensor:
+    """``image`` ``(1, C, *spatial)`` as acquired at a lower resolution along random axes and
+    resampled back onto its grid: each axis, with ``probability``, gets a factor drawn in
+    ``[1, max_factor]`` (voxels per coarse voxel), an anti-aliasing blur of that FWHM, and
+    linear down- and upsampling. Thick slices (anisotropy) are the one-axis case."""
+    shape = tuple(image.shape[2:])
+    d = len(shape)
+    factors = []
+    for _ in range(d):
+        use = float(_rand(g, 1)) < probability
+        f = 1.0 + float(_rand(g, 1)) * (max_factor - 1.0)
+        factors.append(f if use else 1.0)
+    if all(f == 1.0 for f in factors):
+        return image
+    # anti-aliasing blur of sigma ~ factor / 2.355 voxels (FWHM of the coarse voxel)
+    sigmas = [0.0 if f == 1.0 else f / 2.355 for f in factors]
+    low = gaussian_blur(image, sigmas)
+    small = tuple(max(2, round(n / f)) for n, f in zip(shape, factors, strict=True))
+    mode = "bilinear" if d == 2 else "trilinear"
+    low = F.interpolate(low, size=small, mode=mode, align_corners=True)
+    return F.interpolate(low, size=shape, mode=mode, align_corners=True)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from unireg.cpu import available_cpus
 from unireg.data import Augmentation, LabelSynthesis, Manifest, Preprocessing, VolumeDataset
 from unireg.data.augment import apply_affine, random_affine_matrix
+from unireg.data.synthesis import degrade_resolution
 from unireg.losses import one_hot
 from unireg.spatial.geometry import Geometry
 from unireg.training.checkpoint import (
@@ -72,6 +73,12 @@ class TrainConfig:
     crop: list[int] = field(default_factory=list)  # pairs: random crops of this shape ([]: none)
     skull_strip_probability: float = 0.0  # chance a real image is masked to its brain labels
     invert_probability: float = 0.0  # chance a skull-stripped image's contrast is inverted
+    # chance a synthesised image is masked to its brain labels (a brain-extracted scan)
+    synthesised_skull_strip_probability: float = 0.0
+    # acquisition at a lower resolution along random axes (thick slices, coarse scans): each
+    # axis of a view, with resolution_probability, by a factor in [1, resolution_change]
+    resolution_change: float = 1.0  # 1: off
+    resolution_probability: float = 0.3
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any):
@@ -116,7 +123,15 @@ class TrainConfig:
         ):
             raise ValueError(f"crop {self.crop} must have {len(self.shape)} sizes in [8, shape "
                              f"{self.shape}]")  # fmt: skip
-        for key in ("synthesis_probability", "skull_strip_probability", "invert_probability"):
+        if self.resolution_change < 1.0:
+            raise ValueError(f"resolution_change must be >= 1, got {self.resolution_change}")
+        for key in (
+            "synthesis_probability",
+            "skull_strip_probability",
+            "invert_probability",
+            "synthesised_skull_strip_probability",
+            "resolution_probability",
+        ):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
 
@@ -269,22 +284,32 @@ class Trainer:
         A real image is skull-stripped with ``skull_strip_probability`` (zero outside its
         brain labels dilated by one voxel, as brain-extraction tools leave it), and a stripped
         one has its contrast inverted inside the brain with ``invert_probability`` (``1 - x``
-        on the [0, 1] intensities: bright CSF, dark white matter, as in T2)."""
+        on the [0, 1] intensities: bright CSF, dark white matter, as in T2); a synthesised one
+        is stripped with ``synthesised_skull_strip_probability``. Then, with
+        ``resolution_change > 1``, the view is degraded to a lower resolution along random
+        axes (:func:`~unireg.data.synthesis.degrade_resolution`)."""
         cfg = self.cfg
         use_real = item["image"] is not None and (
             float(torch.rand(1, generator=g)) >= cfg.synthesis_probability
         )
+        # no draws when a setting is off: configs without it keep their random stream
         if not use_real:
-            return self.synth(item["labels"][None], generator=g)["image"]
-        image = item["image"][None]
-        # no draws when off: configs without these settings keep their random stream
-        if cfg.skull_strip_probability > 0 and (
-            float(torch.rand(1, generator=g)) < cfg.skull_strip_probability
-        ):
-            return skull_strip(image, item["brain"][None], invert=(
-                cfg.invert_probability > 0
-                and float(torch.rand(1, generator=g)) < cfg.invert_probability
-            ))  # fmt: skip
+            image = self.synth(item["labels"][None], generator=g)["image"]
+            if cfg.synthesised_skull_strip_probability > 0 and (
+                float(torch.rand(1, generator=g)) < cfg.synthesised_skull_strip_probability
+            ):
+                image = skull_strip(image, item["brain"][None])
+        else:
+            image = item["image"][None]
+            if cfg.skull_strip_probability > 0 and (
+                float(torch.rand(1, generator=g)) < cfg.skull_strip_probability
+            ):
+                image = skull_strip(image, item["brain"][None], invert=(
+                    cfg.invert_probability > 0
+                    and float(torch.rand(1, generator=g)) < cfg.invert_probability
+                ))  # fmt: skip
+        if cfg.resolution_change > 1:
+            image = degrade_resolution(image, g, cfg.resolution_change, cfg.resolution_probability)
         return image
 
     def rotation_range(self) -> float:
