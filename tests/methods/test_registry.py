@@ -33,7 +33,7 @@ def test_every_method_is_registered_once_with_its_options() -> None:
     ]
     assert get("keymorph").options is KeyMorphOptions and get("sitreg").options is SITRegOptions
     assert {get(n).options for n in names[:6]} == {SolverOptions}
-    assert get("keymorph").default_model == "upright" and get("sitreg").default_model == "lite"
+    assert get("keymorph").default_model == "synth" and get("sitreg").default_model == "synth"
     with pytest.raises(OptionError, match="unknown method 'elastix'; choose from rigid"):
         get("elastix")
 

@@ -78,6 +78,7 @@ ENTRY = MethodEntry(
     factory="unireg.methods.keymorph.inference:KeyMorphMethod",
     prompts=(),
     models={
+        "synth": "keymorph_ixi_4mm_upright_synth.pt",
         "upright": "keymorph_ixi_4mm_upright.pt",
         "anatomical": "keymorph_ixi_4mm.pt",
         "decoder": "keymorph_ixi_4mm_decoder.pt",

@@ -45,7 +45,11 @@ ENTRY = MethodEntry(
     "(writes inverse_transform.nii.gz)",
     options=SITRegOptions,
     factory="unireg.methods.sitreg.inference:SITRegMethod",
-    models={"lite": "sitreg_lite_ixi_2mm.pt", "standard": "sitreg_ixi_2mm.pt"},
+    models={
+        "synth": "sitreg_lite_synth_2mm.pt",
+        "lite": "sitreg_lite_ixi_2mm.pt",
+        "standard": "sitreg_ixi_2mm.pt",
+    },
     network="unireg.methods.sitreg.model:SITReg.from_config",
     trainer="unireg.methods.sitreg.training:SITRegTrainer",
     config="unireg.methods.sitreg.training:SITRegConfig",
