@@ -472,7 +472,13 @@ def no_heavy_work(monkeypatch):
     import unireg.data.synthesis
     import unireg.io.image
     import unireg.methods
+    from unireg.methods.base import import_object
+    from unireg.methods.registry import entries
 
+    # every method's module imported first: one imported under the patches below would keep
+    # the patched names (``from unireg.io.image import resample``) for the rest of the run
+    for entry in entries().values():
+        import_object(entry.factory)
     real_create = unireg.methods.create
 
     def create(*args, **kwargs):
