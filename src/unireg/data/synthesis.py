@@ -124,7 +124,10 @@ class LabelSynthesis:
                 ]
             )
         if self.resolution > 1:
-            image = torch.cat([self._degrade(image[i : i + 1], g) for i in range(b)])
+            res, prob = self.resolution, self.resolution_probability
+            image = torch.cat(
+                [degrade_resolution(image[i : i + 1], g, res, prob) for i in range(b)]
+            )
         if self.bias_field > 0:
             image = random_bias_field(image, g, strength=self.bias_field)
         if self.noise > 0:
@@ -175,9 +178,6 @@ class LabelSynthesis:
             disp = resize_displacement(disp, shape)
             labels = warp(labels.float(), disp, mode="nearest").round().to(labels.dtype)
         return labels
-
-    def _degrade(self, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        return degrade_resolution(image, g, self.resolution, self.resolution_probability)
 
 
 def degrade_resolution(

@@ -192,17 +192,14 @@ def affine_gauss_newton(
         level = level_data(0)
         best = None
         for m in starts:
-            ca = m[:d, :d].clone()
-            ct = ca @ c + m[:d, d] - c
+            sa, st = m[:d, :d], m[:d, :d] @ c + m[:d, d] - c  # y = A (x - c) + c + t
             log: list[tuple[float, int, float]] = []
-            ca, ct = solve(ca, ct, level, levels[0][0], levels[0][1], log)
+            ca, ct = solve(sa, st, level, levels[0][0], levels[0][1], log)
             end = float(_residual(ca, ct, level)[0].square().mean())
             if best is None or end < best[0]:
-                best = (end, m[:d, :d].clone(), m[:d, :d] @ c + m[:d, d] - c, ca, ct, log)
+                best = (end, sa, st, ca, ct, log)
         assert best is not None
-        _, a, t, solved_a, solved_t, best_log = best
-        start_a, start_t = a.clone(), t.clone()
-        a, t = solved_a, solved_t
+        _, start_a, start_t, a, t, best_log = best
         trace.extend(best_log)
         first = 1
     else:
