@@ -202,9 +202,10 @@ def consistency_error(
 
     The chain is in ANTs order (first applied first): ``[forward, inverse]`` measures inverse
     consistency on the fixed grid; ``[T_ab, T_ba]`` cycle consistency of two registrations run
-    in opposite directions; any longer loop works the same way.
+    in opposite directions; any longer loop works the same way. Computed in float32 (world
+    coordinates of a few hundred mm: about 1e-5 mm of rounding, far below any error reported).
     """
-    x = world_points(geometry, device=device, dtype=torch.float64)
+    x = world_points(geometry, device=device, dtype=torch.float32)
     y = CompositeTransform(list(transforms)).map_points(x)
     err = torch.linalg.vector_norm(y - x, dim=-1).reshape(-1)
     if mask is not None:

@@ -84,23 +84,23 @@ def _difference_weight_bound(spacing: tuple[float, ...], phases: int) -> float:
             x = torch.linspace(0.0, 1.0, phases + 1, dtype=torch.float64)[:-1]
         t = x[:, None] - k[None, :]  # (phases, controls)
         per_axis.append((cubic_bspline(t), cubic_bspline(t + 1.0 / h) - cubic_bspline(t)))
+    # the d terms ``D_i (x) B_j (x) ...`` (phases..., controls...), built once; a sign pattern
+    # adds them with +-1 weights (exact), in order
+    perm = [2 * a for a in range(d)] + [2 * a + 1 for a in range(d)]
+    terms = []
+    for i in range(d):
+        factors = [per_axis[j][1] if j == i else per_axis[j][0] for j in range(d)]
+        term = factors[0]
+        for w in factors[1:]:
+            term = term[..., None, None] * w
+        # term: (p0, k0, p1, k1, ...) -> (phases..., controls...)
+        terms.append(term.permute(*perm).contiguous())
     worst = 0.0
-    for signs in itertools.product((1.0, -1.0), repeat=d - 1):
-        signs = (1.0, *signs)  # an overall sign flip changes nothing
-        perm = [2 * a for a in range(d)] + [2 * a + 1 for a in range(d)]
-        terms = []
-        for i in range(d):
-            # outer product over (phase, control) pairs of every axis
-            factors = [per_axis[j][1] * signs[i] if j == i else per_axis[j][0] for j in range(d)]
-            term = factors[0]
-            for w in factors[1:]:
-                term = term[..., None, None] * w
-            # term: (p0, k0, p1, k1, ...) -> (phases..., controls...)
-            terms.append(term.permute(*perm))
-        total = terms[0]
-        for term in terms[1:]:  # in order, as the sum was always taken
-            total = total + term
-        sums = total.abs().flatten(d).sum(-1)
+    for signs in itertools.product((1.0, -1.0), repeat=d - 1):  # an overall flip changes nothing
+        total = terms[0].clone()
+        for sign, term in zip(signs, terms[1:], strict=True):
+            total.add_(term, alpha=sign)
+        sums = total.abs_().flatten(d).sum(-1)
         worst = max(worst, float(sums.max()))
     return worst
 
