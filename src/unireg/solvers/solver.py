@@ -94,6 +94,9 @@ class Stage:
             ``"search"`` (moments plus a grid of rotations, as ANTs' affine initializer).
         search_step, search_top: rotation grid step (degrees) and how many of the best
             candidates are optimised at the first level before the best one is kept.
+        foreground: linear stages: compare over :func:`solve`'s ``linear_mask`` (the fixed
+            image's foreground) when one is given; ``False``: over the whole grid (a given
+            ``mask`` applies either way).
     """
 
     model: str
@@ -115,6 +118,7 @@ class Stage:
     init: str = "geometry"
     search_step: float = 90.0
     search_top: int = 3
+    foreground: bool = True
 
     def __post_init__(self) -> None:
         if self.model not in LINEAR + DENSE:
@@ -385,8 +389,9 @@ def solve(
         init: initial world map ``(d+1, d+1)`` (default identity).
         prompts: extra objective terms (label maps, landmarks).
         mask: fixed-grid weights ``(1, 1, *fixed_shape)`` for the similarity.
-        linear_mask: the same for the linear stages only, when ``mask`` is None (e.g. the
-            fixed image's foreground: :func:`unireg.solvers.api.foreground_mask`).
+        linear_mask: the same for the linear stages whose ``foreground`` is set, when ``mask``
+            is None (e.g. the fixed image's foreground:
+            :func:`unireg.solvers.api.foreground_mask`).
         seed: seeds MI's voxel sampling; the same seed gives the same result.
         progress: called with one line per finished level.
 
@@ -433,9 +438,9 @@ def solve(
                 f"{' (converged)' if conv else ''}, {entry['seconds']:.1f} s"
             )
 
-    lin_mask = mask if mask is not None else linear_mask
     for stage in stages:
         if stage.model in LINEAR:
+            lin_mask = mask if mask is not None else linear_mask if stage.foreground else None
             model: LinearModel | None = None
             for lv in stage.levels:
                 t0 = time.perf_counter()
