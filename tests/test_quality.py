@@ -111,6 +111,7 @@ def test_fallback_solver_replaces_a_flagged_learned_result(pair, tmp_path, monke
     assert main(["register", str(f), str(m), "-o", str(out), "--method", "keymorph", "-q"]) == 0
     warned = json.loads((out / "metrics.json").read_text())
     assert warned["quality_warning"] and warned["fallback"] is None  # warned, kept
+    assert "stages_kept_start" not in warned  # a solver's field
     assert "warning" in capsys.readouterr().err
     args = ["register", str(f), str(m), "-o", str(out), "--method", "keymorph", "-q",
             "--fallback", "solver"]  # fmt: skip
@@ -119,6 +120,7 @@ def test_fallback_solver_replaces_a_flagged_learned_result(pair, tmp_path, monke
     assert metrics["fallback"]["from"].startswith("keymorph")
     assert metrics["fallback"]["to"] == "affine"
     assert metrics["method"] == "affine" and metrics["quality_warning"] is None
+    assert isinstance(metrics["stages_kept_start"], list)
     direct = tmp_path / "direct"
     assert main(["register", str(f), str(m), "-o", str(direct), "--method", "affine", "-q"]) == 0
     for name in ("warped.nii.gz", "affine.mat"):

@@ -403,6 +403,30 @@ def test_mi_stages_see_the_outline_of_a_brain_extracted_pair_of_other_contrasts(
         assert err["shipped"] < 0.8 * err["masked"], (seed, err)
 
 
+def test_a_dense_stage_that_aligns_worse_than_its_linear_start_keeps_the_start():
+    # the judge of register's dense stage: mutual information against the linear stage alone
+    from unireg.solvers.api import _judge_dense_stage
+    from unireg.solvers.solver import SolveResult
+
+    image = _image((24, 24, 24), spacing=(2.0, 2.0, 2.0), seed=4)  # fixed = moving: identity
+    field = smooth_field((24, 24, 24), 1.0, seed=2).float()
+    for name, scale in (("bad", 0.3), ("good", 1e-3)):
+        out = SolveResult(np.eye(4), displacement=scale * field, trace=[{"model": "greedy"}],
+                          levels=[(2.0, scale * field[..., ::2, ::2, ::2])])  # fmt: skip
+        lines: list[str] = []
+        _judge_dense_stage(out, image, image, lines.append)
+        entry = out.trace[-1]
+        assert out.displacement is not None
+        if name == "bad":  # 30 % of the half-extent: far worse than the identity it started at
+            assert entry["kept_start"] and entry["mi_result"] < entry["mi_linear"]
+            assert float(out.displacement.abs().max()) == 0.0
+            assert float(out.levels[0][1].abs().max()) == 0.0
+            assert lines and "kept its start" in lines[0]
+        else:
+            assert "kept_start" not in entry and not lines
+            assert torch.equal(out.displacement, scale * field)
+
+
 def test_register_mi_aligns_a_multimodal_pair():
     fixed = _image((32, 32, 32), spacing=(1.5, 1.5, 1.5), seed=11)
     truth = _about_centre(_rigid_world([8.0, -6.0, 5.0], [3.0, -2.0, 1.0]), fixed.geometry)

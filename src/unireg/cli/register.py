@@ -356,7 +356,7 @@ def publish(
     from unireg import __version__
     from unireg.cli._common import write_json
     from unireg.metrics import json_ready, registration_metrics
-    from unireg.result import KeyMorphExtras
+    from unireg.result import KeyMorphExtras, SolverExtras
 
     result, points = done.result, inputs.points
     stage = folder.stage
@@ -373,6 +373,9 @@ def publish(
     metrics = {"method": done.method, "spec": done.spec, **done.setting, **metrics,
                **done.quality, "fallback": done.fallback, "threads": torch.get_num_threads(),
                "unireg_version": __version__, **made}  # fmt: skip
+    if isinstance(result.extras, SolverExtras):  # stages that ended worse and kept their start
+        metrics["stages_kept_start"] = [e["model"] for e in result.extras.trace
+                                        if isinstance(e, dict) and e.get("kept_start")]  # fmt: skip
     write_json(stage / "metrics.json", json_ready(metrics))
     extras = result.extras
     keypoints = isinstance(extras, KeyMorphExtras) and extras.keypoints_fixed is not None
