@@ -283,9 +283,10 @@ def register(
     a Dice prompt; with landmarks (world mm, ``(N, d)``) a distance prompt is added. ``mask``
     (fixed grid) restricts the similarity. Without a mask, the LNCC linear stage compares the
     images over the fixed image's foreground (:func:`foreground_mask` eroded by ``foreground``
-    voxels; -1: everywhere) and the MI stages over the whole grid. The result's ``transform``
-    maps fixed world mm to moving world mm; ``inverse`` is given for linear methods and the
-    symmetric SVF.
+    voxels; -1: everywhere) and the MI stages over the whole grid. Without prompts or mask, a
+    dense stage that aligns the images worse than the linear stage alone keeps its start
+    (:func:`_judge_dense_stage`). The result's ``transform`` maps fixed world mm to moving
+    world mm; ``inverse`` is given for linear methods and the symmetric SVF.
     """
     if fixed.ndim != moving.ndim:
         raise DimensionalityError(
