@@ -120,7 +120,7 @@ def test_fallback_solver_replaces_a_flagged_learned_result(pair, tmp_path, monke
     assert metrics["fallback"]["from"].startswith("keymorph")
     assert metrics["fallback"]["to"] == "affine"
     assert metrics["method"] == "affine" and metrics["quality_warning"] is None
-    assert isinstance(metrics["stages_kept_start"], list)
+    assert isinstance(metrics["stages_kept_start"], list) and metrics["contrast_r"] is None
     direct = tmp_path / "direct"
     assert main(["register", str(f), str(m), "-o", str(direct), "--method", "affine", "-q"]) == 0
     for name in ("warped.nii.gz", "affine.mat"):

@@ -427,6 +427,31 @@ def test_a_dense_stage_that_aligns_worse_than_its_linear_start_keeps_the_start()
             assert torch.equal(out.displacement, scale * field)
 
 
+def test_syn_keeps_its_linear_result_between_two_contrasts():
+    from unireg.solvers.api import CONTRAST_R, contrast_correlation
+
+    blobs = _image((32, 32, 32), spacing=(2.0, 2.0, 2.0), seed=5)
+    fixed = blobs.with_data(blobs.data * (blobs.data > 0.2 * blobs.data.max()))  # extracted
+    truth = _about_centre(_rigid_world([4.0, -3.0, 2.0], [2.0, -1.0, 1.0]), fixed.geometry)
+    moving = _moving_of(fixed, truth)
+    x = moving.data
+    inverted = moving.with_data((x.max() - x) * (x > 0.05 * x.max()))  # dark <-> bright
+    assert contrast_correlation(fixed, moving, truth) > 0.95
+    assert contrast_correlation(fixed, inverted, truth) < 0.0
+    lines: list[str] = []
+    same = register(fixed, moving, "syn")
+    other = register(fixed, inverted, "syn", progress=lines.append)
+    assert not isinstance(same.transform, AffineTransform)  # the deformable stage ran
+    assert same.extras.trace[-1]["contrast_r"] >= CONTRAST_R
+    assert isinstance(other.transform, AffineTransform)  # the linear result, said so
+    last = other.extras.trace[-1]
+    assert last["kept_start"] and last["iterations"] == 0 and last["contrast_r"] < CONTRAST_R
+    assert any("skipped" in line and "one contrast" in line for line in lines)
+    # a named method only: given stages run as given
+    stages = preset_stages("syn", shape=fixed.shape)
+    assert not isinstance(register(fixed, inverted, stages=stages).transform, AffineTransform)
+
+
 def test_register_mi_aligns_a_multimodal_pair():
     fixed = _image((32, 32, 32), spacing=(1.5, 1.5, 1.5), seed=11)
     truth = _about_centre(_rigid_world([8.0, -6.0, 5.0], [3.0, -2.0, 1.0]), fixed.geometry)

@@ -373,9 +373,10 @@ def publish(
     metrics = {"method": done.method, "spec": done.spec, **done.setting, **metrics,
                **done.quality, "fallback": done.fallback, "threads": torch.get_num_threads(),
                "unireg_version": __version__, **made}  # fmt: skip
-    if isinstance(result.extras, SolverExtras):  # stages that ended worse and kept their start
-        metrics["stages_kept_start"] = [e["model"] for e in result.extras.trace
-                                        if isinstance(e, dict) and e.get("kept_start")]  # fmt: skip
+    if isinstance(result.extras, SolverExtras):  # stages that kept their start, and why
+        entries = [e for e in result.extras.trace if isinstance(e, dict)]
+        metrics["stages_kept_start"] = [e["model"] for e in entries if e.get("kept_start")]
+        metrics["contrast_r"] = next((e["contrast_r"] for e in entries if "contrast_r" in e), None)
     write_json(stage / "metrics.json", json_ready(metrics))
     extras = result.extras
     keypoints = isinstance(extras, KeyMorphExtras) and extras.keypoints_fixed is not None
