@@ -143,3 +143,20 @@ def test_a_solver_stage_that_ends_worse_than_it_started_keeps_its_start(model):
     assert np.array_equal(out.matrix, np.eye(4))
     if model == "greedy":
         assert float(out.displacement.abs().max()) == 0.0
+
+
+def test_syn_between_two_contrasts_keeps_its_linear_result_and_says_so(pair, tmp_path, capsys):
+    fixed, moving = pair
+    x = moving.data
+    brain = (x > 0.2 * x.max()).float()
+    extracted = fixed.with_data(fixed.data * (fixed.data > 0.2 * fixed.data.max()))
+    inverted = moving.with_data((x.max() - x) * brain)  # dark <-> bright inside the head
+    f = _save(extracted, tmp_path / "f.nii.gz")
+    m = _save(inverted, tmp_path / "m.nii.gz")
+    out = tmp_path / "out"
+    assert main(["register", str(f), str(m), "-o", str(out), "--method", "syn", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "note: syn" in err and "do not look like one contrast" in err  # even with -q
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stages_kept_start"] == ["greedy"] and metrics["contrast_r"] < 0.62
+    assert metrics["folding_percent"] == 0.0 and metrics["jacobian_std"] < 1e-6  # linear

@@ -340,7 +340,33 @@ def check(
                                      seed=args.seed, progress=_progress(args))  # fmt: skip
             spec = options.to_spec(name)
             quality = quality_check(result, fixed, moving)
+    kept = kept_start_note(result)
+    if kept is not None:
+        print(f"unireg {verb}: note: {spec}: {kept}", file=sys.stderr)
     return Computed(result, entry.name, spec, options.to_dict(), quality, fallback)
+
+
+def kept_start_note(result: Any) -> str | None:
+    """One line naming the solver's deformable stage when it kept its start (its result is
+    then the linear one), and why; None otherwise. Printed even with ``--quiet``."""
+    from unireg.result import SolverExtras
+
+    if not isinstance(result.extras, SolverExtras):
+        return None
+    from unireg.solvers.api import CONTRAST_R
+    from unireg.solvers.solver import DENSE
+
+    for e in result.extras.trace:
+        if not (isinstance(e, dict) and e.get("kept_start") and e.get("model") in DENSE):
+            continue
+        r = e.get("contrast_r")
+        if r is not None and r < CONTRAST_R:
+            return (f"the images do not look like one contrast (intensity correlation {r:.2f} "
+                    f"< {CONTRAST_R}): the {e['model']} stage was skipped and the linear result "
+                    "kept; --multimodal registers two contrasts")  # fmt: skip
+        return (f"the {e['model']} stage aligned the images worse than the linear stage and "
+                "kept its start: the result is the linear one")  # fmt: skip
+    return None
 
 
 def publish(
