@@ -405,7 +405,7 @@ def test_mi_stages_see_the_outline_of_a_brain_extracted_pair_of_other_contrasts(
 
 def test_a_dense_stage_that_aligns_worse_than_its_linear_start_keeps_the_start():
     # the judge of register's dense stage: mutual information against the linear stage alone
-    from unireg.solvers.api import _judge_dense_stage
+    from unireg.solvers.api import _judge_dense_stage, world_transforms
     from unireg.solvers.solver import SolveResult
 
     image = _image((24, 24, 24), spacing=(2.0, 2.0, 2.0), seed=4)  # fixed = moving: identity
@@ -414,7 +414,9 @@ def test_a_dense_stage_that_aligns_worse_than_its_linear_start_keeps_the_start()
         out = SolveResult(np.eye(4), displacement=scale * field, trace=[{"model": "greedy"}],
                           levels=[(2.0, scale * field[..., ::2, ::2, ::2])])  # fmt: skip
         lines: list[str] = []
-        _judge_dense_stage(out, image, image, lines.append)
+        forward, _ = world_transforms(out, image)
+        kept = _judge_dense_stage(out, image, image, forward, lines.append)
+        assert kept == (name == "bad")
         entry = out.trace[-1]
         assert out.displacement is not None
         if name == "bad":  # 30 % of the half-extent: far worse than the identity it started at

@@ -242,13 +242,18 @@ def contrast_correlation(fixed: Image, moving: Image, matrix: np.ndarray) -> flo
 
 
 def _judge_dense_stage(
-    out: SolveResult, fixed: Image, moving: Image, progress: Callable[[str], None] | None
-) -> None:
+    out: SolveResult,
+    fixed: Image,
+    moving: Image,
+    forward: Transform,
+    progress: Callable[[str], None] | None,
+) -> bool:
     """Keep the dense stage's start (no deformation) when its result aligns the images worse
     than the linear stage alone by the quality check's measure (mutual information over the
     fixed foreground, :data:`unireg.quality.MARGIN`): its own objective (LNCC) can improve
     while the alignment gets worse, as between different contrasts. Noted in the stage's last
     trace entry (``mi_linear``, ``mi_result``, ``kept_start``) and the progress lines.
+    ``forward`` is ``out``'s world transform; returns whether the start was kept.
 
     Chosen on IXI training pairs (8 per group; `syn`): on brain-extracted pairs of a synthetic
     moving contrast 1 in 8 was kept, 0.389 -> 0.405 mean Dice; skull-on, brain-extracted,
@@ -256,13 +261,12 @@ def _judge_dense_stage(
     from unireg.quality import MARGIN, similarity_scores
 
     assert out.displacement is not None
-    forward, _ = world_transforms(out, fixed)
     scores = similarity_scores(fixed, moving, {"linear": AffineTransform(out.matrix),
                                                "result": forward})  # fmt: skip
     entry = out.trace[-1]
     entry.update(mi_linear=scores["linear"], mi_result=scores["result"])
     if scores["result"] >= scores["linear"] * (1.0 - MARGIN):
-        return
+        return False
     entry["kept_start"] = True
     out.displacement = torch.zeros_like(out.displacement)
     if out.inverse_displacement is not None:
@@ -272,6 +276,7 @@ def _judge_dense_stage(
         progress(f"{entry['model']:>10} aligns the images worse than the linear stage (mutual "
                  f"information {scores['result']:.4f} < {scores['linear']:.4f}): kept its "
                  "start")  # fmt: skip
+    return True
 
 
 def _prepare(image: Image, device: torch.device) -> torch.Tensor:
@@ -395,9 +400,10 @@ def register(
                     progress(f"{stages[-1].model:>10} skipped: the images do not look like one "
                              f"contrast (intensity correlation {r:.2f} < {CONTRAST_R}); "
                              "kept the linear result (--multimodal: two contrasts)")  # fmt: skip
-        if out.displacement is not None and judged:
-            _judge_dense_stage(out, fixed, moving, progress)
         transform, inverse = world_transforms(out, fixed)
+        if out.displacement is not None and judged:
+            if _judge_dense_stage(out, fixed, moving, transform, progress):
+                transform, inverse = world_transforms(out, fixed)
         extras = SolverExtras(
             name, out.matrix, stages=[replace(s, levels=list(s.levels)) for s in stages],
             trace=out.trace,
