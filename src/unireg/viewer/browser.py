@@ -5,6 +5,7 @@ no browser download)."""
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,5 +48,11 @@ def open_report(browser: Any, path: str | Path, *, timeout_ms: int = 90_000) -> 
     page.on("pageerror", lambda e: log["console"].append(("pageerror", str(e))))
     page.on("request", lambda r: log["requests"].append(r.url))
     page.goto(Path(path).resolve().as_uri())
-    page.wait_for_function(READY, timeout=timeout_ms)
+    # polled from here: ``wait_for_function`` polls inside the page with ``eval``, which the
+    # page's Content-Security-Policy refuses whenever the page is not ready at the first look
+    deadline = time.monotonic() + timeout_ms / 1000
+    while not page.evaluate(f"() => Boolean({READY})"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: the page did not draw within {timeout_ms / 1000:g} s")
+        page.wait_for_timeout(100)
     return page, log
