@@ -41,6 +41,18 @@ class SolverExtras(Extras):
     stages: list[Any] | None = None
     trace: list[Any] = field(default_factory=list)
 
+    def _entries(self) -> list[dict[str, Any]]:
+        return [e for e in self.trace if isinstance(e, dict)]
+
+    def kept_start(self) -> list[str]:
+        """The models of the stages that kept their start (ended worse than they started, or
+        a deformable stage skipped between two contrasts), in order."""
+        return [e["model"] for e in self._entries() if e.get("kept_start")]
+
+    def contrast_r(self) -> float | None:
+        """The intensity correlation the deformable stage was checked on, when it was."""
+        return next((e["contrast_r"] for e in self._entries() if "contrast_r" in e), None)
+
 
 @dataclass
 class KeyMorphExtras(Extras):

@@ -356,17 +356,16 @@ def kept_start_note(result: Any) -> str | None:
     from unireg.solvers.api import CONTRAST_R
     from unireg.solvers.solver import DENSE
 
-    for e in result.extras.trace:
-        if not (isinstance(e, dict) and e.get("kept_start") and e.get("model") in DENSE):
-            continue
-        r = e.get("contrast_r")
-        if r is not None and r < CONTRAST_R:
-            return (f"the images do not look like one contrast (intensity correlation {r:.2f} "
-                    f"< {CONTRAST_R}): the {e['model']} stage was skipped and the linear result "
-                    "kept; --multimodal registers two contrasts")  # fmt: skip
-        return (f"the {e['model']} stage aligned the images worse than the linear stage and "
-                "kept its start: the result is the linear one")  # fmt: skip
-    return None
+    dense = next((m for m in result.extras.kept_start() if m in DENSE), None)
+    if dense is None:
+        return None
+    r = result.extras.contrast_r()
+    if r is not None and r < CONTRAST_R:
+        return (f"the images do not look like one contrast (intensity correlation {r:.2f} "
+                f"< {CONTRAST_R}): the {dense} stage was skipped and the linear result kept; "
+                "--multimodal registers two contrasts")  # fmt: skip
+    return (f"the {dense} stage aligned the images worse than the linear stage and kept its "
+            "start: the result is the linear one")  # fmt: skip
 
 
 def publish(
@@ -400,9 +399,8 @@ def publish(
                **done.quality, "fallback": done.fallback, "threads": torch.get_num_threads(),
                "unireg_version": __version__, **made}  # fmt: skip
     if isinstance(result.extras, SolverExtras):  # stages that kept their start, and why
-        entries = [e for e in result.extras.trace if isinstance(e, dict)]
-        metrics["stages_kept_start"] = [e["model"] for e in entries if e.get("kept_start")]
-        metrics["contrast_r"] = next((e["contrast_r"] for e in entries if "contrast_r" in e), None)
+        metrics["stages_kept_start"] = result.extras.kept_start()
+        metrics["contrast_r"] = result.extras.contrast_r()
     write_json(stage / "metrics.json", json_ready(metrics))
     extras = result.extras
     keypoints = isinstance(extras, KeyMorphExtras) and extras.keypoints_fixed is not None
