@@ -1,7 +1,5 @@
 """``python -m unireg`` is the ``unireg`` command."""
 
-import sys
+from unireg.cli import console
 
-from unireg.cli import main
-
-sys.exit(main())
+console()

@@ -42,6 +42,27 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and __version__ in out.stdout
 
 
+EXIT_SCRIPT = """
+import atexit, sys, threading, time
+import torch
+from unireg.cli import exit_now
+atexit.register(lambda: print("atexit ran", flush=True))
+sys.stdout.write("unflushed")  # buffered: written only if the streams are flushed
+if sys.argv[1] == "thread":  # a non-daemon thread still running: a normal exit waits for it
+    threading.Thread(target=lambda: (time.sleep(0.5), print("thread done"))).start()
+exit_now(7)
+"""
+
+
+@pytest.mark.parametrize("case_", ["plain", "thread"])
+def test_exit_now_runs_atexit_flushes_and_keeps_the_code(case_):
+    out = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, case_], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 7
+    assert "unflushed" in out.stdout and "atexit ran" in out.stdout
+    assert ("thread done" in out.stdout) == (case_ == "thread")
+
+
 @pytest.fixture
 def case(tmp_path):
     """A fixed and a moving image on different oblique grids, a label map and an affine."""
