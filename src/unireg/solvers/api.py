@@ -168,9 +168,13 @@ def preset_stages(
         if deformable not in ("svf", "greedy"):
             raise ValueError(f"syn's deformable model is svf or greedy, got {deformable!r}")
         greedy = deformable == "greedy"
+        # the greedy field's smoothing (voxels): 1.25 for the fast LNCC stage, chosen on IXI
+        # training pairs (self-warped: end-point error 0.471 -> 0.412 mm; inter-subject Dice
+        # -0.004, within the rule's 0.005); the accurate preset lost 0.017 Dice with it
+        smooth = (1.25 if preset == "fast" and not multimodal else 1.0) if greedy else 0.0
         dense = Stage(
             deformable, levels, loss=sim[0], loss_options=sim[1], lr=0.5 if greedy else 0.25,
-            smooth_gradient=1.0, smooth_field=1.0 if greedy else 0.0,
+            smooth_gradient=1.0, smooth_field=smooth,
             regularizer=None if greedy else "diffusion", regularizer_weight=1.0,
         )  # fmt: skip
     elif method == "bspline":
