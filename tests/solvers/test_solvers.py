@@ -204,6 +204,25 @@ def test_dense_models_recover_a_known_deformation(model):
     assert float(epe.mean()) < 0.25, float(epe.mean())  # voxels
 
 
+@pytest.mark.parametrize("foreground", [True, False])
+def test_dense_stage_compares_over_the_foreground_mask_when_set(foreground):
+    # with foreground set, the fixed image outside the foreground mask does not enter the
+    # objective: noise there leaves the dense result as it was; over the whole grid it does not
+    shape = (48, 48)
+    image = _texture(shape, seed=3)
+    fixed = warp(image, smooth_field(shape, 0.05, seed=3).float(), padding="border")
+    inside = torch.zeros(1, 1, *shape, dtype=torch.bool)
+    inside[..., 10:38, 10:38] = True
+    noisy = torch.where(
+        inside, fixed, torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(5))
+    )
+    stage = Stage("ffd", [Level(1, 40)], loss="mse", lr=0.1, tolerance=0, foreground=foreground)
+    clean = solve(fixed, image, [stage], foreground_mask=inside).displacement
+    changed = solve(noisy, image, [stage], foreground_mask=inside).displacement
+    assert float(clean.abs().max()) > 1e-3  # it deformed
+    assert torch.allclose(clean, changed, atol=1e-6) == foreground
+
+
 @pytest.mark.parametrize("model", ["greedy", "bspline", "greedy-sgd"])
 def test_dense_models_recover_a_known_deformation_in_3d(model):
     optimizer = "sgd" if model.endswith("sgd") else "adam"
@@ -627,6 +646,6 @@ def test_masks_and_label_prompts_match_levels_made_octave_by_octave():
     mask = torch.ones(1, 1, *shape)
     mask[..., :5] = 0
     stage = Stage(model="affine", levels=[Level(8, 3), Level(4, 3)], loss="mse")
-    out = solve(image, image, [stage], linear_mask=mask,
+    out = solve(image, image, [stage], foreground_mask=mask,
                 prompts=[LabelPrompt(labels, labels, 0.5)])  # fmt: skip
     assert np.allclose(out.matrix, np.eye(4), atol=0.05)

@@ -94,9 +94,9 @@ class Stage:
             ``"search"`` (moments plus a grid of rotations, as ANTs' affine initializer).
         search_step, search_top: rotation grid step (degrees) and how many of the best
             candidates are optimised at the first level before the best one is kept.
-        foreground: linear stages: compare over :func:`solve`'s ``linear_mask`` (the fixed
-            image's foreground) when one is given; ``False``: over the whole grid (a given
-            ``mask`` applies either way).
+        foreground: compare over :func:`solve`'s ``foreground_mask`` (the fixed image's
+            foreground) when one is given; ``False``: over the whole grid (a given ``mask``
+            applies either way).
     """
 
     model: str
@@ -372,7 +372,7 @@ def solve(
     init: np.ndarray | None = None,
     prompts: Sequence[LabelPrompt | LandmarkPrompt] = (),
     mask: torch.Tensor | None = None,
-    linear_mask: torch.Tensor | None = None,
+    foreground_mask: torch.Tensor | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> SolveResult:
@@ -389,7 +389,7 @@ def solve(
         init: initial world map ``(d+1, d+1)`` (default identity).
         prompts: extra objective terms (label maps, landmarks).
         mask: fixed-grid weights ``(1, 1, *fixed_shape)`` for the similarity.
-        linear_mask: the same for the linear stages whose ``foreground`` is set, when ``mask``
+        foreground_mask: the same for the stages whose ``foreground`` is set, when ``mask``
             is None (e.g. the fixed image's foreground:
             :func:`unireg.solvers.api.foreground_mask`).
         seed: seeds MI's voxel sampling; the same seed gives the same result.
@@ -438,9 +438,12 @@ def solve(
                 f"{' (converged)' if conv else ''}, {entry['seconds']:.1f} s"
             )
 
+    def stage_mask(stage: Stage) -> torch.Tensor | None:
+        return mask if mask is not None else foreground_mask if stage.foreground else None
+
     for stage in stages:
         if stage.model in LINEAR:
-            lin_mask = mask if mask is not None else linear_mask if stage.foreground else None
+            lin_mask = stage_mask(stage)
             model: LinearModel | None = None
             for lv in stage.levels:
                 t0 = time.perf_counter()
@@ -487,7 +490,7 @@ def solve(
                 t0 = time.perf_counter()
                 obj = Objective(
                     stage, lv.factor, ff.at(lv.factor), mf.at(lv.factor),
-                    fixed_geom, moving_geom, prompts, mask, generator,
+                    fixed_geom, moving_geom, prompts, stage_mask(stage), generator,
                 )  # fmt: skip
                 dense.set_level(obj.shape, ff.full)
                 norm = torch.as_tensor(
