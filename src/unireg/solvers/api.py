@@ -239,13 +239,15 @@ def world_transforms(
 CONTRAST_R = 0.62
 
 
-def contrast_correlation(fixed: Image, moving: Image, matrix: np.ndarray) -> float:
+def contrast_correlation(
+    fixed: Image, moving: Image, matrix: np.ndarray, inside: torch.Tensor | None = None
+) -> float:
     """Pearson correlation of the fixed image's intensities with the moving image's, mapped
-    onto the fixed grid by the world ``matrix`` (fixed -> moving, mm), over the fixed image's
-    foreground (:func:`foreground_mask`; first channels): near 1 for one contrast, far below
-    for two."""
+    onto the fixed grid by the world ``matrix`` (fixed -> moving, mm), over ``inside``
+    (fixed-grid booleans ``(1, 1, *shape)``; default the fixed image's
+    :func:`foreground_mask`; first channels): near 1 for one contrast, far below for two."""
     warped = resample(moving, fixed.geometry, AffineTransform(matrix))
-    inside = foreground_mask(fixed)[0, 0]
+    inside = (foreground_mask(fixed) if inside is None else inside.cpu())[0, 0]
     pair = torch.stack([fixed.data[0][inside].double(), warped.data[0][inside].double()])
     r = float(torch.corrcoef(pair)[0, 1])
     return r if math.isfinite(r) else 0.0
@@ -397,7 +399,7 @@ def register(
             out = solve_stages(stages)
         else:
             out = solve_stages(stages[:-1])
-            r = contrast_correlation(fixed, moving, out.matrix)
+            r = contrast_correlation(fixed, moving, out.matrix, fg)
             if r >= CONTRAST_R:
                 dense = solve_stages(stages[-1:], init=out.matrix)
                 dense.trace = out.trace + dense.trace
