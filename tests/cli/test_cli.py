@@ -63,6 +63,32 @@ def test_exit_now_runs_atexit_flushes_and_keeps_the_code(case_):
     assert ("thread done" in out.stdout) == (case_ == "thread")
 
 
+GC_SCRIPT = """
+import gc, sys
+from unireg.cli import imports_done, main, pause_gc
+pause_gc()
+paused = not gc.isenabled()
+import unireg.cli._common  # imports torch, then hands the collector back
+print(paused, gc.isenabled(), gc.get_freeze_count() > 1000)
+pause_gc()  # torch is in: nothing to pause for
+print(gc.isenabled())
+gc.unfreeze()
+code = main(["info", sys.argv[1]])  # a whole command, torch already in
+print(code, gc.isenabled(), gc.get_freeze_count())
+"""
+
+
+def test_collector_paused_only_while_a_command_imports_torch(tmp_path):
+    """The command line turns the cyclic garbage collector off while torch is imported, then
+    freezes what was imported and turns it back on; with torch already in, it never pauses."""
+    path = save_image(Image(torch.rand(1, 4, 5, 6), np.eye(4)), tmp_path / "i.nii.gz")
+    out = subprocess.run([sys.executable, "-c", GC_SCRIPT, str(path)], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith(("True", "False", "0"))]
+    assert lines == ["True True True", "True", "0 True 0"]
+
+
 @pytest.fixture
 def case(tmp_path):
     """A fixed and a moving image on different oblique grids, a label map and an affine."""

@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 
+from unireg.cli import imports_done
 from unireg.errors import UniregError
+
+imports_done()  # torch is in: the collector paused by the command line may run again
 
 
 def device(name: str) -> torch.device:

@@ -8,6 +8,7 @@ stands for the point map ``T(x) = x + u(x)`` (fixed -> moving).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -137,11 +138,17 @@ def small_determinant(m: torch.Tensor) -> torch.Tensor:
     d = m.shape[-1]
     if m.shape[-2] != d or d not in (2, 3):
         raise ValueError(f"expected (..., 2, 2) or (..., 3, 3) matrices, got {tuple(m.shape)}")
-    if d == 2:
-        return m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]
-    a, b, c = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
-    e, f, g = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
-    h, i, j = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
+    return _determinant_of_entries(m.movedim((-2, -1), (0, 1)))
+
+
+def _determinant_of_entries(m: torch.Tensor | Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """:func:`small_determinant` of matrices held entry-first, ``m[i][j]`` a tensor ``(...)``
+    (a ``(d, d, ...)`` tensor or nested lists): fastest when each entry is contiguous."""
+    if len(m) == 2:
+        return m[0][0] * m[1][1] - m[0][1] * m[1][0]
+    a, b, c = m[0][0], m[0][1], m[0][2]
+    e, f, g = m[1][0], m[1][1], m[1][2]
+    h, i, j = m[2][0], m[2][1], m[2][2]
     return a * (f * j - g * i) - b * (e * j - g * h) + c * (e * i - f * h)
 
 
@@ -160,13 +167,11 @@ def displacement_jacobian_determinant(
         raise ValueError(
             f"displacement of shape {tuple(displacement.shape)} is not (d, *{geometry.shape})"
         )
-    linear = torch.as_tensor(
-        geometry.affine[:d, :d], dtype=displacement.dtype, device=displacement.device
-    )
+    linear = np.asarray(geometry.affine, dtype=np.float64)[:d, :d]  # voxel -> world (mm)
     grads = torch.gradient(displacement, dim=tuple(range(1, d + 1)))  # du/di_k, (d, *S) each
-    jac = torch.stack(grads, dim=-1).movedim(0, -2)  # (*S, d_out, d_in)
-    det: torch.Tensor = small_determinant(jac + linear) / torch.linalg.det(linear)
-    return det
+    # entry (o, k) of the voxel-index Jacobian of x + u: du_o/di_k + A[o, k], contiguous
+    jac = [[grads[k][o] + float(linear[o, k]) for k in range(d)] for o in range(d)]
+    return _determinant_of_entries(jac) / float(np.linalg.det(linear))
 
 
 def scaling_and_squaring(
