@@ -466,6 +466,12 @@ def test_field_and_affine_chain_fast_path_equals_point_mapping():
     x = world_points(ref, dtype=torch.float64)
     expected = (t.map_points(x) - x)[0].movedim(-1, 0).float()
     torch.testing.assert_close(t.displacement(ref), expected, atol=1e-4, rtol=0)
+    # the chain's displacement reads the field at the reference voxels: the point mapping's
+    for grid in (ref, field_geom):
+        x = world_points(grid, dtype=torch.float64)
+        expected = (chain.map_points(x) - x)[0].movedim(-1, 0).float()
+        assert float((expected - affine.displacement(grid)).abs().max()) > 0.05
+        torch.testing.assert_close(chain.displacement(grid), expected, atol=1e-4, rtol=0)
 
 
 def test_composite_transform_order_and_affine_inverse():

@@ -242,3 +242,16 @@ class CompositeTransform(Transform):
             placed = Geometry(moving.shape, inv @ moving.voxel_to_world)
             return first.moving_points(reference, placed, device=device, dtype=dtype)
         return super().moving_points(reference, moving, device=device, dtype=dtype)
+
+    def displacement(
+        self, reference: Geometry, *, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        first = self._merged[0]
+        if len(self._merged) == 1 or not isinstance(first, DisplacementFieldTransform):
+            return super().displacement(reference, device=device)
+        # a leading field is read at the reference voxels (no interpolation on its own grid)
+        x = world_points(reference, device=device, dtype=torch.float64)
+        points = x + channels_last(first._on(reference, device, torch.float64))
+        for t in self._merged[1:]:
+            points = t.map_points(points)
+        return (points - x)[0].movedim(-1, 0).float().contiguous()
