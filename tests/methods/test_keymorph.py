@@ -15,6 +15,7 @@ from unireg.methods import load_checkpoint
 from unireg.methods.keymorph import KeyMorph
 from unireg.nets import KeypointDetector
 from unireg.spatial import Geometry, random_affine, transform_points
+from unireg.spatial.geometry import linear_about
 from unireg.spatial.grid import as_matrix, identity_grid
 from unireg.spatial.warp import sample
 from unireg.training import Checkpoint, save_checkpoint
@@ -736,6 +737,82 @@ def test_two_stage_detection_turns_the_head_upright_for_its_second_detector():
     left = Rotation.from_matrix(_rigid_rotation(model.template.double().numpy(), upright_calls[0]))
     assert np.rad2deg(Rotation.from_matrix(rot).magnitude()) > 60
     assert np.rad2deg(left.magnitude()) < 6.0
+
+
+def test_moment_turns_lay_the_principal_axes_of_the_head_along_the_templates():
+    """``moment_turns``: 4 proper rotations about the intensity centre of mass; each turns the
+    image's principal axes onto the template keypoints' (same order of variance, any sign),
+    and one of them undoes the rotation of a head whose upright axes are the template's."""
+    from scipy.spatial.transform import Rotation
+
+    from unireg.io import Image
+    from unireg.methods.keymorph import moment_turns
+    from unireg.solvers.linear import moments
+
+    # keypoints whose principal axes are the world axes, variances y > z > x
+    template = np.concatenate([np.diag([10.0, 30.0, 20.0]), -np.diag([10.0, 30.0, 20.0])])
+    axes = [torch.arange(n, dtype=torch.float64) - (n - 1) / 2 for n in (40, 40, 40)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1) * 2.0  # mm, 2 mm voxels
+    upright = torch.exp(-0.5 * ((grid / torch.tensor([5.0, 15.0, 10.0])) ** 2).sum(-1))
+    rot = Rotation.from_euler("xyz", [70, -25, 110], degrees=True).as_matrix()
+    base = np.diag([2.0, 2.0, 2.0, 1.0])
+    base[:3, 3] = -39.0  # the grid centred on the origin
+    image = Image(upright[None].float(), linear_about(rot, np.array([3.0, -8.0, 12.0])) @ base)
+    com, _, _ = moments(image.data[None].double(), image.geometry)
+    turns = moment_turns(image, template)
+    assert len(turns) == 4
+    undone = []
+    for turn in turns:
+        lin = turn[:3, :3]
+        assert np.allclose(lin @ lin.T, np.eye(3), atol=1e-9) and np.linalg.det(lin) > 0
+        assert np.allclose(turn[:3, :3] @ com.numpy() + turn[:3, 3], com.numpy(), atol=1e-6)
+        turned = image.with_data(image.data, turn @ image.affine)
+        _, turned_axes, _ = moments(turned.data[None].double(), turned.geometry)
+        # ascending variance: x, z, y of the template
+        along = np.abs(turned_axes.numpy().T @ np.eye(3)[:, [0, 2, 1]])
+        assert np.allclose(np.diag(along), 1.0, atol=1e-3)
+        undone.append(Rotation.from_matrix(lin @ rot).magnitude())
+    assert sorted(np.rad2deg(undone))[0] < 0.5  # one turn takes the head upright
+
+
+def test_two_stage_detection_tries_the_moment_turns_only_when_both_candidates_fit_poorly(
+    monkeypatch,
+):
+    """Past :data:`MOMENT_TURN_RESIDUAL_MM` for both upright candidates, the image turned by
+    each of :func:`moment_turns` is detected too and the best fit of all 6 is returned; below
+    it, no more detections and the better of the two."""
+    import unireg.methods.keymorph.inference as inference
+
+    image, model, payload = _blob_image_and_stand_in(coarse=True)
+    g = np.random.default_rng(1)
+    template = g.normal(0, 30, (4, 3))  # the stand-in's 4 keypoints
+    model.template.copy_(torch.as_tensor(template))
+
+    def noisy(mm):  # the template's pattern, moved, with noise of about ``mm`` mm
+        return template + [5.0, -3.0, 2.0] + g.normal(0, mm, template.shape)
+
+    for upright_mm, expected in ((20.0, "moment 2"), (3.0, "upright")):
+        found = {"upright": noisy(upright_mm), "unturned": noisy(25.0)}
+        found.update({f"moment {k}": noisy(1.0 if k == 2 else 30.0) for k in range(4)})
+        calls = []
+
+        def fake(model_, checkpoint, jobs, device, coarse=False, found=found, calls=calls):
+            calls.append(len(jobs))
+            if coarse:
+                return [template for _ in jobs]
+            if len(jobs) == 2:  # the upright turn and none
+                return [found["upright"], found["unturned"]]
+            return [found[f"moment {k}"] for k in range(len(jobs))]
+
+        monkeypatch.setattr(inference, "_detect_many", fake)
+        residual = {k: inference.rigid_residual(template, f) for k, f in found.items()}
+        poor = min(residual["upright"], residual["unturned"]) > inference.MOMENT_TURN_RESIDUAL_MM
+        assert poor == (expected != "upright")
+        tried = residual if poor else {k: residual[k] for k in ("upright", "unturned")}
+        assert min(tried, key=tried.__getitem__) == expected
+        got = inference.detect_keypoints(model, payload, image, rotations=8)[0].numpy()
+        assert np.allclose(got, found[expected])
+        assert calls == ([1, 2, 4] if expected != "upright" else [1, 2])
 
 
 def test_register_keymorph_with_a_missing_model_says_how_to_get_one(tmp_path, capsys):

@@ -98,6 +98,7 @@ __getattr__ = lazy_exports(
         "KeypointAlignment": "model",
         "KeyMorphMethod": "inference",
         "detect_keypoints": "inference",
+        "moment_turns": "inference",
         "register_keymorph": "inference",
         "rigid_residual": "inference",
         "test_time_rotations": "inference",
