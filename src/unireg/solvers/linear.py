@@ -168,12 +168,22 @@ def moments_candidates(
     d = fixed_geom.ndim
     eye = torch.eye(d, dtype=torch.float64, device=cf.device)
     out = [_homogeneous(eye, cf, cm)]
-    for signs in itertools.product((1.0, -1.0), repeat=d):
-        s = torch.diag(torch.tensor(signs, dtype=torch.float64, device=cf.device))
-        rot = am @ s @ af.T
-        if float(torch.linalg.det(rot)) > 0:
-            out.append(_homogeneous(rot, cf, cm))
+    out += [_homogeneous(rot, cf, cm) for rot in axes_rotations(af, am)]
     return torch.stack(out)
+
+
+def axes_rotations(source: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+    """The proper rotations ``(d, d)`` taking each column of ``source`` (orthonormal axes,
+    e.g. principal axes) onto the same column of ``target``, up to its sign: one per choice
+    of the axes' signs with determinant +1 (4 in 3D, 2 in 2D)."""
+    d = source.shape[0]
+    out = []
+    for signs in itertools.product((1.0, -1.0), repeat=d):
+        s = torch.diag(torch.tensor(signs, dtype=torch.float64, device=source.device))
+        rot = target.double() @ s @ source.double().T
+        if float(torch.linalg.det(rot)) > 0:
+            out.append(rot)
+    return out
 
 
 def rotation_grid(ndim: int, step_degrees: float = 90.0) -> torch.Tensor:

@@ -4,7 +4,6 @@ result built by the shared pipeline (:mod:`unireg.methods.pipeline`)."""
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -138,19 +137,13 @@ def moment_turns(image: Image, template: np.ndarray) -> list[np.ndarray]:
     mass so that its intensity principal axes (:func:`~unireg.solvers.linear.moments`, first
     channel) lie along the principal axes of the ``template`` keypoints ``(K, d)`` (mm), in the
     same order of variance: one per choice of the axes' signs that is a proper rotation."""
-    from unireg.solvers.linear import moments
+    from unireg.solvers.linear import axes_rotations, moments
 
     com, axes, _ = moments(image.data[:1].unsqueeze(0).double(), image.geometry)
     centred = torch.as_tensor(template, dtype=torch.float64)
     centred = centred - centred.mean(0)
     _, template_axes = torch.linalg.eigh(centred.T @ centred)  # ascending, as moments'
-    d = template_axes.shape[0]
-    turns = []
-    for signs in itertools.product((1.0, -1.0), repeat=d):
-        rot = template_axes @ torch.diag(torch.tensor(signs, dtype=torch.float64)) @ axes.T
-        if float(torch.linalg.det(rot)) > 0:
-            turns.append(linear_about(rot.numpy(), com.numpy()))
-    return turns
+    return [linear_about(rot.numpy(), com.numpy()) for rot in axes_rotations(axes, template_axes)]
 
 
 def _detect_many(
