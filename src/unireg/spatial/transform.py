@@ -247,7 +247,7 @@ class CompositeTransform(Transform):
         self, reference: Geometry, *, device: torch.device | str | None = None
     ) -> torch.Tensor:
         first = self._merged[0]
-        if len(self._merged) == 1 or not isinstance(first, DisplacementFieldTransform):
+        if not isinstance(first, DisplacementFieldTransform):
             return super().displacement(reference, device=device)
         # a leading field is read at the reference voxels (no interpolation on its own grid)
         x = world_points(reference, device=device, dtype=torch.float64)

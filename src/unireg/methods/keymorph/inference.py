@@ -103,16 +103,16 @@ def detect_keypoints_many(
         found = _detect_many(model, checkpoint, [*upright, *[(im, [np.eye(4)]) for im in images]],
                              device)  # fmt: skip
         n = len(images)
-        candidates = [[found[i], found[n + i]] for i in range(n)]
-        poor = [i for i in range(n)
-                if min(rigid_residual(template, f) for f in candidates[i])
-                > MOMENT_TURN_RESIDUAL_MM]  # fmt: skip
+        # each image's candidates as (rigid residual, keypoints), each residual taken once
+        scored = [[(rigid_residual(template, f), f) for f in (found[i], found[n + i])]
+                  for i in range(n)]  # fmt: skip
+        poor = [i for i in range(n) if min(r for r, _ in scored[i]) > MOMENT_TURN_RESIDUAL_MM]
         if poor:  # the principal axes' turns (4 per image) in one more batch
             turned = [(i, t) for i in poor for t in moment_turns(images[i], template)]
             more = _detect_many(model, checkpoint, [(images[i], [t]) for i, t in turned], device)
             for (i, _), f in zip(turned, more, strict=True):
-                candidates[i].append(f)
-        points = [min(c, key=lambda f: rigid_residual(template, f)) for c in candidates]
+                scored[i].append((rigid_residual(template, f), f))
+        points = [min(c, key=lambda rf: rf[0])[1] for c in scored]
     return [torch.as_tensor(p)[None].to(device) for p in points]
 
 
