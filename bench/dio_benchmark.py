@@ -6,6 +6,9 @@ command with `dio` / `dio:diffeo` specs, see docs/methods/dio.md):
         # Dice, seconds (affine stage, network, solver) per setting; the rule that picks the
         # default runs on the training pairs (the fastest setting within 0.005 Dice of the
         # best)
+    python bench/dio_benchmark.py tolerance [--model M] [--split train] [--max-pairs 10]
+        # the same for the share of feature variance the solver may leave out (principal
+        # components per level); the rule: the fastest value within 0.003 Dice of the best
     python bench/dio_benchmark.py prompt [--model M] [--label 48] [--weight W ...]
         # a label prompt on one structure (default DLMUSE 48, left hippocampus, held out of
         # the shipped model's training loss) on the IXI test pairs: that structure's Dice and
@@ -31,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("UNIREG_SHARED_DATA", REPO.parent / "shared" / "data"))
 SETTINGS = ("200,100,20", "100,50,10", "200,100,0", "100,50,0", "50,25,0")
+TOLERANCES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
 def pairs(split: str) -> list[tuple]:
@@ -53,26 +57,35 @@ def mean_dice(fixed_labels, warped, exclude=()) -> float:  # noqa: ANN001
     return float(np.nanmean(values))
 
 
-def iterations(model: str | None, split: str, max_pairs: int) -> None:
+def sweep(
+    model: str | None, split: str, max_pairs: int, name: str, settings: tuple, margin: float
+) -> None:
+    """Dice and seconds per pair of each value of the option ``name`` on the first
+    ``max_pairs`` ordered pairs of ``split``; the rule's pick: the fastest value within
+    ``margin`` Dice of the best."""
     from unireg.methods import create, options_for
 
     data = pairs(split)[:max_pairs]
     rows = []
-    for setting in SETTINGS:
-        method = create("dio", options_for("dio", {"iterations": setting, "model": model}))
+    for setting in settings:
+        method = create("dio", options_for("dio", {name: setting, "model": model}))
         dices, seconds = [], {"affine": 0.0, "network": 0.0, "solver": 0.0}
+        channels: dict[float, int] = {}
         for fixed, moving, fl, ml in data:
             res = method.register(fixed, moving)
             dices.append(mean_dice(fl, res.warp(ml)))
+            channels = res.extras.channels
             for k in seconds:
                 seconds[k] += res.extras.stage_seconds[k] / len(data)
         rows.append((setting, float(np.mean(dices)), seconds))
-        print(f"{setting:>12}: Dice {np.mean(dices):.4f} +- {np.std(dices):.4f}; seconds per "
-              f"pair: affine {seconds['affine']:.2f}, network {seconds['network']:.2f}, "
-              f"solver {seconds['solver']:.2f}", flush=True)  # fmt: skip
+        shown = ", ".join(f"1/{f:g}: {c}" for f, c in channels.items())
+        print(f"{name} {setting}: Dice {np.mean(dices):.4f} +- {np.std(dices):.4f}; seconds "
+              f"per pair: affine {seconds['affine']:.2f}, network {seconds['network']:.2f}, "
+              f"solver {seconds['solver']:.2f}; channels (last pair) {shown}",
+              flush=True)  # fmt: skip
     best = max(d for _, d, _ in rows)
-    chosen = min((r for r in rows if r[1] >= best - 0.005), key=lambda r: sum(r[2].values()))
-    print(f"rule (fastest within 0.005 of the best Dice on {split}): {chosen[0]}")
+    chosen = min((r for r in rows if r[1] >= best - margin), key=lambda r: sum(r[2].values()))
+    print(f"rule (fastest within {margin} of the best Dice on {split}): {chosen[0]}")
 
 
 def prompt(model: str | None, label: int, weights: list[float]) -> None:
@@ -116,7 +129,7 @@ def device(model: str | None, name: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["iterations", "prompt", "device"])
+    p.add_argument("what", choices=["iterations", "tolerance", "prompt", "device"])
     p.add_argument("--model", default=None)
     p.add_argument("--split", default="train")
     p.add_argument("--max-pairs", type=int, default=10, help="iterations: the first N pairs")
@@ -131,7 +144,9 @@ def main() -> None:
         raise SystemExit(f"{DATA}: no shared data (set UNIREG_SHARED_DATA)")
     t0 = time.perf_counter()
     if args.what == "iterations":
-        iterations(args.model, args.split, args.max_pairs)
+        sweep(args.model, args.split, args.max_pairs, "iterations", SETTINGS, 0.005)
+    elif args.what == "tolerance":
+        sweep(args.model, args.split, args.max_pairs, "feature_tolerance", TOLERANCES, 0.003)
     elif args.what == "prompt":
         prompt(args.model, args.label, args.weight)
     else:

@@ -84,12 +84,14 @@ class SITRegExtras(Extras):
 @dataclass
 class DIOExtras(Extras):
     """DIO: the transform model the solver fitted to the features, its iteration caps (1/4,
-    1/2, 1), the grids the features were computed on (fixed, moving), the solver's trace and
-    each stage's seconds (linear stage, network, solver)."""
+    1/2, 1), the grids the features were computed on (fixed, moving), the feature channels the
+    solver compared per level (by factor), the solver's trace and each stage's seconds (linear
+    stage, network, solver)."""
 
     transform_kind: str = "ffd"
     iterations: tuple[int, ...] = ()
     feature_grids: tuple[Geometry, Geometry] | None = None
+    channels: dict[float, int] = field(default_factory=dict)
     trace: list[Any] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 

@@ -57,6 +57,26 @@ def test_features_come_on_the_solver_pyramid_of_any_grid(backbone):
         FeatureNet(3, backbone="vit")
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_merged_blocks_give_the_same_features(backbone):
+    # each large-kernel block's four branches folded into one 5^d convolution: the same
+    # features (float rounding), in 2D and 3D; the copy leaves the trained network alone
+    for ndim, shape in [(3, (13, 11, 9)), (2, (21, 18))]:
+        torch.manual_seed(ndim)
+        net = FeatureNet(ndim, (3, 4, 6), 5, backbone).eval()
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        merged = net.merged()
+        assert merged.is_merged and not net.is_merged
+        x = torch.rand(2, 1, *shape)
+        with torch.no_grad():
+            a, b = net(x), merged(x)
+        for factor in a:
+            torch.testing.assert_close(b[factor], a[factor], rtol=1e-4, atol=1e-4)
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+        changed = any(m.merged is not None for m in merged.modules() if hasattr(m, "k5"))
+        assert changed == backbone.startswith("lku")
+
+
 def test_the_feature_grid_keeps_the_field_of_view_at_the_training_spacing(tmp_path):
     _tiny_manifest(tmp_path)
     image = load_image(tmp_path / "s1.nii.gz")  # 2 mm, oblique
@@ -117,6 +137,24 @@ def test_without_full_resolution_iterations_the_field_is_held_at_half_resolution
     np.testing.assert_allclose(grid.corners_world, fixed.geometry.corners_world, atol=1e-6)
     assert [e["factor"] for e in res.extras.trace] == [2.0, 1.0]
     assert res.warped is not None and res.warped.shape == fixed.shape
+
+
+def test_feature_tolerance_registers_fewer_channels(tmp_path):
+    _tiny_manifest(tmp_path)
+    fixed, moving = load_image(tmp_path / "s0.nii.gz"), load_image(tmp_path / "s1.nii.gz")
+    fl, ml = load_labels(tmp_path / "s0_lab.nii.gz"), load_labels(tmp_path / "s1_lab.nii.gz")
+    net = _net()
+    every = register_dio(fixed, moving, model=net, checkpoint=_checkpoint(), iterations=FAST,
+                         affine="none")  # fmt: skip
+    fewer = register_dio(fixed, moving, model=net, checkpoint=_checkpoint(), iterations=FAST,
+                         affine="none", tolerance=0.05)  # fmt: skip
+    assert every.extras.channels == {4.0: 4, 2.0: 4, 1.0: 4}
+    assert sorted(fewer.extras.channels) == [1.0, 2.0, 4.0]
+    assert min(fewer.extras.channels.values()) < 4
+    # dropping 5 % of the variance of untrained features changes the result only a little
+    d_every = np.mean(list(dice(fl, every.warp(ml)).values()))
+    d_fewer = np.mean(list(dice(fl, fewer.warp(ml)).values()))
+    assert abs(d_every - d_fewer) < 0.05, (d_every, d_fewer)
 
 
 def test_prompts_change_the_objective(tmp_path):

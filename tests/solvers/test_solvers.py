@@ -609,6 +609,41 @@ def test_cascade_pyramid_has_the_pyramid_levels():
     assert torch.equal(cascade(x, [2])[0], pyramid(x, [2])[0])
 
 
+def test_principal_channels_keep_the_difference_of_low_rank_features_and_commute_with_warps():
+    from unireg.solvers.pyramid import principal_channels
+    from unireg.spatial.warp import warp
+
+    gen = torch.Generator().manual_seed(0)
+    # 12 channels spanned by 3 smooth maps plus an offset: rank 3 about the mean
+    basis = torch.randn(3, 12, generator=gen, dtype=torch.float64)
+    offset = torch.randn(12, generator=gen, dtype=torch.float64)[:, None, None, None]
+
+    def features(seed: int) -> torch.Tensor:
+        maps = torch.cat([smooth_image((14, 12, 10), seed=seed + i) for i in range(3)], 1)
+        return torch.einsum("kc,bk...->bc...", basis, maps) + offset
+
+    fixed, moving = features(1), features(7)
+    f3, m3 = principal_channels(fixed, moving, 1e-9)
+    assert f3.shape[1] == m3.shape[1] == 3
+    # the channel-mean squared difference is kept (the discarded axes hold no variance)
+    torch.testing.assert_close(((f3 - m3) ** 2).mean(), ((fixed - moving) ** 2).mean())
+    # one linear map for both, commuting with interpolation: under any warp the solver's
+    # objective on the kept axes equals the objective on every channel
+    for seed in (3, 4):
+        u = smooth_field((14, 12, 10), 0.2, seed=seed)
+        torch.testing.assert_close(
+            ((f3 - warp(m3, u, padding="border")) ** 2).mean(),
+            ((fixed - warp(moving, u, padding="border")) ** 2).mean(),
+        )
+    # a looser tolerance keeps fewer axes; 0 keeps the inputs
+    f1, _ = principal_channels(fixed, moving, 0.5)
+    assert f1.shape[1] < 3
+    same, _ = principal_channels(fixed, moving, 0.0)
+    assert same is fixed
+    with pytest.raises(ValueError, match="tolerance"):
+        principal_channels(fixed, moving, 1.0)
+
+
 def test_local_normalization_ignores_gain_and_offset():
     from unireg.solvers.gauss_newton import local_normalize
 

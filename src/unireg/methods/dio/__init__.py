@@ -31,6 +31,7 @@ from unireg.methods.solver import affine_stage_option, preset_option
 TRANSFORMS = {"ffd": "ffd", "diffeo": "greedy", "svf": "svf", "bspline": "bspline",
               "affine": "affine"}  # fmt: skip
 DEFAULT_ITERATIONS = "100,50,10"
+DEFAULT_TOLERANCE = 0.01
 
 
 def parse_iterations(text: str) -> tuple[int, int, int]:
@@ -64,11 +65,21 @@ class DIOOptions(MethodOptions):
         help="dio: the solver's iteration caps at 1/4, 1/2 and full resolution (each level "
         "stops early when the feature loss no longer falls)",
     )  # fmt: skip
+    feature_tolerance: float = option(
+        DEFAULT_TOLERANCE, minimum=0.0,
+        help="dio: the share of each level's feature variance the solver may leave out: it "
+        "compares the fewest principal components that keep the rest (0: every channel)",
+    )  # fmt: skip
     affine: str = affine_stage_option()
     preset: str = preset_option()
     model: str | None = model_option()
 
     def check(self, where: str = "", method: str = "") -> None:
+        if self.feature_tolerance >= 1:
+            raise OptionError(
+                f"{where or self.method}: feature_tolerance must be below 1, got "
+                f"{self.feature_tolerance}"
+            )
         try:
             parse_iterations(self.iterations)
         except OptionError as err:

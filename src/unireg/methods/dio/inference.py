@@ -19,7 +19,7 @@ from unireg.methods.pipeline import check_dimensions, network_input
 from unireg.methods.stages import affine_stage
 from unireg.result import DIOExtras, RegistrationResult, measured_result
 from unireg.solvers.api import world_transforms
-from unireg.solvers.pyramid import level_geometry
+from unireg.solvers.pyramid import level_geometry, principal_channels
 from unireg.solvers.solver import LabelPrompt, LandmarkPrompt, Level, solve
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import Transform
@@ -53,6 +53,7 @@ def register_dio(
     iterations: Sequence[int] | None = None,
     affine: str = "affine-gn",
     preset: str = "fast",
+    tolerance: float = 0.0,
     prompts: Prompts | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -70,7 +71,10 @@ def register_dio(
        (default :data:`~unireg.methods.dio.DEFAULT_ITERATIONS`), feature MSE with the step
        and smoothing the model was trained with, coarse to fine, each level stopping early,
        starting from ``A``; ``prompts`` add a soft-Dice term of the label maps
-       (``label_weight``), a landmark distance term (world mm) and a similarity mask.
+       (``label_weight``), a landmark distance term (world mm) and a similarity mask. With
+       ``tolerance`` > 0 each level's features are first projected onto the fewest principal
+       axes that keep all but that share of their variance
+       (:func:`unireg.solvers.pyramid.principal_channels`).
 
     The result maps fixed world mm to moving world mm: ``x -> A'(x + u(x))`` for the dense
     models (``A' = A``), ``A'`` alone for ``affine``. Its inverse is the model's own for
@@ -95,7 +99,7 @@ def register_dio(
         linear = affine_stage(fixed, moving, affine, preset, dev)
         t1 = time.perf_counter()
         grids = (feature_grid(fixed, spacing), feature_grid(moving, spacing))
-        net = model.to(dev).eval()
+        net = (model if model.is_merged else model.merged()).to(dev)
         with torch.no_grad():
             ff = net(network_input(fixed, grids[0]).to(dev), factors)
             fm = net(network_input(moving, grids[1]).to(dev), factors)
@@ -105,6 +109,9 @@ def register_dio(
             level_geometry(grids[0], tuple(ff[finest].shape[2:])),
             level_geometry(grids[1], tuple(fm[finest].shape[2:])),
         )
+        for f in factors:
+            ff[f], fm[f] = principal_channels(ff[f], fm[f], tolerance)
+        channels = {f: int(x.shape[1]) for f, x in ff.items()}
         ff = {f / finest: x for f, x in ff.items()}
         fm = {f / finest: x for f, x in fm.items()}
         t2 = time.perf_counter()
@@ -131,7 +138,7 @@ def register_dio(
         extras = DIOExtras(
             method=f"dio ({transform}, affine stage {affine})", matrix=np.asarray(out.matrix),
             transform_kind=transform, iterations=tuple(int(n) for n in iterations),
-            feature_grids=grids, trace=out.trace,
+            feature_grids=grids, trace=out.trace, channels=channels,
             stage_seconds={"affine": t1 - t0, "network": t2 - t1, "solver": t3 - t2},
         )  # fmt: skip
         return forward, inverse, extras
@@ -147,7 +154,9 @@ class DIOMethod:
         from unireg.methods.registry import load_model
 
         self.entry, self.options, self.device = entry, options, torch.device(device)
-        self.model, self.checkpoint = load_model(entry.name, options.model, device=self.device)
+        model, self.checkpoint = load_model(entry.name, options.model, device=self.device)
+        assert isinstance(model, FeatureNet)
+        self.model = model.merged()
 
     def register(
         self,
@@ -159,9 +168,9 @@ class DIOMethod:
         progress: Callable[[str], None] | None = None,
     ) -> RegistrationResult:
         o = self.options
-        assert isinstance(self.model, FeatureNet)
         return register_dio(
             fixed, moving, model=self.model, checkpoint=self.checkpoint,
             transform=o.transform, iterations=parse_iterations(o.iterations), affine=o.affine,
-            preset=o.preset, prompts=prompts, seed=seed, device=self.device, progress=progress,
+            preset=o.preset, tolerance=o.feature_tolerance, prompts=prompts, seed=seed,
+            device=self.device, progress=progress,
         )  # fmt: skip

@@ -20,6 +20,7 @@ Each level's head is a plain ``3^d`` convolution to ``features`` channels (no ac
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,9 +49,34 @@ class LargeKernelBlock(nn.Module):
         self.norm = instance_norm_nd(ndim)(channels, affine=True)
         self.act = nn.PReLU(channels)
 
+        self.merged: nn.Module | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.act(self.norm(self.k3(x) + self.k5(x) + self.k1(x) + x))
+        if self.merged is not None:
+            out: torch.Tensor = self.act(self.norm(self.merged(x)))
+        else:
+            out = self.act(self.norm(self.k3(x) + self.k5(x) + self.k1(x) + x))
         return out
+
+    def merge(self) -> None:
+        """Fold the four parallel branches into one ``5^d`` convolution with the same output
+        (structural re-parameterisation: the ``3^d`` and ``1^d`` kernels and the identity
+        are zero-padded to ``5^d`` and added). For inference: the branches' parameters stay
+        but no longer train the block."""
+        d = self.k5.weight.ndim - 2
+        with torch.no_grad():
+            weight = self.k5.weight.clone()
+            weight += F.pad(self.k3.weight, [1, 1] * d)
+            weight += F.pad(self.k1.weight, [2, 2] * d)
+            centre = (slice(None), slice(None)) + (2,) * d
+            weight[centre] += torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            assert self.k5.bias is not None and self.k3.bias is not None
+            assert self.k1.bias is not None
+            merged = conv_nd(d)(weight.shape[1], weight.shape[0], 5, padding=2)
+            merged = merged.to(weight)
+            merged.weight.copy_(weight)
+            merged.bias.copy_(self.k5.bias + self.k3.bias + self.k1.bias)
+        self.merged = merged
 
 
 class PlainBlock(nn.Sequential):
@@ -96,6 +122,7 @@ class FeatureNet(nn.Module):
             raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
         if len(channels) != 3:
             raise ValueError(f"give 3 channel widths (full, 1/2, 1/4), got {list(channels)}")
+        self.is_merged = False
         self.config: dict[str, Any] = {"ndim": ndim, "channels": [int(c) for c in channels],
                                        "features": int(features), "backbone": backbone}  # fmt: skip
         large = backbone.startswith("lku")
@@ -119,6 +146,17 @@ class FeatureNet(nn.Module):
             "2": conv(c1, features, 3, padding=1),
             "1": conv(c0, features, 3, padding=1),
         })  # fmt: skip
+
+    def merged(self) -> FeatureNet:
+        """A copy for inference whose large-kernel blocks each run one ``5^d`` convolution
+        (:meth:`LargeKernelBlock.merge`): the same features to float rounding, a quarter of
+        the full-resolution work less."""
+        net = copy.deepcopy(self).eval()
+        for block in net.modules():
+            if isinstance(block, LargeKernelBlock):
+                block.merge()
+        net.is_merged = True
+        return net
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FeatureNet:
