@@ -115,10 +115,15 @@ def principal_channels(
         return fixed, moving
     if moving.shape[1] != c:
         raise ValueError(f"fixed and moving need the same channels, got {c} and {moving.shape[1]}")
-    x = torch.cat([fixed.transpose(0, 1).reshape(c, -1), moving.transpose(0, 1).reshape(c, -1)],
-                  1).double()  # fmt: skip
-    x = x - x.mean(1, keepdim=True)
-    values, vectors = torch.linalg.eigh(x @ x.T / x.shape[1])  # ascending
+    # the joint channel covariance, one image at a time (no joint copy of the features)
+    flat = [x.transpose(0, 1).reshape(c, -1) for x in (fixed, moving)]
+    count = sum(x.shape[1] for x in flat)
+    mean = (flat[0].sum(1, dtype=torch.float64) + flat[1].sum(1, dtype=torch.float64)) / count
+    cov = torch.zeros(c, c, dtype=torch.float64, device=fixed.device)
+    for x in flat:
+        centred = x - mean.to(x.dtype)[:, None]
+        cov += (centred @ centred.T).double()
+    values, vectors = torch.linalg.eigh(cov / count)  # ascending
     values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
     left_out = values.sum() - values.cumsum(0)  # variance beyond the first k + 1 axes
     k = int((left_out > tolerance * values.sum()).sum()) + 1
