@@ -77,6 +77,43 @@ def test_merged_blocks_give_the_same_features(backbone):
         assert changed == backbone.startswith("lku")
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_projected_and_sampled_heads_are_the_projection_and_the_sample_of_the_features(ndim):
+    # the head is linear: k projected kernels give the projected features; a strided head
+    # gives the features at every second voxel; the pair's full-resolution basis, estimated
+    # on that sample, keeps the full level's difference as the exact projection does
+    from unireg.methods.dio.inference import pair_features
+    from unireg.solvers.pyramid import principal_axes, project_channels
+
+    torch.manual_seed(0)
+    shape = (14, 11, 9) if ndim == 3 else (22, 17)
+    net = FeatureNet(ndim, (3, 4, 6), 5, "lku-e").eval()
+    x, y = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
+    basis = torch.randn(2, 5)
+    with torch.no_grad():
+        full = net(x)
+        trunk = net.trunk(x)
+        for f in full:
+            torch.testing.assert_close(net.head(trunk, f), full[f])
+            torch.testing.assert_close(
+                net.head(trunk, f, basis), project_channels(basis, full[f]), rtol=1e-4, atol=1e-5
+            )
+        every = (slice(None), slice(None)) + (slice(None, None, 2),) * ndim
+        torch.testing.assert_close(net.head(trunk, 1.0, every=2), full[1.0][every])
+        with pytest.raises(ValueError, match="full-resolution"):
+            net.head(trunk, 2.0, every=2)
+        ff, fm = pair_features(net, x, y, (4.0, 2.0, 1.0), 0.2)
+        other = net(y)
+        sampled = principal_axes(full[1.0][every], other[1.0][every], 0.2)
+        assert ff[1.0].shape[1] == sampled.shape[0] < 5
+        for got, features in ((ff, full), (fm, other)):
+            expected = project_channels(sampled, features[1.0])
+            torch.testing.assert_close(got[1.0], expected, rtol=1e-4, atol=1e-5)
+        same, _ = pair_features(net, x, y, (4.0, 2.0, 1.0), 0.0)
+        for f in full:
+            torch.testing.assert_close(same[f], full[f])
+
+
 def test_the_feature_grid_keeps_the_field_of_view_at_the_training_spacing(tmp_path):
     _tiny_manifest(tmp_path)
     image = load_image(tmp_path / "s1.nii.gz")  # 2 mm, oblique

@@ -94,25 +94,14 @@ def level_geometry(geometry: Geometry, shape: Sequence[int]) -> Geometry:
     return Geometry(tuple(shape), geometry.voxel_to_world @ scale)
 
 
-def principal_channels(
-    fixed: torch.Tensor, moving: torch.Tensor, tolerance: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fixed`` ``(B, C, *shape)`` and ``moving`` ``(B, C, *moving_shape)`` projected onto the
-    fewest principal axes of their joint channel covariance that leave out at most
-    ``tolerance`` of its trace (its variance), scaled by ``sqrt(k / C)``.
-
-    The projection is linear and the same for both, so it commutes with warping by linear
-    interpolation: the channel-mean squared difference of the projected features under any
-    warp is that of the features restricted to the kept axes (the scale keeps its size;
-    outside a zero-padded moving image both are zero).
-    A solver comparing ``k`` channels instead of ``C`` does ``C / k`` times less sampling.
-    ``tolerance`` 0 returns the inputs.
-    """
+def principal_axes(fixed: torch.Tensor, moving: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """The projection ``(k, C)`` of :func:`principal_channels`: the fewest principal axes of
+    the joint channel covariance of ``fixed`` ``(B, C, ...)`` and ``moving`` ``(B, C, ...)``
+    that leave out at most ``tolerance`` of its trace, as rows scaled by ``sqrt(k / C)``.
+    Any samples of the two feature maps serve (every voxel, or every second one)."""
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
     c = fixed.shape[1]
-    if tolerance == 0 or c == 1:
-        return fixed, moving
     if moving.shape[1] != c:
         raise ValueError(f"fixed and moving need the same channels, got {c} and {moving.shape[1]}")
     # the joint channel covariance, one image at a time (no joint copy of the features)
@@ -127,9 +116,34 @@ def principal_channels(
     values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
     left_out = values.sum() - values.cumsum(0)  # variance beyond the first k + 1 axes
     k = int((left_out > tolerance * values.sum()).sum()) + 1
-    basis = (vectors[:, :k] * (k / c) ** 0.5).T.to(fixed)  # (k, C)
+    basis: torch.Tensor = (vectors[:, :k] * (k / c) ** 0.5).T
+    return basis.to(fixed)
 
-    def project(f: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("kc,bc...->bk...", basis, f)
 
-    return project(fixed), project(moving)
+def project_channels(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, C, ...)`` onto the rows of ``basis`` ``(k, C)``: ``(B, k, ...)``."""
+    out: torch.Tensor = torch.einsum("kc,bc...->bk...", basis, x)
+    return out
+
+
+def principal_channels(
+    fixed: torch.Tensor, moving: torch.Tensor, tolerance: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fixed`` ``(B, C, *shape)`` and ``moving`` ``(B, C, *moving_shape)`` projected onto the
+    fewest principal axes of their joint channel covariance that leave out at most
+    ``tolerance`` of its trace (its variance), scaled by ``sqrt(k / C)``
+    (:func:`principal_axes`).
+
+    The projection is linear and the same for both, so it commutes with warping by linear
+    interpolation: the channel-mean squared difference of the projected features under any
+    warp is that of the features restricted to the kept axes (the scale keeps its size;
+    outside a zero-padded moving image both are zero).
+    A solver comparing ``k`` channels instead of ``C`` does ``C / k`` times less sampling.
+    ``tolerance`` 0 returns the inputs.
+    """
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
+    if tolerance == 0 or fixed.shape[1] == 1:
+        return fixed, moving
+    basis = principal_axes(fixed, moving, tolerance)
+    return project_channels(basis, fixed), project_channels(basis, moving)

@@ -19,7 +19,7 @@ from unireg.methods.pipeline import check_dimensions, network_input
 from unireg.methods.stages import affine_stage
 from unireg.result import DIOExtras, RegistrationResult, measured_result
 from unireg.solvers.api import world_transforms
-from unireg.solvers.pyramid import level_geometry, principal_channels
+from unireg.solvers.pyramid import level_geometry, principal_axes, principal_channels
 from unireg.solvers.solver import LabelPrompt, LandmarkPrompt, Level, solve
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import Transform
@@ -41,6 +41,31 @@ def _labels_on(labels: LabelMap, grid: Geometry) -> torch.Tensor:
     if labels.geometry.same_grid(grid):
         return labels.batch()
     return resample(labels, grid).batch()
+
+
+def pair_features(
+    net: FeatureNet,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    factors: Sequence[float],
+    tolerance: float = 0.0,
+) -> tuple[dict[float, torch.Tensor], dict[float, torch.Tensor]]:
+    """Both images' features ``{factor: (B, k, *level shape)}`` for the solver. With
+    ``tolerance`` > 0 each level is projected onto its principal axes
+    (:func:`~unireg.solvers.pyramid.principal_channels`); at full resolution the axes are
+    estimated on every second voxel along each axis and the head computes the ``k``
+    projected channels directly (the head is linear: the same features as projecting all
+    ``F`` channels with those axes, at ``k / F`` of the head's cost)."""
+    tf, tm = net.trunk(fixed, factors), net.trunk(moving, factors)
+    ff: dict[float, torch.Tensor] = {}
+    fm: dict[float, torch.Tensor] = {}
+    for f in sorted(tf.levels, reverse=True):
+        if tolerance > 0 and f == 1:
+            basis = principal_axes(net.head(tf, f, every=2), net.head(tm, f, every=2), tolerance)
+            ff[f], fm[f] = net.head(tf, f, basis), net.head(tm, f, basis)
+        else:
+            ff[f], fm[f] = principal_channels(net.head(tf, f), net.head(tm, f), tolerance)
+    return ff, fm
 
 
 def register_dio(
@@ -73,8 +98,7 @@ def register_dio(
        starting from ``A``; ``prompts`` add a soft-Dice term of the label maps
        (``label_weight``), a landmark distance term (world mm) and a similarity mask. With
        ``tolerance`` > 0 each level's features are first projected onto the fewest principal
-       axes that keep all but that share of their variance
-       (:func:`unireg.solvers.pyramid.principal_channels`).
+       axes that keep all but that share of their variance (:func:`pair_features`).
 
     The result maps fixed world mm to moving world mm: ``x -> A'(x + u(x))`` for the dense
     models (``A' = A``), ``A'`` alone for ``affine``. Its inverse is the model's own for
@@ -101,16 +125,16 @@ def register_dio(
         grids = (feature_grid(fixed, spacing), feature_grid(moving, spacing))
         net = (model if model.is_merged else model.merged()).to(dev)
         with torch.no_grad():
-            ff = net(network_input(fixed, grids[0]).to(dev), factors)
-            fm = net(network_input(moving, grids[1]).to(dev), factors)
+            ff, fm = pair_features(
+                net, network_input(fixed, grids[0]).to(dev),
+                network_input(moving, grids[1]).to(dev), factors, tolerance,
+            )  # fmt: skip
         # the solve's finest grid is the finest level asked for: its features and geometry,
         # the factors counted from it
         grids = (
             level_geometry(grids[0], tuple(ff[finest].shape[2:])),
             level_geometry(grids[1], tuple(fm[finest].shape[2:])),
         )
-        for f in factors:
-            ff[f], fm[f] = principal_channels(ff[f], fm[f], tolerance)
         channels = {f: int(x.shape[1]) for f, x in ff.items()}
         ff = {f / finest: x for f, x in ff.items()}
         fm = {f / finest: x for f, x in fm.items()}

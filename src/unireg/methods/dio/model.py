@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from unireg.spatial.warp import sample
 
 BACKBONES = ("lku", "unet", "lku-e", "unet-e")
 FACTORS = (4.0, 2.0, 1.0)
+_CONV = {2: F.conv2d, 3: F.conv3d}
 
 
 class LargeKernelBlock(nn.Module):
@@ -169,6 +171,12 @@ class FeatureNet(nn.Module):
         """Features of ``image`` ``(B, 1, *shape)`` (intensities about [0, 1]) by pyramid
         factor: ``{4.0: (B, F, *level_shape(shape, 4)), 2.0: ..., 1.0: (B, F, *shape)}``, for
         the ``factors`` asked for (the decoder's full-resolution part runs only for 1)."""
+        trunk = self.trunk(image, factors)
+        return {f: self.head(trunk, f) for f in sorted(trunk.levels, reverse=True)}
+
+    def trunk(self, image: torch.Tensor, factors: Sequence[float] = FACTORS) -> Trunk:
+        """Everything but the heads: each asked-for level's last activation on the padded
+        input's stride grid (see :meth:`head`)."""
         d = image.ndim - 2
         if image.shape[1] != 1 or d != self.config["ndim"]:
             raise ValueError(f"expected (B, 1) {self.config['ndim']}D images, got {image.shape}")
@@ -192,11 +200,48 @@ class FeatureNet(nn.Module):
                 up = upsample_strided(e1, e0.shape[2:])
                 e0 = self.dec0(self.fuse0(torch.cat([up, e0], 1)))
         levels = dict(zip(FACTORS, (e2, e1, e0), strict=True))
-        out: dict[float, torch.Tensor] = {}
-        for factor in sorted(set(map(float, factors)), reverse=True):
-            feats = self.heads[str(int(factor))](levels[factor])
-            out[factor] = _onto_level(feats, shape, padded, factor)
-        return out
+        return Trunk({float(f): levels[float(f)] for f in factors}, shape, padded)
+
+    def head(
+        self,
+        trunk: Trunk,
+        factor: float,
+        basis: torch.Tensor | None = None,
+        every: int = 1,
+    ) -> torch.Tensor:
+        """Level ``factor``'s features from ``trunk`` on the solver's pyramid grid.
+
+        ``basis`` ``(k, F)``: the features projected onto its rows
+        (:func:`~unireg.solvers.pyramid.project_channels`), computed as such (the head is
+        linear, so its ``k`` projected kernels give exactly the projected features at a
+        ``k / F`` of the cost). ``every`` > 1 (full resolution only): the features at every
+        ``every``-th voxel of the input grid along each axis (a sample, e.g. to estimate a
+        basis)."""
+        conv = self.heads[str(int(factor))]
+        weight, bias = conv.weight, conv.bias
+        if basis is not None:
+            weight = torch.einsum("kc,c...->k...", basis.to(weight), weight)
+            bias = None if bias is None else basis.to(bias) @ bias
+        d = trunk.levels[factor].ndim - 2
+        if every > 1:
+            if factor != 1:
+                raise ValueError("a sampled head is for the full-resolution level only")
+            feats = _CONV[d](trunk.levels[factor], weight, bias, stride=every, padding=1)
+            for axis, n in enumerate(trunk.shape):  # drop the padding
+                feats = feats.narrow(2 + axis, 0, -(-n // every))
+            return feats
+        feats = _CONV[d](trunk.levels[factor], weight, bias, padding=1)
+        return _onto_level(feats, trunk.shape, trunk.padded, factor)
+
+
+@dataclass
+class Trunk:
+    """:meth:`FeatureNet.trunk`'s output: the last activation of each level asked for (on the
+    stride grid of the input zero-padded to ``padded``), and the input's ``shape``."""
+
+    levels: dict[float, torch.Tensor]
+    shape: tuple[int, ...]
+    padded: list[int]
 
 
 def _onto_level(
