@@ -2,6 +2,7 @@
 command with `dio` / `dio:diffeo` specs, see docs/methods/dio.md):
 
     python bench/dio_benchmark.py iterations [--model M] [--split train] [--max-pairs 10]
+            [--settings I4,I2,I1 ...]
         # the solver's iteration caps on the first N ordered pairs of a split's IXI subjects:
         # Dice, seconds (affine stage, network, solver) per setting; the rule that picks the
         # default runs on the training pairs (the fastest setting within 0.005 Dice of the
@@ -133,6 +134,7 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--split", default="train")
     p.add_argument("--max-pairs", type=int, default=10, help="iterations: the first N pairs")
+    p.add_argument("--settings", nargs="+", default=None, help="iterations: the settings swept")
     p.add_argument("--label", type=int, default=48)
     p.add_argument("--weight", type=float, nargs="+", default=[1.0, 4.0])
     p.add_argument("--device", default="cuda")
@@ -144,7 +146,8 @@ def main() -> None:
         raise SystemExit(f"{DATA}: no shared data (set UNIREG_SHARED_DATA)")
     t0 = time.perf_counter()
     if args.what == "iterations":
-        sweep(args.model, args.split, args.max_pairs, "iterations", SETTINGS, 0.005)
+        settings = tuple(args.settings) if args.settings else SETTINGS
+        sweep(args.model, args.split, args.max_pairs, "iterations", settings, 0.005)
     elif args.what == "tolerance":
         sweep(args.model, args.split, args.max_pairs, "feature_tolerance", TOLERANCES, 0.003)
     elif args.what == "prompt":

@@ -12,6 +12,7 @@ from conftest import demo_brains
 from test_keymorph import _tiny_manifest
 
 from unireg.io import load_image, load_labels
+from unireg.io.image import resample
 from unireg.methods import registry
 from unireg.methods.base import OptionError, Prompts
 from unireg.methods.dio import parse_iterations
@@ -112,6 +113,53 @@ def test_projected_and_sampled_heads_are_the_projection_and_the_sample_of_the_fe
         same, _ = pair_features(net, x, y, (4.0, 2.0, 1.0), 0.0)
         for f in full:
             torch.testing.assert_close(same[f], full[f])
+
+
+def test_resolution_matching_blurs_the_finer_image_along_the_other_images_thick_axis():
+    from unireg.io.image import Image
+    from unireg.methods.pipeline import resolution_matched
+
+    # an impulse on a 2 mm grid against an image of 5 mm slices along world z
+    data = torch.zeros(1, 9, 9, 31)
+    data[0, 4, 4, 15] = 1.0
+    impulse = Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    thick = Image(torch.zeros(1, 9, 9, 6), np.diag([2.0, 2.0, 5.0, 1.0]))
+    out = resolution_matched(impulse, thick)
+    profile = out.data[0, 4, 4].double()
+    # blurred along z only, by a Gaussian of FWHM 5 mm less the own 2 mm: sigma^2 in voxels
+    assert torch.count_nonzero(out.data[0, :, :, 15]) == 1
+    z = torch.arange(31, dtype=torch.float64) - 15
+    variance = float((profile * z**2).sum() / profile.sum())
+    expected = (5.0**2 - 2.0**2) / 2.355**2 / 2.0**2
+    assert abs(variance - expected) < 0.02 * expected, (variance, expected)
+    np.testing.assert_allclose(float(out.data.sum()), 1.0, rtol=1e-5)  # mass kept
+    # the same thick axis, but the other image's voxel axes permuted (its first axis along z)
+    permuted = np.array([[0, 0, 2.0, 0], [0, 2.0, 0, 0], [5.0, 0, 0, 0], [0, 0, 0, 1.0]])
+    swapped = Image(torch.zeros(1, 6, 9, 9), permuted)
+    torch.testing.assert_close(resolution_matched(impulse, swapped).data, out.data)
+    # the coarser image, and a partner of about the same resolution, are left as they are
+    assert resolution_matched(thick, impulse) is thick
+    near = Image(torch.zeros(1, 9, 9, 28), np.diag([2.0, 2.0, 2.2, 1.0]))
+    assert resolution_matched(impulse, near) is impulse
+
+
+def test_dio_matches_resolution_only_for_pairs_of_different_resolution(tmp_path):
+    _tiny_manifest(tmp_path)
+    fixed, moving = load_image(tmp_path / "s0.nii.gz"), load_image(tmp_path / "s1.nii.gz")
+    net = _net()
+
+    def run(fixed, moving, match):
+        return register_dio(fixed, moving, model=net, checkpoint=_checkpoint(), iterations=FAST,
+                            affine="none", match_resolution=match).transform  # fmt: skip
+
+    same = [run(fixed, moving, m).map_points(torch.zeros(1, 3)) for m in (False, True)]
+    torch.testing.assert_close(same[0], same[1])
+    # moving on 3x thicker slices: the fixed image's features change, so does the map
+    coarse = moving.geometry.regrid((*moving.spacing[:2], 3 * moving.spacing[2]))
+    thick = resample(moving, coarse)
+    points = torch.tensor([[10.0, -5.0, 3.0]], dtype=torch.float64)
+    moved = [run(fixed, thick, m).map_points(points) for m in (False, True)]
+    assert not torch.allclose(moved[0], moved[1])
 
 
 def test_the_feature_grid_keeps_the_field_of_view_at_the_training_spacing(tmp_path):

@@ -26,6 +26,7 @@ from unireg.io.preprocessing import Preprocessing
 from unireg.methods.base import MethodEntry, MethodOptions, OptionError, Prompts
 from unireg.result import RegistrationResult
 from unireg.solvers.pyramid import level_geometry
+from unireg.spatial.filters import gaussian_blur
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import (
     AffineTransform,
@@ -82,6 +83,34 @@ def network_grid(checkpoint: Checkpoint, image: Image) -> Geometry:
     first = image.with_data(image.data[:1].float())
     prep = Preprocessing.from_settings(checkpoint.preprocessing, image.ndim)
     return prep.target_geometry(first)
+
+
+# the finer image is blurred along an axis only where the other image's voxel is at least
+# this much longer along it (near-equal spacings are left alone)
+MATCH_RATIO = 1.2
+
+
+def resolution_matched(image: Image, other: Image, *, ratio: float = MATCH_RATIO) -> Image:
+    """``image`` blurred along each of its voxel axes to ``other``'s resolution along that axis
+    where ``other``'s is coarser by more than ``ratio`` (else ``image`` itself).
+
+    ``other``'s voxel length along the world direction ``e`` of an axis is
+    ``sqrt(sum_j (s_j (R^T e)_j)^2)`` (``s`` its spacing, ``R`` its axis directions): the
+    spacing itself when the grids' axes agree. The blur is a Gaussian slice profile whose
+    full width at half maximum is that length (``sigma = sqrt(L^2 - s_image^2) / 2.355`` mm),
+    as a thick slice of a scanner records; on the same grid and intensities otherwise."""
+    d = image.ndim
+    a = image.geometry.voxel_to_world[:d, :d]
+    b = other.geometry.voxel_to_world[:d, :d]
+    own, theirs = np.array(image.geometry.spacing), np.array(other.geometry.spacing)
+    directions = a / own  # unit world directions of the image's axes (columns)
+    along = np.linalg.norm(theirs[:, None] * ((b / theirs).T @ directions), axis=0)
+    coarser = along > ratio * own
+    if not coarser.any():
+        return image
+    sigmas = np.where(coarser, np.sqrt(np.maximum(along**2 - own**2, 0.0)) / 2.355 / own, 0.0)
+    data = image.data.float()
+    return image.with_data(gaussian_blur(data[None], [float(v) for v in sigmas])[0])
 
 
 def network_input(image: Image, grid: Geometry, through: Transform | None = None) -> torch.Tensor:

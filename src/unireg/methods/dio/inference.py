@@ -15,7 +15,7 @@ from unireg.methods.base import MethodEntry, Prompts
 from unireg.methods.dio import DEFAULT_ITERATIONS, TRANSFORMS, DIOOptions, parse_iterations
 from unireg.methods.dio.model import FACTORS, FeatureNet
 from unireg.methods.dio.training import DIOConfig
-from unireg.methods.pipeline import check_dimensions, network_input
+from unireg.methods.pipeline import check_dimensions, network_input, resolution_matched
 from unireg.methods.stages import affine_stage
 from unireg.result import DIOExtras, RegistrationResult, measured_result
 from unireg.solvers.api import world_transforms
@@ -79,12 +79,18 @@ def register_dio(
     affine: str = "affine-gn",
     preset: str = "fast",
     tolerance: float = 0.0,
+    match_resolution: bool = False,
     prompts: Prompts | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> RegistrationResult:
     """Register raw ``moving`` onto ``fixed`` with a trained feature network.
+
+    With ``match_resolution`` each image is first blurred along its axes to the other's
+    resolution where the other's is coarser (:func:`~unireg.methods.pipeline.resolution_matched`:
+    a thin-slice image against a thick-slice one), for the affine stage and the network; the
+    result still warps the moving image as given.
 
     1. ``affine`` stage on the intensities (see :func:`unireg.methods.stages.affine_stage`):
        ``A``, fixed world -> moving world (mm).
@@ -120,14 +126,17 @@ def register_dio(
 
     def run() -> tuple[Transform, Transform | None, DIOExtras]:
         t0 = time.perf_counter()
-        linear = affine_stage(fixed, moving, affine, preset, dev)
+        seen = (fixed, moving)
+        if match_resolution:
+            seen = (resolution_matched(fixed, moving), resolution_matched(moving, fixed))
+        linear = affine_stage(seen[0], seen[1], affine, preset, dev)
         t1 = time.perf_counter()
         grids = (feature_grid(fixed, spacing), feature_grid(moving, spacing))
         net = (model if model.is_merged else model.merged()).to(dev)
         with torch.no_grad():
             ff, fm = pair_features(
-                net, network_input(fixed, grids[0]).to(dev),
-                network_input(moving, grids[1]).to(dev), factors, tolerance,
+                net, network_input(seen[0], grids[0]).to(dev),
+                network_input(seen[1], grids[1]).to(dev), factors, tolerance,
             )  # fmt: skip
         # the solve's finest grid is the finest level asked for: its features and geometry,
         # the factors counted from it
@@ -195,6 +204,7 @@ class DIOMethod:
         return register_dio(
             fixed, moving, model=self.model, checkpoint=self.checkpoint,
             transform=o.transform, iterations=parse_iterations(o.iterations), affine=o.affine,
-            preset=o.preset, tolerance=o.feature_tolerance, prompts=prompts, seed=seed,
+            preset=o.preset, tolerance=o.feature_tolerance,
+            match_resolution=o.resolution == "match", prompts=prompts, seed=seed,
             device=self.device, progress=progress,
         )  # fmt: skip
