@@ -108,6 +108,32 @@ def test_sitreg_swapped_images_give_the_swapped_deformations_on_the_network_grid
     assert torch.equal(fwd_ab, inv_ba) and torch.equal(inv_ab, fwd_ba)
 
 
+def test_sitreg_resolution_matching_changes_only_pairs_of_different_resolution(tmp_path):
+    from unireg.io.image import resample
+
+    _tiny_manifest(tmp_path)
+    img = load_image(tmp_path / "s0.nii.gz")
+    other = img.with_data(load_image(tmp_path / "s2.nii.gz").data)
+    net = _model(seed=2)
+    payload = Checkpoint("sitreg", {}, {}, preprocessing={**PREP, "center": "fov"})
+
+    def fields(fixed, moving, match):
+        res = register_sitreg(fixed, moving, model=net, checkpoint=payload, affine="none",
+                              match_resolution=match)  # fmt: skip
+        return res.extras.network_fields
+
+    same = [fields(img, other, m) for m in (False, True)]
+    assert all(torch.equal(a, b) for a, b in zip(*same, strict=True))
+    # the moving image on 3x thicker slices: the fixed one is blurred to match, and the pair
+    # swapped still gives the swapped fields (the matching is the pair's, not a side's)
+    grid = other.geometry.regrid((*other.spacing[:2], 3 * other.spacing[2]))
+    thick = resample(other, grid)
+    plain, matched = fields(img, thick, False), fields(img, thick, True)
+    assert not torch.equal(plain[0], matched[0])
+    swapped = fields(thick, img, True)
+    torch.testing.assert_close(swapped[0], matched[1], rtol=1e-4, atol=1e-5)
+
+
 def test_register_cli_sitreg_writes_the_contract(tmp_path):
     from unireg.cli import main
 

@@ -54,6 +54,18 @@ def option(
     return field(default=default, metadata=meta)
 
 
+def resolution_option(users: str) -> Any:
+    """The ``resolution`` option (flag ``--resolution``) of learned methods that match the two
+    images' resolution first (:func:`unireg.methods.pipeline.resolution_matched`), by default
+    (each method's default chosen on IXI training pairs with 5 mm moving slices)."""
+    return option(
+        "match", choices=("match", "native"),
+        help=f"{users}: 'match' blurs the finer image along each axis where the other's voxels "
+        "are longer (a thick-slice profile) before the affine stage and the network; 'native' "
+        "leaves both as they are",
+    )  # fmt: skip
+
+
 def model_option() -> Any:
     """The ``model`` option of learned methods: a checkpoint file or a shipped model's name."""
     return option(

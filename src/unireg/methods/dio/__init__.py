@@ -24,6 +24,7 @@ from unireg.methods.base import (
     lazy_exports,
     model_option,
     option,
+    resolution_option,
 )
 from unireg.methods.solver import affine_stage_option, preset_option
 
@@ -70,12 +71,7 @@ class DIOOptions(MethodOptions):
         help="dio: the share of each level's feature variance the solver may leave out: it "
         "compares the fewest principal components that keep the rest (0: every channel)",
     )  # fmt: skip
-    resolution: str = option(
-        "match", choices=("match", "native"),
-        help="dio: 'match' blurs the finer image along each axis where the other's voxels are "
-        "longer (a thick-slice profile) before the affine stage and the network; 'native' "
-        "leaves both as they are",
-    )  # fmt: skip
+    resolution: str = resolution_option("dio")
     affine: str = affine_stage_option()
     preset: str = preset_option()
     model: str | None = model_option()

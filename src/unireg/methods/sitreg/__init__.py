@@ -15,7 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unireg.methods.base import MethodEntry, MethodOptions, lazy_exports, model_option, option
+from unireg.methods.base import (
+    MethodEntry,
+    MethodOptions,
+    lazy_exports,
+    model_option,
+    option,
+    resolution_option,
+)
 from unireg.methods.solver import affine_stage_option, preset_option
 
 INFERENCE = ("standard", "complete", "fast")
@@ -34,6 +41,7 @@ class SITRegOptions(MethodOptions):
         "inverse); 'fast' keeps the finest update on its own half-resolution grid (default: "
         "the one the model was trained with)",
     )  # fmt: skip
+    resolution: str = resolution_option("sitreg")
     affine: str = affine_stage_option()
     preset: str = preset_option()
     model: str | None = model_option()

@@ -17,6 +17,7 @@ from unireg.methods.pipeline import (
     linear_and_fields,
     network_grid,
     network_input,
+    resolution_matched,
 )
 from unireg.methods.sitreg import INFERENCE, SITRegOptions
 from unireg.methods.sitreg.model import SITReg
@@ -41,10 +42,16 @@ def register_sitreg(
     affine: str = "affine-gn",
     preset: str = "fast",
     inference: str | None = None,
+    match_resolution: bool = False,
     device: torch.device | str = "cpu",
 ) -> RegistrationResult:
     """Register raw ``moving`` onto ``fixed`` with a trained ``model`` and its ``checkpoint``
     (:func:`unireg.methods.load_model`).
+
+    With ``match_resolution`` each image is first blurred along its axes to the other's
+    resolution where the other's is coarser
+    (:func:`~unireg.methods.pipeline.resolution_matched`), for steps 1 and 2; the result
+    warps the moving image as given.
 
     1. ``affine`` stage (``"affine-gn"``, the default: Gauss-Newton, same modality;
        ``"affine"``/``"rigid"``: the unireg solver with ``preset``; ``"keymorph"``: the shipped
@@ -67,7 +74,7 @@ def register_sitreg(
     """
     return register_sitreg_many(
         [(fixed, moving)], model=model, checkpoint=checkpoint, affine=affine, preset=preset,
-        inference=inference, device=device,
+        inference=inference, match_resolution=match_resolution, device=device,
     )[0]  # fmt: skip
 
 
@@ -79,6 +86,7 @@ def register_sitreg_many(
     affine: str = "affine-gn",
     preset: str = "fast",
     inference: str | None = None,
+    match_resolution: bool = False,
     device: torch.device | str = "cpu",
 ) -> list[RegistrationResult]:
     """:func:`register_sitreg` for several ``(fixed, moving)`` pairs, any shapes: each pair's
@@ -97,9 +105,13 @@ def register_sitreg_many(
     with Measure(dev) as whole:
         for fixed, moving in pairs:
             t0 = time.perf_counter()
-            linear = affine_stage(fixed, moving, affine, preset, dev, STAGE_GN_LEVELS)
+            seen_f, seen_m = fixed, moving
+            if match_resolution:
+                seen_f = resolution_matched(fixed, moving)
+                seen_m = resolution_matched(moving, fixed)
+            linear = affine_stage(seen_f, seen_m, affine, preset, dev, STAGE_GN_LEVELS)
             grid = network_grid(checkpoint, fixed)
-            a, b = network_input(moving, grid, linear), network_input(fixed, grid)
+            a, b = network_input(seen_m, grid, linear), network_input(seen_f, grid)
             staged.append((linear, grid, a, b, time.perf_counter() - t0))
         t1 = time.perf_counter()
         net = model.to(dev).eval()
@@ -154,5 +166,6 @@ class SITRegMethod(LearnedMethod):
         assert isinstance(self.model, SITReg)
         return register_sitreg_many(
             pairs, model=self.model, checkpoint=self.checkpoint, affine=o.affine,
-            preset=o.preset, inference=o.inference, device=self.device,
+            preset=o.preset, inference=o.inference, match_resolution=o.resolution == "match",
+            device=self.device,
         )  # fmt: skip
