@@ -49,7 +49,7 @@ from unireg.solvers.solver import (
 from unireg.spatial.field import displacement_to_world
 from unireg.spatial.filters import box_sum
 from unireg.spatial.geometry import Geometry
-from unireg.spatial.inversion import invert_displacement
+from unireg.spatial.inversion import invert_covering
 from unireg.spatial.transform import (
     AffineTransform,
     CompositeTransform,
@@ -206,26 +206,24 @@ def world_transforms(
     """World-mm forward (fixed -> moving) and inverse transforms of a :class:`SolveResult`
     whose fixed grid is ``fixed`` (an image's, or a geometry). The inverse is the model's own
     when it has one; with ``invert`` a dense field without one is inverted numerically
-    (:func:`~unireg.spatial.inversion.invert_displacement`, fixed-point iteration on the
-    fixed grid), otherwise it is None."""
+    (:func:`~unireg.spatial.inversion.invert_covering`: fixed-point iteration on the fixed
+    grid extended as far as the map moves its faces), otherwise it is None."""
     geom = fixed if isinstance(fixed, Geometry) else fixed.geometry
     affine = AffineTransform(result.matrix)
     if result.displacement is None:
         return affine, affine.inverse()
 
-    def field(u: torch.Tensor) -> DisplacementFieldTransform:
-        world = displacement_to_world(u.double(), geom, geom)[0].to(dtype).cpu()
-        return DisplacementFieldTransform(world, geom)
+    def field(u: torch.Tensor, grid: Geometry = geom) -> DisplacementFieldTransform:
+        world = displacement_to_world(u.double(), grid, grid)[0].to(dtype).cpu()
+        return DisplacementFieldTransform(world, grid)
 
     forward = CompositeTransform([field(result.displacement), affine])
-    inverse_field = result.inverse_displacement
-    if inverse_field is None and invert:
-        inverted = invert_displacement(result.displacement)
-        assert isinstance(inverted, torch.Tensor)
-        inverse_field = inverted
     inverse = None
-    if inverse_field is not None:
-        inverse = CompositeTransform([affine.inverse(), field(inverse_field)])
+    if result.inverse_displacement is not None:
+        inverse = CompositeTransform([affine.inverse(), field(result.inverse_displacement)])
+    elif invert:  # on a grid reaching as far as the map takes the grid's faces
+        inverted, grid = invert_covering(result.displacement, geom)
+        inverse = CompositeTransform([affine.inverse(), field(inverted, grid)])
     return forward, inverse
 
 

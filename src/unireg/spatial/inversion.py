@@ -14,12 +14,15 @@ the tolerance is not reached the layer warns with the iteration count and residu
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from unireg.spatial.geometry import Geometry
 from unireg.spatial.grid import channels_last, shared_identity_grid, voxel_to_normalized_scale
 from unireg.spatial.warp import sample
 
@@ -199,3 +202,33 @@ def invert_displacement(
             stacklevel=2,
         )
     return (v, info) if return_info else v
+
+
+def invert_covering(
+    displacement: torch.Tensor, geometry: Geometry, *, max_pad: int = 8, **kwargs: Any
+) -> tuple[torch.Tensor, Geometry]:
+    """The inverse of ``x -> x + u(x)`` on ``geometry``'s grid extended by as many voxels per
+    face as the field moves the faces (at most ``max_pad``), so the inverse also covers the
+    points the map takes beyond the grid (where a field on the grid itself would read zero).
+
+    ``u`` (normalised units of ``geometry``'s grid, ``(1, d, *shape)``) is continued beyond the
+    grid by its face values for the inversion (:func:`invert_displacement`, ``kwargs`` passed
+    on). Returns the inverse (normalised units of the extended grid) and that grid's
+    geometry."""
+    d = displacement.ndim - 2
+    shape = tuple(displacement.shape[2:])
+    voxels = displacement / voxel_to_normalized_scale(shape, displacement)
+    reach = 0.0
+    for axis in range(d):
+        for index in (0, shape[axis] - 1):
+            face = voxels.narrow(2 + axis, index, 1)
+            reach = max(reach, float(torch.linalg.vector_norm(face, dim=1).max()))
+    pad = min(int(math.ceil(reach)) + 1, int(max_pad))
+    padded = torch.nn.functional.pad(voxels, [pad, pad] * d, mode="replicate")
+    big = tuple(n + 2 * pad for n in shape)
+    shift = np.eye(d + 1)
+    shift[:d, d] = -pad
+    grid = Geometry(big, geometry.voxel_to_world @ shift)
+    inverse = invert_displacement(padded * voxel_to_normalized_scale(big, padded), **kwargs)
+    assert isinstance(inverse, torch.Tensor)
+    return inverse, grid
