@@ -92,15 +92,21 @@ def test_register_sitreg_holds_the_network_fields_with_their_faces_extended(tmp_
         torch.testing.assert_close(got, expected.T, atol=2e-4, rtol=0)
 
 
+def _one_grid_pair(tmp_path):
+    """Two subjects on one grid, a small network, and a payload whose network grid is centred
+    on the field of view."""
+    _tiny_manifest(tmp_path)
+    img = load_image(tmp_path / "s0.nii.gz")
+    other = img.with_data(load_image(tmp_path / "s2.nii.gz").data)
+    payload = Checkpoint("sitreg", {}, {}, preprocessing={**PREP, "center": "fov"})
+    return img, other, _model(seed=2), payload
+
+
 def test_sitreg_swapped_images_give_the_swapped_deformations_on_the_network_grid(tmp_path):
     # without the affine stage, with both images on one grid and the network grid centred on
     # its field of view (not on the fixed image's centre of mass), swapping the inputs swaps
     # forward and inverse exactly: the network's symmetry, through the whole image pipeline
-    _tiny_manifest(tmp_path)
-    img = load_image(tmp_path / "s0.nii.gz")
-    other = img.with_data(load_image(tmp_path / "s2.nii.gz").data)
-    net = _model(seed=2)
-    payload = Checkpoint("sitreg", {}, {}, preprocessing={**PREP, "center": "fov"})
+    img, other, net, payload = _one_grid_pair(tmp_path)
     ab = register_sitreg(img, other, model=net, checkpoint=payload, affine="none")
     ba = register_sitreg(other, img, model=net, checkpoint=payload, affine="none")
     (fwd_ab, inv_ab), (fwd_ba, inv_ba) = ab.extras.network_fields, ba.extras.network_fields
@@ -111,11 +117,7 @@ def test_sitreg_swapped_images_give_the_swapped_deformations_on_the_network_grid
 def test_sitreg_resolution_matching_changes_only_pairs_of_different_resolution(tmp_path):
     from unireg.io.image import resample
 
-    _tiny_manifest(tmp_path)
-    img = load_image(tmp_path / "s0.nii.gz")
-    other = img.with_data(load_image(tmp_path / "s2.nii.gz").data)
-    net = _model(seed=2)
-    payload = Checkpoint("sitreg", {}, {}, preprocessing={**PREP, "center": "fov"})
+    img, other, net, payload = _one_grid_pair(tmp_path)
 
     def fields(fixed, moving, match):
         res = register_sitreg(fixed, moving, model=net, checkpoint=payload, affine="none",
