@@ -593,3 +593,20 @@ def test_linear_about_leaves_the_centre_fixed_and_is_a_conjugated_linear_map():
     lin4 = np.eye(4)
     lin4[:3, :3] = lin
     np.testing.assert_allclose(m, shift @ lin4 @ back, atol=1e-12)
+
+
+def test_an_extended_grid_keeps_the_voxel_positions_of_the_original():
+    import numpy as np
+
+    from unireg.spatial.geometry import Geometry
+
+    a = np.array([[0, 0, 2.0, 5], [0, -1.5, 0, 7], [3.0, 0, 0, -2], [0, 0, 0, 1]])
+    g = Geometry((6, 5, 4), a)
+    big = g.extended([1, 2, 3], [4, 0, 2])
+    assert big.shape == (11, 7, 9)
+    np.testing.assert_allclose(big.spacing, g.spacing)
+    # original voxel (i, j, k) is voxel (i + 1, j + 2, k + 3) of the extended grid
+    for ijk in [(0, 0, 0), (5, 4, 3), (2, 1, 3)]:
+        inner = np.append(np.array(ijk, float), 1.0)
+        outer = np.append(np.array(ijk, float) + [1, 2, 3], 1.0)
+        np.testing.assert_allclose(big.voxel_to_world @ outer, g.voxel_to_world @ inner)

@@ -113,6 +113,12 @@ def resolution_matched(image: Image, other: Image, *, ratio: float = MATCH_RATIO
     return image.with_data(gaussian_blur(data[None], [float(v) for v in sigmas])[0])
 
 
+def matched_pair(fixed: Image, moving: Image) -> tuple[Image, Image]:
+    """Each image of a pair blurred to the other's resolution where the other's is coarser
+    (:func:`resolution_matched`); a pair of one resolution comes back as it is."""
+    return resolution_matched(fixed, moving), resolution_matched(moving, fixed)
+
+
 def network_input(image: Image, grid: Geometry, through: Transform | None = None) -> torch.Tensor:
     """``image`` (first channel) resampled onto ``grid`` through ``through`` (grid world ->
     image world; identity when None), intensities to [0, 1]: ``(1, 1, *grid.shape)``."""
@@ -178,6 +184,6 @@ def covering_grid(b: Geometry, world: np.ndarray) -> tuple[Geometry, list[int]]:
     world = np.concatenate([b.corners_world.T, world], axis=1)
     vox = b.world_to_voxel[:d, :d] @ world + b.world_to_voxel[:d, d:]
     lo, hi = np.floor(vox.min(1) + 1e-6) - 1, np.ceil(vox.max(1) - 1e-6) + 1
-    affine = b.voxel_to_world.copy()
-    affine[:d, d] = b.voxel_to_world[:d, :d] @ lo + b.voxel_to_world[:d, d]
-    return Geometry(tuple(int(n) for n in hi - lo + 1), affine), [int(-v) for v in lo]
+    before = [int(-v) for v in lo]
+    after = [int(h) - (n - 1) for h, n in zip(hi, b.shape, strict=True)]
+    return b.extended(before, after), before

@@ -166,6 +166,15 @@ class Geometry:
         out[:d, d] = self.center_world - out[:d, :d] @ ((np.array(shape) - 1) / 2)
         return Geometry(shape, out)
 
+    def extended(self, before: Sequence[int], after: Sequence[int]) -> Geometry:
+        """The grid grown by ``before[a]`` voxels ahead of its first one and ``after[a]`` past
+        its last one along each axis ``a``: the same axes, spacing and voxel positions."""
+        d = self.ndim
+        out = np.array(self.voxel_to_world, dtype=np.float64)
+        out[:d, d] = out[:d, :d] @ -np.asarray(before, dtype=np.float64) + out[:d, d]
+        shape = tuple(int(n + b + a) for n, b, a in zip(self.shape, before, after, strict=True))
+        return Geometry(shape, out)
+
     def same_grid(self, other: Geometry, atol: float = 1e-4) -> bool:
         """True when both grids have the same shape and the same affine (to ``atol`` mm)."""
         return self.shape == other.shape and bool(

@@ -19,7 +19,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from unireg.spatial.geometry import Geometry
@@ -225,10 +224,7 @@ def invert_covering(
             reach = max(reach, float(torch.linalg.vector_norm(face, dim=1).max()))
     pad = min(int(math.ceil(reach)) + 1, int(max_pad))
     padded = torch.nn.functional.pad(voxels, [pad, pad] * d, mode="replicate")
-    big = tuple(n + 2 * pad for n in shape)
-    shift = np.eye(d + 1)
-    shift[:d, d] = -pad
-    grid = Geometry(big, geometry.voxel_to_world @ shift)
-    inverse = invert_displacement(padded * voxel_to_normalized_scale(big, padded), **kwargs)
+    grid = geometry.extended([pad] * d, [pad] * d)
+    inverse = invert_displacement(padded * voxel_to_normalized_scale(grid.shape, padded), **kwargs)
     assert isinstance(inverse, torch.Tensor)
     return inverse, grid

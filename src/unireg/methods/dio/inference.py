@@ -15,7 +15,7 @@ from unireg.methods.base import MethodEntry, Prompts
 from unireg.methods.dio import DEFAULT_ITERATIONS, TRANSFORMS, DIOOptions, parse_iterations
 from unireg.methods.dio.model import FACTORS, FeatureNet
 from unireg.methods.dio.training import DIOConfig
-from unireg.methods.pipeline import check_dimensions, network_input, resolution_matched
+from unireg.methods.pipeline import check_dimensions, matched_pair, network_input
 from unireg.methods.stages import affine_stage
 from unireg.result import DIOExtras, RegistrationResult, measured_result
 from unireg.solvers.api import world_transforms
@@ -88,8 +88,8 @@ def register_dio(
     """Register raw ``moving`` onto ``fixed`` with a trained feature network.
 
     With ``match_resolution`` each image is first blurred along its axes to the other's
-    resolution where the other's is coarser (:func:`~unireg.methods.pipeline.resolution_matched`:
-    a thin-slice image against a thick-slice one), for the affine stage and the network; the
+    resolution where the other's is coarser (:func:`~unireg.methods.pipeline.matched_pair`: a
+    thin-slice image against a thick-slice one), for the affine stage and the network; the
     result still warps the moving image as given.
 
     1. ``affine`` stage on the intensities (see :func:`unireg.methods.stages.affine_stage`):
@@ -126,9 +126,7 @@ def register_dio(
 
     def run() -> tuple[Transform, Transform | None, DIOExtras]:
         t0 = time.perf_counter()
-        seen = (fixed, moving)
-        if match_resolution:
-            seen = (resolution_matched(fixed, moving), resolution_matched(moving, fixed))
+        seen = matched_pair(fixed, moving) if match_resolution else (fixed, moving)
         linear = affine_stage(seen[0], seen[1], affine, preset, dev)
         t1 = time.perf_counter()
         grids = (feature_grid(fixed, spacing), feature_grid(moving, spacing))

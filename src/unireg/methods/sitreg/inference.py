@@ -15,9 +15,9 @@ from unireg.methods.pipeline import (
     LearnedMethod,
     check_dimensions,
     linear_and_fields,
+    matched_pair,
     network_grid,
     network_input,
-    resolution_matched,
 )
 from unireg.methods.sitreg import INFERENCE, SITRegOptions
 from unireg.methods.sitreg.model import SITReg
@@ -50,7 +50,7 @@ def register_sitreg(
 
     With ``match_resolution`` each image is first blurred along its axes to the other's
     resolution where the other's is coarser
-    (:func:`~unireg.methods.pipeline.resolution_matched`), for steps 1 and 2; the result
+    (:func:`~unireg.methods.pipeline.matched_pair`), for steps 1 and 2; the result
     warps the moving image as given.
 
     1. ``affine`` stage (``"affine-gn"``, the default: Gauss-Newton, same modality;
@@ -105,10 +105,7 @@ def register_sitreg_many(
     with Measure(dev) as whole:
         for fixed, moving in pairs:
             t0 = time.perf_counter()
-            seen_f, seen_m = fixed, moving
-            if match_resolution:
-                seen_f = resolution_matched(fixed, moving)
-                seen_m = resolution_matched(moving, fixed)
+            seen_f, seen_m = matched_pair(fixed, moving) if match_resolution else (fixed, moving)
             linear = affine_stage(seen_f, seen_m, affine, preset, dev, STAGE_GN_LEVELS)
             grid = network_grid(checkpoint, fixed)
             a, b = network_input(seen_m, grid, linear), network_input(seen_f, grid)
