@@ -7,13 +7,11 @@ against ANTs SyN is `bench/registration_benchmark.py`; see docs/methods/avsm.md)
         # DIR --method avsm --no-hd95` against a script doing the same with ANTsPy SyN (import,
         # read, register, write the warped image and the transforms), wall time per pair and
         # the ratio
-    python bench/avsm_benchmark.py steps --config C --model M [--views 40]
-        # the rule behind the test-time affine steps, on training data only: on seeded views
-        # of pairs of the config's training subjects (augmented as in training: the moving view
-        # rotated up to `rotation`, the fixed up to `fixed_rotation`), the corner distance
-        # (mm, RMS over the grid's 8 corners) between the network's affine after 1..9 steps and
-        # the affine the augmentations imply; the default is the step count with the lowest
-        # mean
+    python bench/avsm_benchmark.py steps [--model M ...] [--pairs 12]
+        # the rule behind the test-time affine steps, on training data only: the affine
+        # network alone (`--stage affine`) on the first ordered pairs of the IXI training
+        # subjects, mean Dice over the DLMUSE labels after 1, 2, 3, 5 and 7 steps; the default
+        # is the count of highest mean Dice (ties: fewer steps)
     python bench/avsm_benchmark.py cycle [--model M ...]
         # consistency in mm on the IXI test pairs: each registration's transform against its
         # own inverse, and against the registration run the other way (cycle), per model
@@ -36,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 from command_benchmark import ANTS_SCRIPT, test_pairs  # bench/ is on sys.path
+
+# the affine steps the test-time rule compares
+STEP_COUNTS = (1, 2, 3, 5, 7)
 
 
 def wall(argv: list[str], env: dict[str, str]) -> float:
@@ -84,34 +85,23 @@ def cycle(models: list[str]) -> None:
               f"{len(results)} pairs)")  # fmt: skip
 
 
-def steps(config: str, model: str, views: int) -> None:
-    import torch
+def steps(models: list[str], count: int) -> None:
+    from dio_benchmark import mean_dice, pairs
 
-    from unireg.methods import registry
-    from unireg.methods.avsm.training import AVSMConfig, AVSMTrainer
+    from unireg.methods import create, options_for
 
-    cfg = AVSMConfig.from_file(config, output=tempfile.mkdtemp())
-    trainer = AVSMTrainer(cfg)
-    trainer.model, _ = registry.load_checkpoint(model)
-    counts = list(range(1, 10))
-    errors: dict[int, list[float]] = {k: [] for k in [0, *counts]}
-    for view in range(views):
-        g = torch.Generator().manual_seed(10_000 + view)
-        ia, ib = trainer._pair_items(g)
-        a, b = trainer._view(ia, g), trainer._view(ib, g, rotation=cfg.fixed_rotation)
-        frame = trainer._frame(ia)
-        with torch.no_grad():
-            chain = trainer.model.affine(a["image"], b["image"], frame, max(counts))
-        eye = torch.eye(4)[None]
-        for k in errors:
-            m = eye if k == 0 else chain[k - 1]
-            dist = trainer._guide(m, a["matrix"], b["matrix"], frame)
-            errors[k].append(cfg.length_mm * float(dist) ** 0.5)
-    for k, values in errors.items():
-        print(f"{k} steps: corner distance {np.mean(values):.1f} mm mean, "
-              f"{np.median(values):.1f} median ({views} views)")  # fmt: skip
-    best = min(counts, key=lambda k: float(np.mean(errors[k])))
-    print(f"lowest mean: {best} steps")
+    data = pairs("train")[:count]
+    for model in models:
+        dice = {}
+        for k in STEP_COUNTS:
+            options = {"model": model or None, "stage": "affine", "affine_steps": k}
+            method = create("avsm", options_for("avsm", options))
+            dice[k] = float(np.mean([mean_dice(fl, method.register(f, m).warp(ml))
+                                     for f, m, fl, ml in data]))  # fmt: skip
+            print(f"{model or 'default'}: {k} steps, Dice {dice[k]:.4f} ({len(data)} "
+                  "training pairs)", flush=True)  # fmt: skip
+        best = max(STEP_COUNTS, key=lambda k: (dice[k], -k))
+        print(f"{model or 'default'}: highest mean Dice with {best} steps")
 
 
 def main() -> None:
@@ -121,9 +111,8 @@ def main() -> None:
     p.add_argument("--method", default="avsm")
     p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("steps")
-    p.add_argument("--config", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--views", type=int, default=40)
+    p.add_argument("--model", nargs="+", default=[""])
+    p.add_argument("--pairs", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("cycle")
     p.add_argument("--model", nargs="+", default=[""])
@@ -135,7 +124,7 @@ def main() -> None:
     if args.what == "command":
         command(args.method, args.threads)
     elif args.what == "steps":
-        steps(args.config, args.model, args.views)
+        steps(args.model, args.pairs)
     else:
         cycle(args.model)
 

@@ -13,7 +13,9 @@ plus a guide that is not in the paper: ``affine_guide_weight`` times the mean sq
 views' augmentations imply (the subjects themselves lie centred on their heads, so that is
 the answer up to their anatomy), decaying linearly to zero over ``affine_guide_steps`` steps,
 after which similarity alone trains the network. It shortens the search for large rotations
-that the similarity alone finds slowly.
+that the similarity alone finds slowly. With ``affine_dice_weight`` (not in the paper either),
+also the soft Dice of the one-hot label maps warped by the affine, on the grid the network
+sees (label maps averaged over ``affine_downsample^d`` voxels).
 
 Phase ``vsvf`` (the remaining steps): the affine network frozen (``affine_test_steps`` steps),
 the momentum network trained through ``vsvf_steps`` vSVF passes (no detach between passes,
@@ -33,8 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from unireg.losses import multi_kernel_lncc, ncc, soft_dice
-from unireg.methods.avsm.model import AVSM, SIGMAS, WEIGHTS, parameter_frame
-from unireg.spatial.grid import channels_first, channels_last, shared_identity_grid
+from unireg.methods.avsm.model import AVSM, SIGMAS, WEIGHTS, parameter_frame, to_normalized
+from unireg.spatial.grid import (
+    affine_grid,
+    channels_first,
+    channels_last,
+    shared_identity_grid,
+)
 from unireg.spatial.warp import sample
 from unireg.training.base import TrainConfig, Trainer
 
@@ -65,6 +72,7 @@ class AVSMConfig(TrainConfig):
     affine_sym_weight: float = 1.0
     affine_guide_weight: float = 1.0
     affine_guide_steps: int = 600
+    affine_dice_weight: float = 0.0
     fixed_rotation: float = 5.0
     # phase 2: the vSVF stage
     affine_test_steps: int = 7
@@ -163,7 +171,13 @@ class AVSMTrainer(Trainer):
         total = torch.zeros((), device=self.device)
         guide = cfg.affine_guide_weight * max(0.0, 1.0 - self.step / max(cfg.affine_guide_steps, 1))
         finals = []
-        for mv, fx in ((a, b), (b, a)):
+        hots = None
+        if cfg.affine_dice_weight > 0:
+            hots = self._label_one_hots(a["labels"], b["labels"], g)
+            if hots is not None:
+                k = net.affine_net.downsample
+                hots = tuple(F.avg_pool3d(h, k, ceil_mode=True) for h in hots)
+        for order, (mv, fx) in enumerate(((a, b), (b, a))):
             moving, fixed = mv["image"], fx["image"]
             matrix = net.affine(moving, fixed, frame, steps)[-1]
             warped = net.warp_affine(moving, matrix, frame)
@@ -172,6 +186,11 @@ class AVSMTrainer(Trainer):
             total = total + self._similarity(warped, fixed, use_ncc) + reg_weight * reg
             if guide > 0:
                 total = total + guide * self._guide(matrix, mv["matrix"], fx["matrix"], frame)
+            if hots is not None:
+                h_moving, h_fixed = hots if order == 0 else hots[::-1]
+                points = affine_grid(to_normalized(matrix, frame), tuple(h_fixed.shape[2:]))
+                total = total + cfg.affine_dice_weight * soft_dice(
+                    sample(h_moving, points), h_fixed)  # fmt: skip
             finals.append(matrix)
         return total + cfg.affine_sym_weight * affine_symmetry(finals[0], finals[1])
 
