@@ -31,8 +31,8 @@ from unireg.spatial.field import (
     resize_displacement,
 )
 from unireg.spatial.filters import multi_gaussian_blur
-from unireg.spatial.grid import affine_grid, transform_points
-from unireg.spatial.warp import sample
+from unireg.spatial.grid import transform_points
+from unireg.spatial.warp import Padding, sample, warp_affine
 
 # mermaid's multi-Gaussian kernel: widths as fractions of the grid's smallest side (the
 # "unit cube"), the wider ones weighted more; the weights sum to one
@@ -236,11 +236,15 @@ class AVSM(nn.Module):
         return out
 
     @staticmethod
-    def warp_affine(image: torch.Tensor, matrix: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
-        """``image`` sampled through a parameter-frame affine, on its own grid (border
-        padding: the background continues)."""
-        points = affine_grid(to_normalized(matrix, frame), tuple(image.shape[2:]))
-        return sample(image, points, padding="border")
+    def warp_affine(
+        image: torch.Tensor, matrix: torch.Tensor, frame: torch.Tensor,
+        shape: Sequence[int] | None = None, *, padding: Padding = "border",
+    ) -> torch.Tensor:  # fmt: skip
+        """``image`` sampled through a parameter-frame affine onto a grid of ``shape`` (its own
+        by default; :func:`unireg.spatial.warp.warp_affine`). Border padding by default: the
+        background continues."""
+        out = None if shape is None else tuple(shape)
+        return warp_affine(image, to_normalized(matrix, frame), out, padding=padding)
 
     # -- vSVF ----------------------------------------------------------------------------
     def velocity(self, momentum: torch.Tensor) -> torch.Tensor:

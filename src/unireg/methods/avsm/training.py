@@ -35,13 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from unireg.losses import multi_kernel_lncc, ncc, soft_dice
-from unireg.methods.avsm.model import AVSM, SIGMAS, WEIGHTS, parameter_frame, to_normalized
-from unireg.spatial.grid import (
-    affine_grid,
-    channels_first,
-    channels_last,
-    shared_identity_grid,
-)
+from unireg.methods.avsm.model import AVSM, SIGMAS, WEIGHTS, parameter_frame
+from unireg.spatial.grid import channels_first, channels_last, shared_identity_grid
 from unireg.spatial.warp import sample
 from unireg.training.base import TrainConfig, Trainer
 
@@ -188,9 +183,9 @@ class AVSMTrainer(Trainer):
                 total = total + guide * self._guide(matrix, mv["matrix"], fx["matrix"], frame)
             if hots is not None:
                 h_moving, h_fixed = hots if order == 0 else hots[::-1]
-                points = affine_grid(to_normalized(matrix, frame), tuple(h_fixed.shape[2:]))
-                total = total + cfg.affine_dice_weight * soft_dice(
-                    sample(h_moving, points), h_fixed)  # fmt: skip
+                warped_labels = net.warp_affine(h_moving, matrix, frame, h_fixed.shape[2:],
+                                                padding="zeros")  # fmt: skip
+                total = total + cfg.affine_dice_weight * soft_dice(warped_labels, h_fixed)
             finals.append(matrix)
         return total + cfg.affine_sym_weight * affine_symmetry(finals[0], finals[1])
 
