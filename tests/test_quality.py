@@ -160,3 +160,38 @@ def test_syn_between_two_contrasts_keeps_its_linear_result_and_says_so(pair, tmp
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stages_kept_start"] == ["greedy"] and metrics["contrast_r"] < 0.62
     assert metrics["folding_percent"] == 0.0 and metrics["jacobian_std"] < 1e-6  # linear
+
+
+def test_a_solver_whose_linear_result_is_worse_than_the_headers_keeps_the_identity(
+    pair, tmp_path, capsys, monkeypatch
+):
+    import unireg.solvers.api as api
+
+    fixed, moving = pair
+    good = api.register(fixed, moving, "affine")  # the real linear stages: kept
+    assert not good.extras.kept_identity()
+    entry = next(e for e in good.extras.trace if "mi_identity" in e)
+    assert entry["mi_linear"] > entry["mi_identity"]
+    # linear stages that end 60 degrees off, on a pair the headers already align
+    turn = linear_about(rotation_about_axes(60.0, [0], 3), fixed.geometry.center_world)
+    real_solve = api.solve
+
+    def turned(*args, **kwargs):
+        out = real_solve(*args, **kwargs)
+        out.matrix = turn @ out.matrix
+        return out
+
+    monkeypatch.setattr(api, "solve", turned)
+    lines: list[str] = []
+    kept = api.register(fixed, fixed, "affine", progress=lines.append)
+    assert kept.extras.kept_identity()
+    assert np.array_equal(kept.transform.matrix, np.eye(4))
+    entry = next(e for e in kept.extras.trace if e.get("kept_identity"))
+    assert entry["mi_linear"] < (1.0 - api.IDENTITY_MARGIN) * entry["mi_identity"]
+    assert any("worse than their headers" in line for line in lines)
+    f = _save(fixed, tmp_path / "f.nii.gz")
+    out = tmp_path / "out"
+    assert main(["register", str(f), str(f), "-o", str(out), "--method", "affine", "-q"]) == 0
+    assert "worse than their headers" in capsys.readouterr().err  # even with -q
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["kept_identity"] is True and metrics["quality_warning"] is None

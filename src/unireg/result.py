@@ -49,6 +49,11 @@ class SolverExtras(Extras):
         a deformable stage skipped between two contrasts), in order."""
         return [e["model"] for e in self._entries() if e.get("kept_start")]
 
+    def kept_identity(self) -> bool:
+        """Whether the linear result was replaced by the identity world map (it aligned the
+        images worse than their headers do)."""
+        return any(e.get("kept_identity") for e in self._entries())
+
     def contrast_r(self) -> float | None:
         """The intensity correlation the deformable stage was checked on, when it was."""
         return next((e["contrast_r"] for e in self._entries() if "contrast_r" in e), None)

@@ -347,8 +347,9 @@ def check(
 
 
 def kept_start_note(result: Any) -> str | None:
-    """One line naming the solver's deformable stage when it kept its start (its result is
-    then the linear one), and why; None otherwise. Printed even with ``--quiet``."""
+    """One line saying when the solver kept the identity instead of its linear result, or
+    naming its deformable stage when that kept its start (its result is then the linear one),
+    and why; None otherwise. Printed even with ``--quiet``."""
     from unireg.result import SolverExtras
 
     if not isinstance(result.extras, SolverExtras):
@@ -356,6 +357,11 @@ def kept_start_note(result: Any) -> str | None:
     from unireg.solvers.api import CONTRAST_R
     from unireg.solvers.solver import DENSE
 
+    if result.extras.kept_identity():
+        return ("the linear stages aligned the images worse than their headers do (mutual "
+                "information), so the result keeps their placement (no linear registration); "
+                "look at the inputs (one brain-extracted, the other not?) or try --init search or "
+                "another method")  # fmt: skip
     dense = next((m for m in result.extras.kept_start() if m in DENSE), None)
     if dense is None:
         return None
@@ -401,6 +407,7 @@ def publish(
     if isinstance(result.extras, SolverExtras):  # stages that kept their start, and why
         metrics["stages_kept_start"] = result.extras.kept_start()
         metrics["contrast_r"] = result.extras.contrast_r()
+        metrics["kept_identity"] = result.extras.kept_identity()
     write_json(stage / "metrics.json", json_ready(metrics))
     extras = result.extras
     keypoints = isinstance(extras, KeyMorphExtras) and extras.keypoints_fixed is not None
