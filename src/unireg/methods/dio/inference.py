@@ -12,8 +12,14 @@ import torch
 
 from unireg.io.image import Image, LabelMap, resample
 from unireg.methods.base import MethodEntry, Prompts
-from unireg.methods.dio import DEFAULT_ITERATIONS, TRANSFORMS, DIOOptions, parse_iterations
-from unireg.methods.dio.model import FACTORS, FeatureNet
+from unireg.methods.dio import (
+    DEFAULT_ITERATIONS,
+    PRECISIONS,
+    TRANSFORMS,
+    DIOOptions,
+    parse_iterations,
+)
+from unireg.methods.dio.model import FACTORS, FeatureNet, Trunk
 from unireg.methods.dio.training import DIOConfig
 from unireg.methods.pipeline import check_dimensions, matched_pair, network_input
 from unireg.methods.stages import affine_stage
@@ -43,20 +49,47 @@ def _labels_on(labels: LabelMap, grid: Geometry) -> torch.Tensor:
     return resample(labels, grid).batch()
 
 
+def trunk_dtype(precision: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The network trunk's number format for ``precision`` (``auto``, ``float32`` or
+    ``bfloat16``) on ``device``: ``auto`` is bfloat16 on CPUs with native bfloat16 arithmetic
+    (AVX512-BF16 or AMX tiles; there it runs the convolutions in about 60 % of float32's time
+    with the same Dice on IXI training pairs), float32 on other CPUs (emulated bfloat16 is
+    slower) and on GPUs."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        precision = "bfloat16" if torch.device(device).type == "cpu" and native else "float32"
+    return torch.bfloat16 if precision == "bfloat16" else torch.float32
+
+
+def _trunk(
+    net: FeatureNet, image: torch.Tensor, factors: Sequence[float], dtype: torch.dtype
+) -> Trunk:
+    """``net.trunk`` with its convolutions in ``dtype`` (autocast), levels back in float32."""
+    if dtype == torch.float32:
+        return net.trunk(image, factors)
+    with torch.autocast(image.device.type, dtype=dtype):
+        out = net.trunk(image, factors)
+    return Trunk({f: v.float() for f, v in out.levels.items()}, out.shape, out.padded)
+
+
 def pair_features(
     net: FeatureNet,
     fixed: torch.Tensor,
     moving: torch.Tensor,
     factors: Sequence[float],
     tolerance: float = 0.0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[float, torch.Tensor], dict[float, torch.Tensor]]:
     """Both images' features ``{factor: (B, k, *level shape)}`` for the solver. With
     ``tolerance`` > 0 each level is projected onto its principal axes
     (:func:`~unireg.solvers.pyramid.principal_channels`); at full resolution the axes are
     estimated on every second voxel along each axis and the head computes the ``k``
     projected channels directly (the head is linear: the same features as projecting all
-    ``F`` channels with those axes, at ``k / F`` of the head's cost)."""
-    tf, tm = net.trunk(fixed, factors), net.trunk(moving, factors)
+    ``F`` channels with those axes, at ``k / F`` of the head's cost). ``dtype``: the trunk's
+    number format (:func:`trunk_dtype`); heads and projections run in float32."""
+    tf, tm = _trunk(net, fixed, factors, dtype), _trunk(net, moving, factors, dtype)
     ff: dict[float, torch.Tensor] = {}
     fm: dict[float, torch.Tensor] = {}
     for f in sorted(tf.levels, reverse=True):
@@ -80,6 +113,7 @@ def register_dio(
     preset: str = "fast",
     tolerance: float = 0.0,
     match_resolution: bool = False,
+    precision: str = "float32",
     prompts: Prompts | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -135,6 +169,7 @@ def register_dio(
             ff, fm = pair_features(
                 net, network_input(seen[0], grids[0]).to(dev),
                 network_input(seen[1], grids[1]).to(dev), factors, tolerance,
+                trunk_dtype(precision, dev),
             )  # fmt: skip
         # the solve's finest grid is the finest level asked for: its features and geometry,
         # the factors counted from it
@@ -203,6 +238,6 @@ class DIOMethod:
             fixed, moving, model=self.model, checkpoint=self.checkpoint,
             transform=o.transform, iterations=parse_iterations(o.iterations), affine=o.affine,
             preset=o.preset, tolerance=o.feature_tolerance,
-            match_resolution=o.resolution == "match", prompts=prompts, seed=seed,
-            device=self.device, progress=progress,
+            match_resolution=o.resolution == "match", precision=o.precision, prompts=prompts,
+            seed=seed, device=self.device, progress=progress,
         )  # fmt: skip
