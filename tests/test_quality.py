@@ -80,6 +80,36 @@ def test_a_deformable_result_worse_than_its_own_linear_stage_is_flagged(pair):
     assert "its own linear stage" in (checked["quality_warning"] or "")
 
 
+def test_a_deformable_result_that_folds_past_the_limit_is_flagged(pair):
+    from unireg.quality import FOLDING_LIMIT
+    from unireg.spatial.transform import DisplacementFieldTransform
+
+    fixed, moving = pair
+    good = make_method("unireg:rigid").register(fixed, moving, seed=0)
+
+    def on_good(amplitude: float) -> dict:
+        # the good map after a square wave of +-amplitude mm along the first voxel axis
+        # (period 4 voxels): its central differences, -+amplitude per 2 mm voxel, fold half
+        # of the grid once amplitude exceeds the 2 mm spacing
+        wave = torch.tensor([1.0, 1.0, -1.0, -1.0]).repeat(SHAPE[0] // 4 + 1)[: SHAPE[0]]
+        axis = torch.as_tensor(fixed.affine[:3, 0], dtype=torch.float32)
+        axis = axis / axis.norm()
+        field = amplitude * axis[:, None, None, None] * wave[None, :, None, None]
+        field = field.expand(3, *SHAPE).contiguous()
+        warp = DisplacementFieldTransform(field, fixed.geometry)
+        result = _result(CompositeTransform([warp, good.transform]), fixed, moving)
+        return quality_check(result, fixed, moving)
+
+    folded, smooth = on_good(2.5), on_good(0.5)
+    assert folded["quality_folding_percent"] > FOLDING_LIMIT
+    # it still aligns the images better than no registration: the folding check alone flags it
+    assert folded["quality_mi_result"] > folded["quality_mi_identity"]
+    assert "folds" in (folded["quality_warning"] or "")
+    assert smooth["quality_folding_percent"] == 0 and smooth["quality_warning"] is None
+    linear = quality_check(good, fixed, moving)
+    assert linear["quality_folding_percent"] is None and linear["quality_warning"] is None
+
+
 def _save(image: Image, path):
     nib.save(nib.Nifti1Image(image.data[0].numpy(), image.affine), str(path))
     return path

@@ -314,8 +314,9 @@ def registration_metrics(
         out["label_interpolation"] = label_interpolation
     elif (fixed_labels is None) != (moving_labels is None):
         raise ValueError("give both fixed_labels and moving_labels, or neither")
-    shared = result.displacement() if result is not None and transform is result.transform else None
-    stats = jacobian_stats(transform_jacobian(transform, geom, displacement=shared), mask)
+    shared = result is not None and transform is result.transform
+    det = result.jacobian() if shared else transform_jacobian(transform, geom)
+    stats = jacobian_stats(det, mask)
     out.update(stats)
     if inverse is not None:
         ic = consistency_error([transform, inverse], geom, mask=mask)

@@ -72,7 +72,12 @@ def registration_report(
     m_img = normalize_intensity(moving.with_data(moving.data[:1].float().cpu()))
     before = resample(m_img, geom)
     warped = result.warp(m_img)
-    jac = transform_jacobian(result.transform, geom).float().numpy()
+    det = (
+        result.jacobian()
+        if geom.same_grid(result.fixed)
+        else transform_jacobian(result.transform, geom)
+    )
+    jac = det.float().numpy()
     mapped = result.transform.map_points(world_points(geom, dtype=torch.float64))[0].numpy()
     vols = {
         "fixed": f_img.data[0].numpy(),

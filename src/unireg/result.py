@@ -154,6 +154,18 @@ class RegistrationResult:
                 self.__dict__["_displacement"] = cached
         return cached
 
+    def jacobian(self) -> torch.Tensor:
+        """The forward transform's Jacobian determinant on the fixed grid (mm/mm,
+        ``(*fixed.shape)``; <= 0 is folding), from :meth:`displacement`: computed once,
+        shared by the quality check, the metrics and the report."""
+        cached = self.__dict__.get("_jacobian")
+        if cached is None:
+            from unireg.spatial.field import displacement_jacobian_determinant
+
+            cached = displacement_jacobian_determinant(self.displacement(), self.fixed)
+            self.__dict__["_jacobian"] = cached
+        return cached
+
     def warp(self, image: Image, *, mode: str | None = None) -> Image:
         """Resample any image or label map of the moving subject onto the fixed grid (label
         maps with nearest neighbour unless ``mode="onehot"``)."""
