@@ -58,7 +58,9 @@ def trunk_dtype(precision: str, device: torch.device | str = "cpu") -> torch.dty
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        # torch's CPU feature probes (private; a torch without them counts as no support)
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        native = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
         precision = "bfloat16" if torch.device(device).type == "cpu" and native else "float32"
     return torch.bfloat16 if precision == "bfloat16" else torch.float32
 
