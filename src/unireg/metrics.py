@@ -22,7 +22,11 @@ import torch
 
 from unireg.io.image import Image, LabelMap, resample
 from unireg.losses import label_indices
-from unireg.spatial.field import displacement_jacobian_determinant, world_points
+from unireg.spatial.field import (
+    displacement_jacobian_determinant,
+    folding_percent,
+    world_points,
+)
 from unireg.spatial.geometry import Geometry
 from unireg.spatial.transform import CompositeTransform, Transform
 
@@ -182,7 +186,7 @@ def jacobian_stats(det: torch.Tensor, mask: ArrayLike | None = None) -> dict[str
     if values.numel() == 0:
         raise ValueError("no voxel to compute Jacobian statistics on")
     return {
-        "folding_percent": float((values <= 0).double().mean() * 100),
+        "folding_percent": folding_percent(values),
         "jacobian_std": float(values.std(unbiased=False)),
         "jacobian_mean": float(values.mean()),
         "jacobian_min": float(values.min()),

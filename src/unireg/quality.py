@@ -31,6 +31,7 @@ import torch
 
 from unireg.io.image import Image, normalize_intensity
 from unireg.losses import mutual_information
+from unireg.spatial.field import folding_percent
 from unireg.spatial.grid import transform_points
 from unireg.spatial.transform import AffineTransform, Transform
 from unireg.spatial.warp import sample
@@ -104,7 +105,7 @@ def quality_check(
             break
     folding = None
     if deformable:
-        folding = float((result.jacobian() <= 0).double().mean() * 100)
+        folding = folding_percent(result.jacobian())
         if warning is None and folding > FOLDING_LIMIT:
             warning = (
                 f"the result folds {folding:.1f} % of the fixed grid (Jacobian determinant <= 0; "

@@ -174,6 +174,11 @@ def displacement_jacobian_determinant(
     return _determinant_of_entries(jac) / float(np.linalg.det(linear))
 
 
+def folding_percent(det: torch.Tensor) -> float:
+    """The share of a Jacobian-determinant map's voxels that fold (``det <= 0``), in %."""
+    return float((det <= 0).double().mean() * 100)
+
+
 def scaling_and_squaring(
     velocity: torch.Tensor, steps: int = 7, *, padding: Padding = "border"
 ) -> torch.Tensor:
