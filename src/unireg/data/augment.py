@@ -116,6 +116,24 @@ def smooth_random_field(
     return F.interpolate(coarse, size=tuple(shape), mode=mode, align_corners=True)
 
 
+def smooth_displacement(
+    shape: Sequence[int],
+    generator: torch.Generator,
+    largest: tuple[float, float],
+    *,
+    resolution: int = 5,
+) -> torch.Tensor:
+    """A smooth random displacement ``(d, *shape)`` (float64; channel ``i`` along axis ``i``):
+    :func:`smooth_random_field` on a ``resolution``-per-axis control grid, scaled so that its
+    longest vector is drawn uniformly from ``largest`` = ``(lo, hi)`` (the caller's units, e.g.
+    mm or voxels). The field is drawn first, then the length."""
+    field = smooth_random_field(shape, 1, len(shape), generator, resolution=resolution)[0]
+    field = field.double()
+    longest = float(torch.linalg.vector_norm(field, dim=0).max())
+    length = largest[0] + (largest[1] - largest[0]) * float(torch.rand(1, generator=generator))
+    return field * (length / max(longest, 1e-12))
+
+
 def random_bias_field(
     image: torch.Tensor, generator: torch.Generator, *, strength: float = 0.3, resolution: int = 4
 ) -> torch.Tensor:

@@ -149,16 +149,13 @@ def selfwarp(s: Shifted, seed: int, angle: float = 10.0, max_mm: tuple = (4.0, 8
     moving: ``T(x) = R(x + u(x))``, a 10-degree rotation ``R`` about the grid centre about a
     random axis and a smooth displacement ``u`` of 4 to 8 mm at most); the copy, the subject
     pulled back through ``T`` onto its own grid, is the fixed image."""
-    from unireg.data.augment import smooth_random_field
+    from unireg.data.augment import smooth_displacement
 
     g = _generator(seed)
     subject, labels = s.moving, s.moving_labels
     geom = subject.geometry
     d = geom.ndim
-    field = smooth_random_field(geom.shape, 1, d, g, resolution=5, std=1.0)[0].double()
-    largest = float(torch.linalg.vector_norm(field, dim=0).max())
-    amplitude = max_mm[0] + (max_mm[1] - max_mm[0]) * float(torch.rand(1, generator=g))
-    field = field * (amplitude / max(largest, 1e-12))
+    field = smooth_displacement(geom.shape, g, max_mm)  # world mm, a random direction each
     axis = [int(torch.randint(0, 3, (1,), generator=g))] if d == 3 else []
     rotation = linear_about(rotation_about_axes(angle, axis, d), geom.center_world)
     truth = CompositeTransform(

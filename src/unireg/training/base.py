@@ -19,10 +19,12 @@ from tqdm import tqdm
 
 from unireg.cpu import available_cpus
 from unireg.data import Augmentation, LabelSynthesis, Manifest, Preprocessing, VolumeDataset
-from unireg.data.augment import apply_affine, random_affine_matrix
+from unireg.data.augment import apply_affine, random_affine_matrix, smooth_displacement
 from unireg.data.synthesis import degrade_resolution
 from unireg.losses import one_hot
 from unireg.spatial.geometry import Geometry
+from unireg.spatial.grid import voxel_to_normalized_scale
+from unireg.spatial.warp import warp
 from unireg.training.checkpoint import (
     Checkpoint,
     read_checkpoint,
@@ -79,6 +81,10 @@ class TrainConfig:
     # axis of a view, with resolution_probability, by a factor in [1, resolution_change]
     resolution_change: float = 1.0  # 1: off
     resolution_probability: float = 0.3
+    # pairs of one subject with itself (a follow-up scan): the same image under each view's
+    # own affine, bias and noise, the second deformed smoothly by up to this many mm
+    same_subject_probability: float = 0.0
+    same_subject_deformation: float = 8.0
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any):
@@ -123,6 +129,10 @@ class TrainConfig:
         ):
             raise ValueError(f"crop {self.crop} must have {len(self.shape)} sizes in [8, shape "
                              f"{self.shape}]")  # fmt: skip
+        if self.same_subject_deformation < 0:
+            raise ValueError(
+                f"same_subject_deformation must be >= 0 mm, got {self.same_subject_deformation}"
+            )
         if self.resolution_change < 1.0:
             raise ValueError(f"resolution_change must be >= 1, got {self.resolution_change}")
         for key in (
@@ -131,6 +141,7 @@ class TrainConfig:
             "invert_probability",
             "synthesised_skull_strip_probability",
             "resolution_probability",
+            "same_subject_probability",
         ):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
@@ -356,6 +367,33 @@ class Trainer:
         idx = self.volumes.by_dataset[name]
         a, b = torch.randperm(len(idx), generator=g)[:2].tolist()
         return self.volumes.items[idx[a]], self.volumes.items[idx[b]]
+
+    def _pair_views(
+        self, g: torch.Generator, rotations: tuple[float | None, float | None] = (None, None)
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The two augmented views of a training pair (``rotations``: each view's, see
+        :meth:`_affine`): two different subjects of one dataset (:meth:`_pair_items`), or,
+        with ``same_subject_probability``, one subject twice, as a follow-up scan sees it:
+        one image (real or synthesised) under each view's own affine, bias and noise, the
+        second view (image and labels) deformed by a smooth random displacement whose longest
+        vector is drawn from [0, ``same_subject_deformation``] mm."""
+        cfg = self.cfg
+        if cfg.same_subject_probability > 0 and (
+            float(torch.rand(1, generator=g)) < cfg.same_subject_probability
+        ):
+            item = self._pair_items(g)[0]
+            image = self._image(item, g)
+            a = self._view(item, g, image, rotations[0])
+            b = self._view(item, g, image, rotations[1])
+            shape = tuple(b["image"].shape[2:])
+            largest = (0.0, cfg.same_subject_deformation / cfg.spacing_mm)  # voxels
+            u = smooth_displacement(shape, g, largest).float()[None].to(self.device)
+            u = u * voxel_to_normalized_scale(shape, u)
+            b["image"] = warp(b["image"], u)
+            b["labels"] = warp(b["labels"].float(), u, mode="nearest").round().to(b["labels"].dtype)
+            return a, b
+        ia, ib = self._pair_items(g)
+        return self._view(ia, g, rotation=rotations[0]), self._view(ib, g, rotation=rotations[1])
 
     def _crop_pair(self, a: dict[str, Any], b: dict[str, Any], g: torch.Generator) -> None:
         """Cut the same random ``crop`` box out of both views' image and labels (they share

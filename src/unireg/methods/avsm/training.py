@@ -156,10 +156,9 @@ class AVSMTrainer(Trainer):
 
     def _affine_pair_loss(self, g: torch.Generator) -> torch.Tensor:
         cfg, net = self.cfg, self.model
-        ia, ib = self._pair_items(g)
-        a = self._view(ia, g)  # moving: rotation_range(), with its warm-up
-        b = self._view(ib, g, rotation=cfg.fixed_rotation)  # fixed
-        frame = self._frame(ia)
+        # moving: rotation_range(), with its warm-up; fixed: fixed_rotation
+        a, b = self._pair_views(g, (None, cfg.fixed_rotation))
+        frame = self._frame(a)  # the view keeps its subject's geometry
         steps = 1 if self.phase() == "affine-1" else cfg.affine_recurrent
         use_ncc = self.step < cfg.affine_ncc_steps
         reg_weight = cfg.affine_reg_weight * 0.5 ** (self.step / max(cfg.affine_reg_halflife, 1))
@@ -207,10 +206,8 @@ class AVSMTrainer(Trainer):
         cfg, net = self.cfg, self.model
         for p in net.affine_net.parameters():
             p.requires_grad_(False)
-        ia, ib = self._pair_items(g)
-        a = self._view(ia, g, rotation=cfg.vsvf_rotation)
-        b = self._view(ib, g, rotation=cfg.vsvf_rotation)
-        frame = self._frame(ia)
+        a, b = self._pair_views(g, (cfg.vsvf_rotation, cfg.vsvf_rotation))
+        frame = self._frame(a)  # the view keeps its subject's geometry
         orders = [(a, b), (b, a)] if cfg.symmetric else [(a, b)]
         hots = self._label_one_hots(a["labels"], b["labels"], g) if cfg.dice_weight > 0 else None
         total = torch.zeros((), device=self.device)

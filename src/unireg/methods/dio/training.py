@@ -141,8 +141,7 @@ class DIOTrainer(Trainer):
 
     def loss(self, g: torch.Generator) -> torch.Tensor:
         cfg = self.cfg
-        ia, ib = self._pair_items(g)
-        a, b = self._view(ia, g), self._view(ib, g)  # a moving, b fixed
+        a, b = self._pair_views(g)  # a moving, b fixed
         self._crop_pair(a, b, g)
         feats = self.model(torch.cat([a["image"], b["image"]]))
         moving = {f: x[:1] for f, x in feats.items()}

@@ -98,6 +98,11 @@ class KeyMorphConfig(TrainConfig):
             raise ValueError("tps_lambda is a number or 'logunif'")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.same_subject_probability > 0:
+            raise ValueError(
+                "same_subject_probability is for the deformable methods' pairs; KeyMorph "
+                "trains same-subject keypoints with consistency_every"
+            )
         if self.anatomical_steps < 0:
             raise ValueError(f"anatomical_steps must be >= 0, got {self.anatomical_steps}")
         if self.consistency_every < 0:

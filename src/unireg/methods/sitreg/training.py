@@ -62,8 +62,7 @@ class SITRegTrainer(Trainer):
 
     def loss(self, g: torch.Generator) -> torch.Tensor:
         cfg = self.cfg
-        ia, ib = self._pair_items(g)
-        a, b = self._view(ia, g), self._view(ib, g)
+        a, b = self._pair_views(g)
         self._crop_pair(a, b, g)
         fwd, inv = self.model(a["image"], b["image"], inference=cfg.inference)  # b -> a
         a_on_b = warp(a["image"], fwd, padding="border")
