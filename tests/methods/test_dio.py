@@ -14,8 +14,7 @@ from test_keymorph import _tiny_manifest
 from unireg.io import load_image, load_labels
 from unireg.io.image import resample
 from unireg.methods import registry
-from unireg.methods.base import OptionError, Prompts
-from unireg.methods.dio import parse_iterations
+from unireg.methods.base import OptionError, Prompts, parse_iterations
 from unireg.methods.dio.inference import feature_grid, register_dio
 from unireg.methods.dio.model import BACKBONES, FeatureNet
 from unireg.metrics import consistency_error, dice, jacobian_stats, transform_jacobian
@@ -297,8 +296,8 @@ def test_prompts_change_the_objective(tmp_path):
 def test_options_spec_strings_and_iterations():
     entry, opts = registry.parse_spec("dio:diffeo:iterations=50,20,5:affine=none")
     assert entry.name == "dio" and opts.transform == "diffeo" and opts.affine == "none"
-    assert parse_iterations(opts.iterations) == (50, 20, 5)
-    assert parse_iterations("0,0,30") == (0, 0, 30)
+    assert parse_iterations(opts.iterations, "") == (50, 20, 5)
+    assert parse_iterations("0,0,30", "") == (0, 0, 30)
     for bad in ("50,20", "a,b,c", "0,0,0", "5,-1,3"):
         with pytest.raises(OptionError, match="iterations"):
             registry.parse_spec(f"dio:iterations={bad}")

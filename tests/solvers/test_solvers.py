@@ -684,3 +684,34 @@ def test_masks_and_label_prompts_match_levels_made_octave_by_octave():
     out = solve(image, image, [stage], foreground_mask=mask,
                 prompts=[LabelPrompt(labels, labels, 0.5)])  # fmt: skip
     assert np.allclose(out.matrix, np.eye(4), atol=0.05)
+
+
+def test_deformable_iterations_replace_the_preset_levels():
+    """``iterations`` (1/4, 1/2, full resolution; 0 skips a level) sets the deformable stage's
+    levels: the fast preset's own counts give its stages, a full-resolution level runs where
+    asked, and linear methods and malformed counts are refused."""
+    from conftest import demo_brains
+
+    from unireg.methods import registry
+    from unireg.methods.base import OptionError
+    from unireg.solvers.solver import Level
+
+    shape = (120, 120, 90)
+    assert preset_stages("syn", shape=shape, iterations=(80, 40, 0)) == preset_stages(
+        "syn", shape=shape
+    )
+    dense = preset_stages("ffd", shape=shape, iterations=(60, 0, 5))[-1]
+    assert dense.levels == [Level(4, 60), Level(1, 5)]
+    with pytest.raises(ValueError, match="affine has none"):
+        preset_stages("affine", shape=shape, iterations=(1, 1, 1))
+    with pytest.raises(ValueError, match="three counts"):
+        preset_stages("syn", shape=shape, iterations=(0, 0, 0))
+    for bad in ("unireg:affine:iterations=1,2,3", "unireg:syn:iterations=1,2"):
+        with pytest.raises(OptionError, match="iterations"):
+            registry.parse_spec(bad)
+    fixed, moving, _, _ = demo_brains()
+    _, opts = registry.parse_spec("unireg:syn:iterations=20,10,2")
+    method = registry.create("syn", opts)
+    greedy = [t for t in method.register(fixed, moving).extras.trace if t["model"] == "greedy"]
+    assert [t["factor"] for t in greedy] == [4.0, 2.0, 1.0]
+    assert list(greedy[-1]["shape"]) == list(fixed.shape) and greedy[-1]["iterations"] <= 2

@@ -75,6 +75,21 @@ def model_option() -> Any:
     )
 
 
+def parse_iterations(text: str, example: str) -> tuple[int, int, int]:
+    """``"I4,I2,I1"``: a solver's iteration caps at 1/4, 1/2 and full resolution (counts >= 0,
+    not all 0; a level with 0 is skipped). ``example`` goes into the error message."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 0 or max(values) == 0:
+        raise OptionError(
+            f"iterations must be three counts >= 0 for 1/4, 1/2 and full resolution "
+            f"(e.g. {example}), got {text!r}"
+        )
+    return values[0], values[1], values[2]
+
+
 @dataclass(frozen=True)
 class OptionInfo:
     """One option as the command line, the spec strings and the docs see it."""

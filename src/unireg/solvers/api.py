@@ -125,9 +125,12 @@ def preset_stages(
     init: str = "moments",
     deformable: str = "greedy",
     window: int = 5,
+    iterations: Sequence[int] | None = None,
 ) -> list[Stage]:
     """The stages of a named method and preset (see the module docstring), with the pyramid
-    fitted to the fixed image ``shape`` when given (see :func:`fit_levels`)."""
+    fitted to the fixed image ``shape`` when given (see :func:`fit_levels`). ``iterations``
+    (three counts for 1/4, 1/2 and full resolution; 0 skips a level) replaces the preset's
+    levels of the deformable stage."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if method == "affine-gn":
@@ -163,10 +166,16 @@ def preset_stages(
             Stage(kind, fit(lin["refine"]), loss=sim[0], loss_options=sim[1], lr=0.005),
         ]  # fmt: skip
     if method in ("rigid", "affine"):
+        if iterations is not None:
+            raise ValueError(f"iterations set the deformable stage's levels; {method} has none")
         return linear
     dense_levels = _DENSE_LEVELS[preset]
     if multimodal and preset == "fast":  # dense MI costs ~5x LNCC per voxel: fewer fine steps
         dense_levels = [(4, 80), (2, 15)]
+    if iterations is not None:
+        if len(iterations) != 3 or min(iterations) < 0 or max(iterations) == 0:
+            raise ValueError(f"iterations: three counts >= 0 for 1/4, 1/2, 1/1, got {iterations}")
+        dense_levels = [(f, int(n)) for f, n in zip((4, 2, 1), iterations, strict=True) if n > 0]
     levels = fit(dense_levels)
     if method == "syn":
         if deformable not in ("svf", "greedy"):
@@ -337,6 +346,7 @@ def register(
     multimodal: bool = False,
     init: str = "moments",
     deformable: str = "greedy",
+    iterations: Sequence[int] | None = None,
     fixed_labels: LabelMap | None = None,
     moving_labels: LabelMap | None = None,
     label_weight: float = 0.0,
@@ -352,7 +362,8 @@ def register(
     """Register ``moving`` onto ``fixed`` with a training-free solver (world space throughout).
 
     Intensities are rescaled to [0, 1] (robust percentiles) first. ``stages`` overrides the
-    named ``method``/``preset``. With both label maps and ``label_weight`` > 0 they are used as
+    named ``method``/``preset``; ``iterations`` the deformable stage's levels (see
+    :func:`preset_stages`). With both label maps and ``label_weight`` > 0 they are used as
     a Dice prompt; with landmarks (world mm, ``(N, d)``) a distance prompt is added. ``mask``
     (fixed grid) restricts the similarity. Without a mask, the LNCC linear stage compares the
     images over the fixed image's foreground (:func:`foreground_mask` eroded by ``foreground``
@@ -392,7 +403,7 @@ def register(
         window = 5 if min(fixed.spacing) >= 1.5 else 7
         stages = preset_stages(
             method, preset, shape=fixed.shape, multimodal=multimodal, init=init,
-            deformable=deformable, window=window,
+            deformable=deformable, window=window, iterations=iterations,
         )  # fmt: skip
     prompts: list[LabelPrompt | LandmarkPrompt] = []
     if label_weight > 0:

@@ -24,6 +24,7 @@ from unireg.methods.base import (
     lazy_exports,
     model_option,
     option,
+    parse_iterations,
     resolution_option,
 )
 from unireg.methods.solver import affine_stage_option, preset_option
@@ -34,20 +35,6 @@ TRANSFORMS = {"ffd": "ffd", "diffeo": "greedy", "svf": "svf", "bspline": "bsplin
 DEFAULT_ITERATIONS = "100,50,10"
 DEFAULT_TOLERANCE = 0.01
 PRECISIONS = ("auto", "float32", "bfloat16")
-
-
-def parse_iterations(text: str) -> tuple[int, int, int]:
-    """``"I4,I2,I1"``: the solver's iteration caps at 1/4, 1/2 and full resolution."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or min(values) < 0 or max(values) == 0:
-        raise OptionError(
-            f"iterations must be three counts >= 0 for 1/4, 1/2 and full resolution "
-            f"(e.g. {DEFAULT_ITERATIONS}), got {text!r}"
-        )
-    return values[0], values[1], values[2]
 
 
 @dataclass(frozen=True)
@@ -90,7 +77,7 @@ class DIOOptions(MethodOptions):
                 f"{self.feature_tolerance}"
             )
         try:
-            parse_iterations(self.iterations)
+            parse_iterations(self.iterations, DEFAULT_ITERATIONS)
         except OptionError as err:
             raise OptionError(f"{where or self.method}: {err}") from err
 

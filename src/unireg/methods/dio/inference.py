@@ -11,13 +11,12 @@ import numpy as np
 import torch
 
 from unireg.io.image import Image, LabelMap, resample
-from unireg.methods.base import MethodEntry, Prompts
+from unireg.methods.base import MethodEntry, Prompts, parse_iterations
 from unireg.methods.dio import (
     DEFAULT_ITERATIONS,
     PRECISIONS,
     TRANSFORMS,
     DIOOptions,
-    parse_iterations,
 )
 from unireg.methods.dio.model import FACTORS, FeatureNet, Trunk
 from unireg.methods.dio.training import DIOConfig
@@ -152,7 +151,7 @@ def register_dio(
     p = prompts or Prompts()
     spacing = float(checkpoint.preprocessing.get("spacing_mm", 2.0))
     if iterations is None:
-        iterations = parse_iterations(DEFAULT_ITERATIONS)
+        iterations = parse_iterations(DEFAULT_ITERATIONS, DEFAULT_ITERATIONS)
     config = DIOConfig.of_checkpoint(checkpoint.train_config)
     stage = config.stage(TRANSFORMS[transform], iterations)
     # levels without iterations finer than the last that has some are not computed
@@ -238,7 +237,8 @@ class DIOMethod:
         o = self.options
         return register_dio(
             fixed, moving, model=self.model, checkpoint=self.checkpoint,
-            transform=o.transform, iterations=parse_iterations(o.iterations), affine=o.affine,
+            transform=o.transform, iterations=parse_iterations(o.iterations, DEFAULT_ITERATIONS),
+            affine=o.affine,
             preset=o.preset, tolerance=o.feature_tolerance,
             match_resolution=o.resolution == "match", precision=o.precision, prompts=prompts,
             seed=seed, device=self.device, progress=progress,

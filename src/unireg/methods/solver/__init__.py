@@ -10,9 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from unireg.methods.base import MethodEntry, MethodOptions, OptionError, lazy_exports, option
+from unireg.methods.base import (
+    MethodEntry,
+    MethodOptions,
+    OptionError,
+    lazy_exports,
+    option,
+    parse_iterations,
+)
 
 PRESETS = ("fast", "accurate")
+# the solvers with a deformable stage (whose iterations per level may be set)
+DEFORMABLE = ("syn", "bspline", "ffd")
 # the linear stage learned methods run on the intensities before their network or solver
 AFFINE_STAGES = ("affine", "affine-gn", "rigid", "keymorph", "none")
 
@@ -53,8 +62,21 @@ class SolverOptions(MethodOptions):
         "greedy", choices=("greedy", "svf"),
         help="syn's model: greedy compositive or symmetric SVF (gives the inverse)",
     )  # fmt: skip
+    iterations: str | None = option(
+        None,
+        help="syn, bspline, ffd: the deformable stage's iteration caps at 1/4, 1/2 and full "
+        "resolution (0 skips a level; each stops early when the similarity no longer "
+        "improves); default: the preset's (fast 80,40,0, accurate 100,60,20)",
+    )  # fmt: skip
 
     def check(self, where: str = "", method: str = "") -> None:
+        if self.iterations is not None:
+            if method not in DEFORMABLE:
+                raise OptionError(f"{where}: iterations is for the deformable solvers {DEFORMABLE}")
+            try:
+                parse_iterations(self.iterations, "60,30,5")
+            except OptionError as err:
+                raise OptionError(f"{where}: {err}") from err
         if self.deformable != "greedy" and method != "syn":
             raise OptionError(f"{where}: deformable is syn's option")
         if method == "affine-gn" and (self.multimodal or self.init != "moments"):

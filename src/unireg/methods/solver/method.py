@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from unireg.io.image import Image
-from unireg.methods.base import MethodEntry, OptionError, Prompts
+from unireg.methods.base import MethodEntry, OptionError, Prompts, parse_iterations
 from unireg.methods.solver import SolverOptions
 from unireg.result import RegistrationResult
 from unireg.solvers import register
@@ -32,9 +32,11 @@ class SolverMethod:
         if self.entry.name == "affine-gn" and p.uses():
             raise OptionError(f"affine-gn takes no {', '.join(p.uses())}")
         o = self.options
+        iterations = None if o.iterations is None else parse_iterations(o.iterations, "")
         return register(
             fixed, moving, self.entry.name, preset=o.preset, multimodal=o.multimodal,
-            init=o.init, deformable=o.deformable, fixed_labels=p.fixed_labels,
+            init=o.init, deformable=o.deformable, iterations=iterations,
+            fixed_labels=p.fixed_labels,
             moving_labels=p.moving_labels, label_weight=p.label_weight,
             fixed_landmarks=p.fixed_landmarks, moving_landmarks=p.moving_landmarks,
             landmark_weight=p.landmark_weight, mask=p.mask, device=self.device, seed=seed,
