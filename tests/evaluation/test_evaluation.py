@@ -195,3 +195,41 @@ def test_measure_reports_time_and_memory_growth():
     if m.peak_bytes is not None:  # Linux: growth of the peak resident set
         assert m.peak_bytes >= 48 * 2**20
     block.close()
+
+
+def test_evaluate_warms_each_method_up_once_and_refuses_a_missing_device(tmp_path, capsys):
+    """``warmup`` registers the first pair once per method, unrecorded, before the run (GPU
+    times per pair are then warm); ``--device`` is checked before any work."""
+    import torch
+
+    from unireg.evaluation import evaluate
+
+    pairs = pairs_from_csv(_case(tmp_path, (28, 26, 24)))
+    calls = []
+
+    class Counted:
+        def __init__(self, spec):
+            self.inner = make_method(spec)
+            self.label = self.inner.label
+
+        def register(self, fixed, moving, *, seed=0):
+            calls.append(self.label)
+            return self.inner.register(fixed, moving, seed=seed)
+
+    methods = [Counted("none"), Counted("unireg:affine-gn")]
+    cold = evaluate(pairs, methods, progress=False)
+    assert calls == ["none", "unireg:affine-gn"]
+    calls.clear()
+    warm = evaluate(pairs, methods, progress=False, warmup=True)
+    assert calls == ["none", "unireg:affine-gn"] * 2 and len(warm) == len(cold) == 2
+    assert [r["dice_mean"] for r in warm] == [r["dice_mean"] for r in cold]
+    out = tmp_path / "gpu"
+    if not torch.cuda.is_available():
+        code = main(["evaluate", "--pairs", str(tmp_path / "pairs.csv"), "--methods", "none",
+                     "--device", "cuda", "-o", str(out), "--quiet"])  # fmt: skip
+        assert code != 0 and "CUDA is not available" in capsys.readouterr().err
+        assert not out.exists()
+    code = main(["evaluate", "--pairs", str(tmp_path / "pairs.csv"), "--methods", "none",
+                 "--device", "gpu", "-o", str(out), "--quiet"])  # fmt: skip
+    assert code != 0 and "--device gpu: not a device" in capsys.readouterr().err
+    assert not out.exists()

@@ -15,10 +15,15 @@ imports_done()  # torch is in: the collector paused by the command line may run 
 
 
 def device(name: str) -> torch.device:
-    """The torch device of ``--device``; a named error when CUDA is asked for but absent."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UniregError("--device cuda was asked for but CUDA is not available here")
-    return torch.device(name)
+    """The torch device of ``--device``; a named error for an unknown device and when CUDA is
+    asked for but absent."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as err:
+        raise UniregError(f"--device {name}: not a device (cpu, cuda, cuda:N)") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UniregError(f"--device {name} was asked for but CUDA is not available here")
+    return dev
 
 
 def threads(args: Any) -> int:

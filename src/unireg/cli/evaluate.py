@@ -46,6 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "none, skullstrip, synth, aniso, iso1, iso3, bias, rescale, selfwarp (the moving subject "
         "against a copy of itself under a known map: end-point error in mm); default none",
     )
+    p.add_argument(
+        "--device", default="cpu",
+        help="device of unireg's methods (cpu, cuda, cuda:1); the peers run on the CPU. On a "
+        "GPU each method first registers the first pair once, untimed, so the times per pair "
+        "are warm",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hd95", action="store_true")
     p.add_argument("--output", "-o", required=True, help="output folder")
@@ -65,9 +71,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run methods side by side on pairs under misalignments; write tables and plots."""
-    from unireg.cli._common import threads
+    from unireg.cli._common import device, threads
 
     threads(args)
+    dev = str(device(args.device))
     import sys
     import time
 
@@ -102,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     methods = []
     for spec in args.methods:
         try:
-            methods.append(make_method(spec))
+            methods.append(make_method(spec, dev))
         except MissingPeerError as e:
             print(f"unireg evaluate: skipping {spec}: {e}", file=sys.stderr)
     if not methods:
@@ -119,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         rows = evaluate(
             pairs, methods, args.angles, axes=args.axes, translation=args.translation,
             scale=args.scale, seed=args.seed, hd95=not args.no_hd95, progress=not args.quiet,
-            shifts=args.shift, on_result=pages,
+            shifts=args.shift, on_result=pages, warmup=dev.startswith("cuda"),
         )  # fmt: skip
         write_outputs(rows, folder.stage)
         if pages is not None:

@@ -119,12 +119,12 @@ class RegisteredMethod(Method):
     """A method of the registry (:mod:`unireg.methods`), built once from its spec and kept
     loaded between pairs."""
 
-    def __init__(self, spec: MethodSpec) -> None:
+    def __init__(self, spec: MethodSpec, device: str = "cpu") -> None:
         from unireg.methods import create
 
         self.label = spec.label
         try:
-            self.method = create(spec.label)
+            self.method = create(spec.label, device=device)
         except ValueError as err:  # OptionError is both
             raise UniregError(str(err)) from err
 
@@ -266,9 +266,10 @@ FAMILIES: dict[str, type[Method]] = {
 }
 
 
-def make_method(spec: str | MethodSpec) -> Method:
-    """The method of a spec string (see the module docstring)."""
+def make_method(spec: str | MethodSpec, device: str = "cpu") -> Method:
+    """The method of a spec string (see the module docstring); unireg's methods on ``device``,
+    the peers (ANTsPy, SimpleITK) on the CPU."""
     parsed = MethodSpec.parse(spec) if isinstance(spec, str) else spec
     if parsed.family in FAMILIES:
         return FAMILIES[parsed.family](parsed)
-    return RegisteredMethod(parsed)
+    return RegisteredMethod(parsed, device)
