@@ -301,3 +301,24 @@ def test_sitreg_in_the_evaluation_harness(tmp_path):
                 f"sitreg:model={ckpt}:tol=1"):  # fmt: skip
         with pytest.raises(UniregError):
             make_method(bad)
+
+
+def test_the_affine_gn_stage_hands_two_contrasts_to_mutual_information():
+    """The learned methods' ``affine-gn`` stage keeps Gauss-Newton's result for one contrast
+    and, when the pair it aligned does not look like one contrast (the solvers' correlation
+    test), returns the solver's MI affine instead."""
+    from unireg.methods.stages import affine_stage
+    from unireg.solvers import register
+    from unireg.solvers.gauss_newton import GN_LEVELS, affine_gauss_newton
+
+    fixed, moving, _, _ = demo_brains()
+    cpu = torch.device("cpu")
+    same = affine_stage(fixed, moving, "affine-gn", "fast", cpu)
+    gn, _ = affine_gauss_newton(fixed, moving, levels=GN_LEVELS["fast"], device=cpu)
+    assert np.allclose(same.matrix.numpy(), gn.matrix.numpy())
+    head = moving.data > moving.data.min()
+    inverted = moving.with_data(torch.where(head, moving.data.max() - moving.data, 0.0))
+    two = affine_stage(fixed, inverted, "affine-gn", "fast", cpu)
+    mi = register(fixed, inverted, "affine", multimodal=True).transform
+    assert np.allclose(two.matrix.numpy(), mi.matrix.numpy())
+    assert not np.allclose(two.matrix.numpy(), gn.matrix.numpy(), atol=1e-3)

@@ -27,10 +27,13 @@ def affine_stage(
     """``A``, fixed world -> moving world (mm), by the linear stage a learned method runs
     first (:data:`unireg.methods.solver.AFFINE_STAGES`): ``"affine-gn"`` (Gauss-Newton, same
     modality; its schedule ``gn_levels[preset]``, default
-    :data:`~unireg.solvers.gauss_newton.GN_LEVELS`), ``"affine"``/``"rigid"`` (the solver with
-    ``preset``), ``"keymorph"`` (the shipped KeyMorph model's keypoint affine refined by
-    affine-gn, for heads in any orientation) or ``"none"`` (identity)."""
+    :data:`~unireg.solvers.gauss_newton.GN_LEVELS`; redone by the solver's ``affine`` with
+    mutual information when the pair it aligned correlates below
+    :data:`~unireg.solvers.api.CONTRAST_R`, two contrasts), ``"affine"``/``"rigid"`` (the
+    solver with ``preset``), ``"keymorph"`` (the shipped KeyMorph model's keypoint affine
+    refined by affine-gn, for heads in any orientation) or ``"none"`` (identity)."""
     from unireg.solvers import register
+    from unireg.solvers.api import CONTRAST_R, contrast_correlation
     from unireg.solvers.gauss_newton import GN_LEVELS, affine_gauss_newton
 
     if affine not in AFFINE_STAGES:
@@ -42,6 +45,12 @@ def affine_stage(
     if affine == "affine-gn":
         levels = (gn_levels or GN_LEVELS)[preset]
         linear, _ = affine_gauss_newton(fixed, moving, levels=levels, device=device)
+        # affine-gn matches local intensities, one contrast: when the images it aligned do not
+        # look like one (the solvers' test), mutual information decides instead
+        if contrast_correlation(fixed, moving, linear.matrix.numpy()) < CONTRAST_R:
+            linear = register(fixed, moving, "affine", preset=preset, multimodal=True,
+                              device=device).transform  # fmt: skip
+            assert isinstance(linear, AffineTransform)
         return linear
     stage = register(fixed, moving, affine, preset=preset, device=device)
     assert isinstance(stage.transform, AffineTransform)
