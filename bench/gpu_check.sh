@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement and test of the project in one run of about 8 minutes on one CUDA GPU,
+# Every GPU measurement and test of the project in one run on one CUDA GPU (its steps time out
+# after 3 + 3 + 1.5 + 2 minutes, inside the device machine's 10 minutes a command),
 # from the repository root, after bench/gpu_prepare.sh (whose .gpu/ travels with it):
 #   OUT=results bash bench/gpu_check.sh
 # 1. tests/methods/test_cuda.py: every method on CUDA against the CPU, batched pairs against
@@ -25,18 +26,18 @@ export PYTHONPATH="$SITE:$PWD/src" PYTHONUNBUFFERED=1 UNIREG_SHARED_DATA="$PWD/.
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
     nproc
 } > "$OUT/gpu.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/methods/test_cuda.py \
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/methods/test_cuda.py \
     > "$OUT/cuda_tests.log" 2>&1
 echo "cuda tests: exit $?" >> "$OUT/gpu.txt"
 EVAL=$(mktemp -d)
-timeout 240 python3 -m unireg evaluate --manifest .gpu/data/manifest.csv --dataset ixi \
+timeout 180 python3 -m unireg evaluate --manifest .gpu/data/manifest.csv --dataset ixi \
     --split test --methods sitreg keymorph dio dio:diffeo avsm unireg:affine-gn unireg:syn \
     --device "$DEV" --no-hd95 --quiet -o "$EVAL/eval" > "$OUT/evaluate.log" 2>&1
 echo "evaluate: exit $?" >> "$OUT/gpu.txt"
 cp "$EVAL/eval/summary.md" "$OUT/evaluate.md" 2>/dev/null
-timeout 120 python3 bench/dio_benchmark.py device --device "$DEV" > "$OUT/dio_device.log" 2>&1
+timeout 90 python3 bench/dio_benchmark.py device --device "$DEV" > "$OUT/dio_device.log" 2>&1
 echo "dio device: exit $?" >> "$OUT/gpu.txt"
-timeout 200 python3 bench/batch_benchmark.py --device "$DEV" --batch-size 8 --no-single \
+timeout 120 python3 bench/batch_benchmark.py --device "$DEV" --batch-size 8 --no-single \
     --no-kill > "$OUT/batch.log" 2>&1
 echo "batch: exit $?" >> "$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
