@@ -296,8 +296,8 @@ def test_prompts_change_the_objective(tmp_path):
 def test_options_spec_strings_and_iterations():
     entry, opts = registry.parse_spec("dio:diffeo:iterations=50,20,5:affine=none")
     assert entry.name == "dio" and opts.transform == "diffeo" and opts.affine == "none"
-    assert parse_iterations(opts.iterations, "") == (50, 20, 5)
-    assert parse_iterations("0,0,30", "") == (0, 0, 30)
+    assert parse_iterations(opts.iterations) == (50, 20, 5)
+    assert parse_iterations("0,0,30") == (0, 0, 30)
     for bad in ("50,20", "a,b,c", "0,0,0", "5,-1,3"):
         with pytest.raises(OptionError, match="iterations"):
             registry.parse_spec(f"dio:iterations={bad}")

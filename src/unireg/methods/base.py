@@ -75,7 +75,7 @@ def model_option() -> Any:
     )
 
 
-def parse_iterations(text: str, example: str) -> tuple[int, int, int]:
+def parse_iterations(text: str, example: str = "100,50,10") -> tuple[int, int, int]:
     """``"I4,I2,I1"``: a solver's iteration caps at 1/4, 1/2 and full resolution (counts >= 0,
     not all 0; a level with 0 is skipped). ``example`` goes into the error message."""
     try:

@@ -151,7 +151,7 @@ def register_dio(
     p = prompts or Prompts()
     spacing = float(checkpoint.preprocessing.get("spacing_mm", 2.0))
     if iterations is None:
-        iterations = parse_iterations(DEFAULT_ITERATIONS, DEFAULT_ITERATIONS)
+        iterations = parse_iterations(DEFAULT_ITERATIONS)
     config = DIOConfig.of_checkpoint(checkpoint.train_config)
     stage = config.stage(TRANSFORMS[transform], iterations)
     # levels without iterations finer than the last that has some are not computed
@@ -237,8 +237,7 @@ class DIOMethod:
         o = self.options
         return register_dio(
             fixed, moving, model=self.model, checkpoint=self.checkpoint,
-            transform=o.transform, iterations=parse_iterations(o.iterations, DEFAULT_ITERATIONS),
-            affine=o.affine,
+            transform=o.transform, iterations=parse_iterations(o.iterations), affine=o.affine,
             preset=o.preset, tolerance=o.feature_tolerance,
             match_resolution=o.resolution == "match", precision=o.precision, prompts=prompts,
             seed=seed, device=self.device, progress=progress,

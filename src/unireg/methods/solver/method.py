@@ -32,7 +32,7 @@ class SolverMethod:
         if self.entry.name == "affine-gn" and p.uses():
             raise OptionError(f"affine-gn takes no {', '.join(p.uses())}")
         o = self.options
-        iterations = None if o.iterations is None else parse_iterations(o.iterations, "")
+        iterations = None if o.iterations is None else parse_iterations(o.iterations)
         return register(
             fixed, moving, self.entry.name, preset=o.preset, multimodal=o.multimodal,
             init=o.init, deformable=o.deformable, iterations=iterations,
