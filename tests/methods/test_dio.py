@@ -400,16 +400,17 @@ def test_dio_training_runs_resumes_exactly_and_reloads(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_shipped_dio_model_improves_on_its_affine_stage_on_the_demo_brains():
-    # a sanity check of the shipped file (the demo subjects are IXI *training* subjects; the
+@pytest.mark.parametrize("model", ["lku", "lku-e"])
+def test_the_shipped_dio_models_improve_on_their_affine_stage_on_the_demo_brains(model):
+    # a sanity check of the shipped files (the demo subjects are IXI *training* subjects; the
     # accuracy on the test split is in docs/methods/dio.md)
 
     from unireg.metrics import registration_metrics
 
-    if not registry.model_path("dio").exists():
-        pytest.skip("no DIO model shipped in src/unireg/models/")
+    if not registry.model_path("dio", model).exists():
+        pytest.skip(f"no DIO model {model!r} shipped in src/unireg/models/")
     fixed, moving, fl, ml = demo_brains()
-    method = registry.create("dio:diffeo:iterations=50,25,5")
+    method = registry.create(f"dio:diffeo:iterations=50,25,5:model={model}")
     res = method.register(fixed, moving)
     full = registration_metrics(res, fixed_labels=fl, moving_labels=ml, hd95=False)
     linear = registration_metrics(transform=res.affine, fixed=fixed, fixed_labels=fl,
