@@ -382,9 +382,11 @@ def test_folded_trilinear_sampling_equals_grid_sample_3d(padding):
 
 
 @pytest.mark.parametrize("shape", [(80, 60, 9), (20, 24, 22), (90, 70)])
-def test_one_image_sampled_in_parts_across_threads_equals_one_call(shape):
-    # a single image's points are split into parts sampled as a batch (one thread each):
-    # the same values, in the same places, and the same gradients
+@pytest.mark.parametrize("odd", [False, True])
+def test_one_image_sampled_in_parts_across_threads_equals_one_call(shape, odd):
+    # a single image's points are split into parts sampled as a batch (one thread each; an
+    # odd count pads the last part): the same values, in the same places, and the same
+    # gradients, with respect to the image and to the points
     import torch.nn.functional as F
 
     from unireg.spatial.warp import _parts
@@ -395,15 +397,20 @@ def test_one_image_sampled_in_parts_across_threads_equals_one_call(shape):
     try:
         image = smooth_image(shape, seed=2, channels=2).float().requires_grad_(True)
         gen = torch.Generator().manual_seed(1)
-        out_shape = (256, 132) if d == 2 else (64, 132, 4)  # 33792 points: two parts
+        # 33792 points, or an odd 33667 / 42575: two parts
+        out_shape = {(2, False): (256, 132), (3, False): (64, 132, 4),
+                     (2, True): (257, 131), (3, True): (65, 131, 5)}[d, odd]  # fmt: skip
         pts = torch.rand(1, *out_shape, d, generator=gen) * 2.4 - 1.2
         assert _parts(1, pts[0, ..., 0].numel()) == 2
+        pts.requires_grad_(True)
         out = sample(image, pts, padding="zeros")
         ref = F.grid_sample(image, pts.flip(-1), padding_mode="zeros", align_corners=True)
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
-        (g,) = torch.autograd.grad((out * ref.detach()).sum(), image)
-        (g_ref,) = torch.autograd.grad((ref * ref.detach()).sum(), image)
+        g, gp = torch.autograd.grad((out * ref.detach()).sum(), (image, pts))
+        g_ref, gp_ref = torch.autograd.grad((ref * ref.detach()).sum(), (image, pts))
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gp, gp_ref, atol=1e-5, rtol=1e-5)
+        pts = pts.detach()
         with torch.no_grad():  # the folded 3D path is split the same way
             border = F.grid_sample(image, pts.flip(-1), padding_mode="border", align_corners=True)
             torch.testing.assert_close(

@@ -66,13 +66,22 @@ def sample(
         points = points.to(image.dtype)
     out_spatial = points.shape[1:-1]
     channels = image.shape[1]
-    parts = _parts(batch, points[0, ..., 0].numel()) if image.device.type == "cpu" else 1
+    count = points[0, ..., 0].numel()
+    parts = _parts(batch, count) if image.device.type == "cpu" else 1
     if parts > 1:
         # PyTorch's CPU samplers run one thread per batch element: one image's points are
-        # split into equal parts sampled as a batch of the (expanded, not copied) image
-        flat = points.reshape(parts, -1, d)
-        out = _sample(image.expand(parts, *image.shape[1:]), flat, mode, padding, reversed_axes)
-        return out.transpose(0, 1).reshape(1, channels, *out_spatial)
+        # split into equal parts (the last padded with points at the centre) sampled as a
+        # batch of the (expanded, not copied) image
+        flat = points.reshape(count, d)
+        per = -(-count // parts)
+        if per * parts > count:
+            flat = torch.cat([flat, flat.new_zeros(per * parts - count, d)])
+        out = _sample(
+            image.expand(parts, *image.shape[1:]), flat.reshape(parts, per, d), mode, padding,
+            reversed_axes,
+        )  # fmt: skip
+        out = out.transpose(0, 1).reshape(channels, per * parts)[:, :count]
+        return out.reshape(1, channels, *out_spatial)
     out = _sample(image, points.reshape(batch, -1, d), mode, padding, reversed_axes)
     return out.reshape(batch, channels, *out_spatial)
 
@@ -82,14 +91,12 @@ _SPLIT_MIN_POINTS = 16384
 
 
 def _parts(batch: int, points: int) -> int:
-    """Into how many equal parts one image's ``points`` are split (1: not split)."""
+    """Into how many parts one image's ``points`` are split (1: not split): one per thread,
+    each of at least :data:`_SPLIT_MIN_POINTS`."""
     threads = torch.get_num_threads()
     if batch != 1 or threads < 2:
         return 1
-    for parts in range(min(threads, points // _SPLIT_MIN_POINTS), 1, -1):
-        if points % parts == 0:
-            return parts
-    return 1
+    return max(1, min(threads, points // _SPLIT_MIN_POINTS))
 
 
 def _sample(
