@@ -101,3 +101,33 @@ def configure_threads(requested: int | None = None) -> tuple[int, str]:
         n, how = auto_threads(), "auto: CPUs idle while starting"
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads(), how
+
+
+# glibc's mallopt parameters (malloc.h) and the size up to which freed blocks are kept
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+RETAIN_BYTES = 256 << 20
+
+
+def retain_freed_memory(limit: int = RETAIN_BYTES) -> bool:
+    """Have glibc's ``malloc`` keep freed blocks of up to ``limit`` bytes for reuse instead of
+    handing them back to the system (``mallopt``: ``M_MMAP_THRESHOLD`` and
+    ``M_TRIM_THRESHOLD``). oneDNN's convolution buffers and PyTorch's tensors are allocated and
+    freed per operation; glibc maps large blocks afresh, and the first write to each of their
+    pages is a page fault: a 5^3 convolution of 8 bfloat16 channels over 121x121x93 voxels
+    faulted in 11,700 pages every call, about 10 % of its time. With the blocks kept (2
+    threads, IXI pairs at 2 mm), DIO's feature network takes 12-15 % less time, and KeyMorph
+    20 % less (3.5 -> 2.8 s a pair) at about 140 MiB more peak memory (775 -> 914 MiB). The
+    process keeps up to ``limit`` of freed memory.
+    Off glibc, or with ``UNIREG_KEEP_FREED_MEMORY=0``, nothing changes; returns whether the
+    settings took effect."""
+    if os.environ.get("UNIREG_KEEP_FREED_MEMORY", "1").strip() == "0":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(limit))) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, int(limit))
+        )
+    except (OSError, AttributeError):  # not glibc
+        return False

@@ -57,3 +57,38 @@ def test_configure_threads_order(monkeypatch) -> None:
             cpu.configure_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def _repeat_fault_count(env: dict[str, str]) -> int:
+    """Page faults of five 64 MiB malloc / write / free rounds after a first one, in a fresh
+    process that called :func:`unireg.cpu.retain_freed_memory`."""
+    import os
+
+    code = (
+        "import ctypes, resource\n"
+        "from unireg import cpu\n"
+        "cpu.retain_freed_memory()\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "n = 64 << 20\n"
+        "def once():\n"
+        "    p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(p)\n"
+        "once()\n"
+        "f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(5): once()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_blocks_are_reused_without_new_page_faults() -> None:
+    pages = 5 * (64 << 20) // 4096
+    kept = _repeat_fault_count({})
+    returned = _repeat_fault_count({"UNIREG_KEEP_FREED_MEMORY": "0"})
+    if returned < pages // 2:
+        pytest.skip("this libc reuses large blocks by itself (not glibc's default mapping)")
+    assert kept < pages // 100  # the freed block came back, its pages already mapped

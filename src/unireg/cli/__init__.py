@@ -119,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from unireg import cpu
 
     cpu.start()  # measures how busy the CPUs are while the verb imports its libraries
+    cpu.retain_freed_memory()  # large tensors reuse freed blocks (see its docstring)
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
