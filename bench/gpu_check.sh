@@ -31,7 +31,7 @@ timeout 180 python3 -m pytest -q -p no:cacheprovider tests/methods/test_cuda.py 
 echo "cuda tests: exit $?" >> "$OUT/gpu.txt"
 EVAL=$(mktemp -d)
 timeout 180 python3 -m unireg evaluate --manifest .gpu/data/manifest.csv --dataset ixi \
-    --split test --methods sitreg keymorph dio dio:diffeo avsm unireg:affine-gn unireg:syn \
+    --split test --methods sitreg keymorph dio dio:diffeo dio:model=lku-e avsm unireg:affine-gn unireg:syn \
     --device "$DEV" --no-hd95 --quiet -o "$EVAL/eval" > "$OUT/evaluate.log" 2>&1
 echo "evaluate: exit $?" >> "$OUT/gpu.txt"
 cp "$EVAL/eval/summary.md" "$OUT/evaluate.md" 2>/dev/null
