@@ -115,12 +115,13 @@ def retain_freed_memory(limit: int = RETAIN_BYTES) -> bool:
     freed per operation; glibc maps large blocks afresh, and the first write to each of their
     pages is a page fault: a 5^3 convolution of 8 bfloat16 channels over 121x121x93 voxels
     faulted in 11,700 pages every call, about 10 % of its time. With the blocks kept (2
-    threads, IXI pairs at 2 mm), DIO's feature network takes 12-15 % less time, and KeyMorph
-    20 % less (3.5 -> 2.8 s a pair) at about 140 MiB more peak memory (775 -> 914 MiB); 30
-    steps of DIO training 11 % less (peak 1.45 -> 1.60 GB). The process keeps up to
-    ``limit`` of freed memory.
-    Off glibc, or with ``UNIREG_KEEP_FREED_MEMORY=0``, nothing changes; returns whether the
-    settings took effect."""
+    threads, the first 4 ordered IXI training pairs at 2 mm, ``unireg evaluate``): KeyMorph
+    15 % less time a pair (3.56 -> 3.04 s) at 38 % more peak memory (842 -> 1161 MiB), DIO
+    6 % less (3.74 -> 3.52 s; its network 12-15 %) at 5 % more (507 -> 530 MiB), SITReg
+    unchanged; 30 steps of DIO training 11 % less at 10 % more (1.45 -> 1.60 GB). The
+    process keeps up to ``limit`` of freed memory. Off glibc, or with
+    ``UNIREG_KEEP_FREED_MEMORY=0``, nothing changes; returns whether the settings took
+    effect."""
     if os.environ.get("UNIREG_KEEP_FREED_MEMORY", "1").strip() == "0":
         return False
     try:
@@ -132,3 +133,16 @@ def retain_freed_memory(limit: int = RETAIN_BYTES) -> bool:
         )
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+def release_freed_memory() -> None:
+    """Hand the freed heap memory that :func:`retain_freed_memory` keeps back to the system
+    (glibc ``malloc_trim``), so the resident set is what the process uses: done before a
+    block whose peak memory is measured (:class:`unireg.profiling.Measure`). A no-op off
+    glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -1,7 +1,8 @@
 """Wall time and peak memory of a block of code.
 
 CPU memory is the growth of the process's peak resident set (Linux ``VmHWM``, reset at the start
-of the block through ``/proc/self/clear_refs``) over the resident set at the start; CUDA memory
+of the block through ``/proc/self/clear_refs``) over the resident set at the start, freed heap
+memory kept for reuse first handed back (:func:`unireg.cpu.release_freed_memory`); CUDA memory
 is ``torch.cuda.max_memory_allocated`` over the block. Elsewhere the peak is not measured (None).
 """
 
@@ -49,6 +50,9 @@ class Measure:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            from unireg.cpu import release_freed_memory
+
+            release_freed_memory()  # the resident set at the start is then memory in use
             self._ok = _reset_peak()
             self._base = _status_kb("VmRSS")
         self._t0 = time.perf_counter()

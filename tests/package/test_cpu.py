@@ -92,3 +92,22 @@ def test_freed_blocks_are_reused_without_new_page_faults() -> None:
     if returned < pages // 2:
         pytest.skip("this libc reuses large blocks by itself (not glibc's default mapping)")
     assert kept < pages // 100  # the freed block came back, its pages already mapped
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and glibc's mallopt")
+def test_peak_memory_counts_a_block_allocated_again_from_kept_memory() -> None:
+    # a block that allocates 96 MiB the process had freed and kept still reports them
+    code = (
+        "import torch\n"
+        "from unireg import cpu\n"
+        "from unireg.profiling import Measure\n"
+        "cpu.retain_freed_memory()\n"
+        "x = torch.ones(24 << 20); del x\n"  # 96 MiB, freed and kept
+        "with Measure('cpu') as m:\n"
+        "    x = torch.ones(24 << 20); del x\n"
+        "print(m.peak_bytes)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    peak = int(out.stdout.split()[-1])
+    assert peak >= 90 << 20
