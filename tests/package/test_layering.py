@@ -15,7 +15,8 @@ SRC = Path(unireg.__file__).resolve().parent
 # lowest first; a module may import its own layer's package and any layer below
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
-    ("unireg", "profiling", "cpu", "demo_data"),
+    ("cpu",),  # the C library's and the machine's settings, imports nothing of unireg
+    ("unireg", "profiling", "demo_data"),
     ("spatial",),
     ("io",),
     ("result", "losses"),
