@@ -11,6 +11,7 @@ Imports nothing heavy: :func:`start` runs before torch is imported.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 
@@ -122,17 +123,12 @@ def retain_freed_memory(limit: int = RETAIN_BYTES) -> bool:
     process keeps up to ``limit`` of freed memory. Off glibc, or with
     ``UNIREG_KEEP_FREED_MEMORY=0``, nothing changes; returns whether the settings took
     effect."""
-    if os.environ.get("UNIREG_KEEP_FREED_MEMORY", "1").strip() == "0":
+    libc = _glibc()
+    if libc is None or os.environ.get("UNIREG_KEEP_FREED_MEMORY", "1").strip() == "0":
         return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(limit))) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, int(limit))
-        )
-    except (OSError, AttributeError):  # not glibc
-        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(limit))) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, int(limit))
+    )
 
 
 def release_freed_memory() -> None:
@@ -140,9 +136,22 @@ def release_freed_memory() -> None:
     (glibc ``malloc_trim``), so the resident set is what the process uses: done before a
     block whose peak memory is measured (:class:`unireg.profiling.Measure`). A no-op off
     glibc."""
-    try:
-        import ctypes
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+
+_LIBC: list[ctypes.CDLL | None] = []  # the C library once looked up: [glibc] or [None]
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc through ctypes (its ``mallopt`` and ``malloc_trim``), or None elsewhere."""
+    if not _LIBC:
+        try:
+            libc: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
+        except OSError:  # not Linux, or not glibc
+            libc = None
+        if libc is not None and not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+            libc = None
+        _LIBC.append(libc)
+    return _LIBC[0]
