@@ -214,11 +214,35 @@ def test_register_avsm_writes_a_world_transform_and_its_inverse(tmp_path):
         register_avsm(fixed, moving, model=net, checkpoint=_checkpoint(), stage="rigid")
 
 
+def test_a_linear_stage_first_places_the_moving_grid_by_its_map(tmp_path):
+    # with the identity network (untrained, scale 0) the result is the linear stage's map
+    # itself: the moving network grid is the fixed one carried into the moving image by it,
+    # and the network's (identity) affine composes with it
+    from unireg.methods.stages import affine_stage
+
+    _tiny_manifest(tmp_path)
+    fixed, moving = load_image(tmp_path / "s0.nii.gz"), load_image(tmp_path / "s1.nii.gz")
+    net = _model(scale=0.0)
+    pre = affine_stage(fixed, moving, "rigid", "fast", torch.device("cpu")).matrix.numpy()
+    assert not np.allclose(pre, np.eye(4), atol=1e-2)  # the stage moved something
+    res = register_avsm(fixed, moving, model=net, checkpoint=_checkpoint(), stage="affine",
+                        affine="rigid")  # fmt: skip
+    np.testing.assert_allclose(res.transform.matrix.numpy(), pre, atol=1e-4)
+    grid_f, grid_m = res.extras.network_grids
+    np.testing.assert_allclose(grid_m.affine, pre @ grid_f.affine, atol=1e-6)
+    assert "after rigid" in res.extras.method
+    # without the stage the grids are each centred on their own head
+    plain = register_avsm(fixed, moving, model=net, checkpoint=_checkpoint(), stage="affine")
+    assert not np.allclose(plain.transform.matrix.numpy(), pre, atol=1e-2)
+
+
 def test_options_spec_strings():
     entry, opts = registry.parse_spec("avsm:affine:affine_steps=3")
     assert entry.name == "avsm" and opts.stage == "affine" and opts.affine_steps == 3
     assert registry.parse_spec("avsm:vsvf_steps=3")[1].vsvf_steps == 3
-    for bad in ("avsm:rigid", "avsm:vsvf_steps=0", "avsm:affine_steps=x"):
+    assert registry.parse_spec("avsm:affine:affine=rigid")[1].affine == "rigid"
+    assert registry.parse_spec("avsm")[1].affine == "none"  # the published method by default
+    for bad in ("avsm:rigid", "avsm:vsvf_steps=0", "avsm:affine_steps=x", "avsm:affine=twist"):
         with pytest.raises(OptionError):
             registry.parse_spec(bad)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unireg.methods.base import MethodEntry, MethodOptions, lazy_exports, model_option, option
+from unireg.methods.solver import AFFINE_STAGES, preset_option
 
 STAGES = ("full", "affine")
 
@@ -43,6 +44,13 @@ class AVSMOptions(MethodOptions):
         help="avsm: vSVF passes, each on the previous result (default: the passes the model "
         "was trained with)",
     )  # fmt: skip
+    affine: str = option(
+        "none", choices=AFFINE_STAGES, flag="--affine-stage",
+        help="avsm: a linear stage on the intensities before the affine network ('none': the "
+        "published method; 'rigid' or 'keymorph' for heads turned far from each other); its "
+        "map places the moving image's network grid",
+    )  # fmt: skip
+    preset: str = preset_option()
     model: str | None = model_option()
 
 

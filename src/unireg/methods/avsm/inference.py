@@ -20,9 +20,10 @@ from unireg.methods.pipeline import (
     network_grid,
     network_input,
 )
+from unireg.methods.stages import affine_stage
 from unireg.profiling import Measure
 from unireg.result import AVSMExtras, RegistrationResult
-from unireg.spatial.geometry import world_map_matrix
+from unireg.spatial.geometry import Geometry, world_map_matrix
 from unireg.spatial.transform import AffineTransform, Transform
 from unireg.training.checkpoint import Checkpoint
 
@@ -40,12 +41,18 @@ def register_avsm(
     stage: str = "full",
     affine_steps: int | None = None,
     vsvf_steps: int | None = None,
+    affine: str = "none",
+    preset: str = "fast",
     device: torch.device | str = "cpu",
 ) -> RegistrationResult:
     """Register raw ``moving`` onto ``fixed`` with a trained ``model`` and its ``checkpoint``.
 
     1. Each image on the network's grid ``G`` (its training spacing and shape, RAS axes)
-       centred on its own head's centre of mass, intensities in [0, 1].
+       centred on its own head's centre of mass, intensities in [0, 1]. With a linear stage
+       first (``affine``: ``rigid``, ``affine``, ``affine-gn`` or ``keymorph``, with
+       ``preset``; see :func:`unireg.methods.stages.affine_stage`), the moving image's grid is
+       instead the fixed grid carried into it by that stage's map ``P``, so the network sees
+       the moving head turned onto the fixed one, and ``A`` below includes ``P``.
     2. ``affine_steps`` recurrent affine steps (default: the steps the model's vSVF stage
        was trained after, ``affine_test_steps``; 7 when the checkpoint does not say): ``A``, a
        world affine (fixed world -> moving world, mm), written as the transform when
@@ -60,7 +67,8 @@ def register_avsm(
     """
     return register_avsm_many(
         [(fixed, moving)], model=model, checkpoint=checkpoint, stage=stage,
-        affine_steps=affine_steps, vsvf_steps=vsvf_steps, device=device,
+        affine_steps=affine_steps, vsvf_steps=vsvf_steps, affine=affine, preset=preset,
+        device=device,
     )[0]  # fmt: skip
 
 
@@ -72,6 +80,8 @@ def register_avsm_many(
     stage: str = "full",
     affine_steps: int | None = None,
     vsvf_steps: int | None = None,
+    affine: str = "none",
+    preset: str = "fast",
     device: torch.device | str = "cpu",
 ) -> list[RegistrationResult]:
     """:func:`register_avsm` for several ``(fixed, moving)`` pairs with one network pass:
@@ -92,7 +102,12 @@ def register_avsm_many(
     with Measure(dev) as whole:
         for fixed, moving in pairs:
             t0 = time.perf_counter()
-            grid_f, grid_m = network_grid(checkpoint, fixed), network_grid(checkpoint, moving)
+            grid_f = network_grid(checkpoint, fixed)
+            if affine == "none":
+                grid_m = network_grid(checkpoint, moving)
+            else:  # the fixed grid carried into the moving image by the linear stage's map
+                pre = affine_stage(fixed, moving, affine, preset, dev).matrix.double().numpy()
+                grid_m = Geometry(grid_f.shape, pre @ grid_f.affine)
             xf, xm = network_input(fixed, grid_f), network_input(moving, grid_m)
             d = fixed.ndim
             # the parameter frame: the network grid's axes and spacing, the same for every
@@ -133,7 +148,8 @@ def register_avsm_many(
             warped = resample(moving, fixed.geometry, transform)
             t3 = time.perf_counter()
             extras = AVSMExtras(
-                method=f"avsm ({stage}: {n_affine} affine steps, {n_vsvf} vSVF passes)",
+                method=f"avsm ({stage}: {n_affine} affine steps, {n_vsvf} vSVF passes"
+                + ("" if affine == "none" else f", after {affine}") + ")",
                 matrix=linear.matrix.numpy(), stage=stage, affine_steps=n_affine,
                 vsvf_steps=n_vsvf, network_grids=(grid_f, grid_m), network_fields=fields,
                 stage_seconds={"inputs": own, "network": share, "transform": t3 - t2},
@@ -158,7 +174,8 @@ class AVSMMethod(LearnedMethod):
         assert isinstance(self.model, AVSM)
         return register_avsm(
             fixed, moving, model=self.model, checkpoint=self.checkpoint, stage=o.stage,
-            affine_steps=o.affine_steps, vsvf_steps=o.vsvf_steps, device=self.device,
+            affine_steps=o.affine_steps, vsvf_steps=o.vsvf_steps, affine=o.affine,
+            preset=o.preset, device=self.device,
         )  # fmt: skip
 
     def register_many(self, pairs: Sequence[tuple[Image, Image]]) -> list[RegistrationResult]:
@@ -168,5 +185,6 @@ class AVSMMethod(LearnedMethod):
         assert isinstance(self.model, AVSM)
         return register_avsm_many(
             pairs, model=self.model, checkpoint=self.checkpoint, stage=o.stage,
-            affine_steps=o.affine_steps, vsvf_steps=o.vsvf_steps, device=self.device,
+            affine_steps=o.affine_steps, vsvf_steps=o.vsvf_steps, affine=o.affine,
+            preset=o.preset, device=self.device,
         )  # fmt: skip
