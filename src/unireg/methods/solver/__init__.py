@@ -30,7 +30,8 @@ def preset_option() -> Any:
     """The ``preset`` option of the solvers and of the solver stages other methods run."""
     return option(
         "fast", choices=PRESETS,
-        help="solvers: the preset (pyramid and iterations); sitreg: that of its affine stage",
+        help="solvers: the preset (pyramid and iterations); sitreg, dio, avsm: that of their "
+        "linear stage",
     )  # fmt: skip
 
 
