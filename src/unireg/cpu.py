@@ -12,6 +12,7 @@ Imports nothing heavy: :func:`start` runs before torch is imported.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import time
 
@@ -141,17 +142,12 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-_LIBC: list[ctypes.CDLL | None] = []  # the C library once looked up: [glibc] or [None]
-
-
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """glibc through ctypes (its ``mallopt`` and ``malloc_trim``), or None elsewhere."""
-    if not _LIBC:
-        try:
-            libc: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
-        except OSError:  # not Linux, or not glibc
-            libc = None
-        if libc is not None and not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
-            libc = None
-        _LIBC.append(libc)
-    return _LIBC[0]
+    """glibc through ctypes (its ``mallopt`` and ``malloc_trim``), or None elsewhere; looked
+    up once."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not Linux, or not glibc
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
