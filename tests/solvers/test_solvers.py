@@ -688,7 +688,8 @@ def test_masks_and_label_prompts_match_levels_made_octave_by_octave():
 
 def test_deformable_iterations_replace_the_preset_levels():
     """``iterations`` (1/4, 1/2, full resolution; 0 skips a level) sets the deformable stage's
-    levels: the fast preset's own counts give its stages, a full-resolution level runs where
+    levels: the fast preset's own counts give its stages (greedy syn with a short full-resolution
+    level on grids of 1.5 mm or coarser), a full-resolution level runs where
     asked, and linear methods and malformed counts are refused."""
     from conftest import demo_brains
 
@@ -697,9 +698,18 @@ def test_deformable_iterations_replace_the_preset_levels():
     from unireg.solvers.solver import Level
 
     shape = (120, 120, 90)
-    assert preset_stages("syn", shape=shape, iterations=(80, 40, 0)) == preset_stages(
-        "syn", shape=shape
+    # the fast greedy syn: a short full-resolution level on 1.5 mm grids or coarser only
+    assert preset_stages("syn", shape=shape, iterations=(60, 10, 2)) == preset_stages(
+        "syn", shape=shape, spacing=(2.0, 2.0, 2.0)
     )
+    fine = (240, 240, 180)
+    assert preset_stages("syn", shape=fine, iterations=(80, 40, 0)) == preset_stages(
+        "syn", shape=fine, spacing=(1.0, 1.0, 1.0)
+    )
+    for other in (dict(method="ffd"), dict(method="syn", deformable="svf")):
+        assert preset_stages(**other, shape=shape, iterations=(80, 40, 0)) == preset_stages(
+            **other, shape=shape, spacing=(2.0, 2.0, 2.0)
+        )
     dense = preset_stages("ffd", shape=shape, iterations=(60, 0, 5))[-1]
     assert dense.levels == [Level(4, 60), Level(1, 5)]
     with pytest.raises(ValueError, match="affine has none"):

@@ -82,6 +82,15 @@ _DENSE_LEVELS = {
     "fast": [(4, 80), (2, 40)],  # the full-resolution field is the level-2 one upsampled
     "accurate": [(4, 100), (2, 60), (1, 20)],
 }
+# syn's fast greedy LNCC stage on grids of COARSE_GRID_MM voxels or coarser: two iterations at
+# full resolution after a shorter 1/2 level. Chosen on 12 ordered IXI training pairs (2 mm)
+# under five shifts by a rule fixed beforehand (at most 1.15x the time, no group 0.002 below
+# 80,40,0; the fastest within 0.003 of the best): mean Dice 0.712 -> 0.732, self-warp end-point
+# error 0.38 -> 0.27 mm (0.52 -> 0.30 brain-extracted), 1.09x the time. Finer grids keep
+# 80,40,0, whose 1/2 level is already as fine in mm (the rule measured 2 mm grids only).
+_SYN_FAST_LEVELS = [(4, 60), (2, 10), (1, 2)]
+# voxels of at least this size (mm): LNCC window 5 (else 7) and syn's fast full-resolution level
+COARSE_GRID_MM = 1.5
 
 
 # the LNCC stages (linear refinement and deformable) compare the images over the fixed image's
@@ -126,11 +135,14 @@ def preset_stages(
     deformable: str = "greedy",
     window: int = 5,
     iterations: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> list[Stage]:
     """The stages of a named method and preset (see the module docstring), with the pyramid
     fitted to the fixed image ``shape`` when given (see :func:`fit_levels`). ``iterations``
     (three counts for 1/4, 1/2 and full resolution; 0 skips a level) replaces the preset's
-    levels of the deformable stage."""
+    levels of the deformable stage. ``spacing`` is the fixed voxel size (mm): the fast
+    greedy ``syn`` adds a short full-resolution level on grids of at least
+    :data:`COARSE_GRID_MM` (or when it is not given)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if method == "affine-gn":
@@ -170,6 +182,9 @@ def preset_stages(
             raise ValueError(f"iterations set the deformable stage's levels; {method} has none")
         return linear
     dense_levels = _DENSE_LEVELS[preset]
+    coarse_grid = spacing is None or min(spacing) >= COARSE_GRID_MM
+    if method == "syn" and deformable == "greedy" and preset == "fast" and coarse_grid:
+        dense_levels = _SYN_FAST_LEVELS
     if multimodal and preset == "fast":  # dense MI costs ~5x LNCC per voxel: fewer fine steps
         dense_levels = [(4, 80), (2, 15)]
     if iterations is not None:
@@ -400,10 +415,11 @@ def register(
     name = method if stages is None else "custom stages"
     named = stages is None
     if stages is None:
-        window = 5 if min(fixed.spacing) >= 1.5 else 7
+        window = 5 if min(fixed.spacing) >= COARSE_GRID_MM else 7
         stages = preset_stages(
             method, preset, shape=fixed.shape, multimodal=multimodal, init=init,
             deformable=deformable, window=window, iterations=iterations,
+            spacing=fixed.spacing,
         )  # fmt: skip
     prompts: list[LabelPrompt | LandmarkPrompt] = []
     if label_weight > 0:
