@@ -3,6 +3,7 @@ model, prompts that change the objective, options, the CLI contract and training
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -75,6 +76,25 @@ def test_merged_blocks_give_the_same_features(backbone):
         assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
         changed = any(m.merged is not None for m in merged.modules() if hasattr(m, "k5"))
         assert changed == backbone.startswith("lku")
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_a_channels_last_trunk_gives_the_same_features_in_the_default_layout(backbone):
+    # the CPU inference layout: the trunk's weights and input channels-last, its levels and
+    # the heads' features back in the default layout; 2D networks are left as they are
+    torch.manual_seed(0)
+    net = FeatureNet(3, (3, 4, 6), 5, backbone).merged()
+    fast = copy.deepcopy(net).channels_last()
+    assert fast.is_channels_last and not net.is_channels_last
+    assert fast.stem[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    x = torch.rand(1, 1, 13, 11, 9)
+    with torch.no_grad():
+        a, b = net(x), fast(x)
+    for factor in a:
+        assert b[factor].stride() == a[factor].stride()
+        torch.testing.assert_close(b[factor], a[factor], rtol=1e-5, atol=1e-5)
+    flat = FeatureNet(2, (3, 4, 6), 5, backbone).merged().channels_last()
+    assert not flat.is_channels_last
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

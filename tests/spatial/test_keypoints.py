@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import gaussian_blob
 
 from unireg.spatial import fit_affine, fit_rigid, fit_tps, random_affine, transform_points
@@ -186,10 +187,20 @@ def test_map_upsampling_keeps_each_centre_of_mass_and_aligns_features(d):
     com = CenterOfMass()
     assert torch.allclose(com(up, fine), com(maps, coarse), atol=1e-7)  # eps of the layer
     assert torch.equal(up[(..., *[slice(1, None, 2)] * d)], maps)
-    for parent in ([2 * n for n in shape], [2 * n - 1 for n in shape]):
+    mode = "bilinear" if d == 2 else "trilinear"
+    inner = F.interpolate(maps, size=[2 * n - 1 for n in shape], mode=mode, align_corners=True)
+    mixed = [2 * n - (i % 2) for i, n in enumerate(shape)]
+    for parent in ([2 * n for n in shape], [2 * n - 1 for n in shape], mixed):
         feat = upsample_strided(maps, parent)
         assert feat.shape[2:] == tuple(parent)
         assert torch.allclose(feat[(..., *[slice(0, None, 2)] * d)], maps)
+        # linear interpolation at coarse j / 2, the edge repeated past the last coarse voxel
+        pads = [
+            p
+            for n, m in zip(reversed(parent), reversed(inner.shape[2:]), strict=True)
+            for p in (0, n - m)
+        ]
+        assert torch.allclose(feat, F.pad(inner, pads, mode="replicate"), atol=1e-12)
     with pytest.raises(ValueError, match="stride-2 parent grid"):
         upsample_strided(maps, [2 * n + 1 for n in shape])
 

@@ -224,6 +224,8 @@ class DIOMethod:
         model, self.checkpoint = load_model(entry.name, options.model, device=self.device)
         assert isinstance(model, FeatureNet)
         self.model = model.merged()
+        if self.device.type == "cpu":
+            self.model.channels_last()
 
     def register(
         self,

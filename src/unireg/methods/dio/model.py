@@ -125,6 +125,7 @@ class FeatureNet(nn.Module):
         if len(channels) != 3:
             raise ValueError(f"give 3 channel widths (full, 1/2, 1/4), got {list(channels)}")
         self.is_merged = False
+        self.is_channels_last = False
         self.config: dict[str, Any] = {"ndim": ndim, "channels": [int(c) for c in channels],
                                        "features": int(features), "backbone": backbone}  # fmt: skip
         large = backbone.startswith("lku")
@@ -160,6 +161,18 @@ class FeatureNet(nn.Module):
         net.is_merged = True
         return net
 
+    def channels_last(self) -> FeatureNet:
+        """Lay the trunk's 3D convolution weights out channels-last, in place (the heads keep
+        theirs); :meth:`trunk` then lays its input out so too and returns its levels in the
+        default layout. oneDNN's CPU convolutions run about a quarter faster so (the same
+        features to float rounding). A 2D network is returned unchanged."""
+        if self.config["ndim"] == 3:
+            for name, module in self.named_children():
+                if name != "heads":
+                    module.to(memory_format=torch.channels_last_3d)
+            self.is_channels_last = True
+        return self
+
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FeatureNet:
         """The network a checkpoint's ``model_config`` describes."""
@@ -189,6 +202,8 @@ class FeatureNet(nn.Module):
         for n, m in zip(reversed(shape), reversed(padded), strict=True):
             pads += [0, m - n]
         x = F.pad(image, pads)
+        if self.is_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         e0 = self.enc0(self.stem(x))
         e1 = self.enc1(self.down1(e0))
         e2 = self.enc2(self.down2(e1))
@@ -200,7 +215,7 @@ class FeatureNet(nn.Module):
                 up = upsample_strided(e1, e0.shape[2:])
                 e0 = self.dec0(self.fuse0(torch.cat([up, e0], 1)))
         levels = dict(zip(FACTORS, (e2, e1, e0), strict=True))
-        return Trunk({float(f): levels[float(f)] for f in factors}, shape, padded)
+        return Trunk({float(f): levels[float(f)].contiguous() for f in factors}, shape, padded)
 
     def head(
         self,
