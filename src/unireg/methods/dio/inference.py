@@ -224,8 +224,11 @@ class DIOMethod:
         model, self.checkpoint = load_model(entry.name, options.model, device=self.device)
         assert isinstance(model, FeatureNet)
         self.model = model.merged()
-        if self.device.type == "cpu":
-            self.model.channels_last()
+        if (
+            self.device.type == "cpu"
+            and trunk_dtype(options.precision, self.device) == torch.bfloat16
+        ):
+            self.model.channels_last()  # faster in bfloat16 (in float32 a little slower)
 
     def register(
         self,
