@@ -688,9 +688,9 @@ def test_masks_and_label_prompts_match_levels_made_octave_by_octave():
 
 def test_deformable_iterations_replace_the_preset_levels():
     """``iterations`` (1/4, 1/2, full resolution; 0 skips a level) sets the deformable stage's
-    levels: the fast preset's own counts give its stages (greedy syn with a short full-resolution
-    level on grids of 1.5 mm or coarser), a full-resolution level runs where
-    asked, and linear methods and malformed counts are refused."""
+    levels: the fast preset's own counts give its stages (syn, bspline and ffd end with a
+    short full-resolution level on grids of 1.5 mm or coarser), a full-resolution level runs
+    where asked, and linear methods and malformed counts are refused."""
     from conftest import demo_brains
 
     from unireg.methods import registry
@@ -698,17 +698,19 @@ def test_deformable_iterations_replace_the_preset_levels():
     from unireg.solvers.solver import Level
 
     shape = (120, 120, 90)
-    # the fast greedy syn: a short full-resolution level on 1.5 mm grids or coarser only
-    assert preset_stages("syn", shape=shape, iterations=(60, 10, 2)) == preset_stages(
-        "syn", shape=shape, spacing=(2.0, 2.0, 2.0)
-    )
+    # the fast LNCC stages: a short full-resolution level on 1.5 mm grids or coarser only
     fine = (240, 240, 180)
-    assert preset_stages("syn", shape=fine, iterations=(80, 40, 0)) == preset_stages(
-        "syn", shape=fine, spacing=(1.0, 1.0, 1.0)
-    )
-    for other in (dict(method="ffd"), dict(method="syn", deformable="svf")):
-        assert preset_stages(**other, shape=shape, iterations=(80, 40, 0)) == preset_stages(
-            **other, shape=shape, spacing=(2.0, 2.0, 2.0)
+    for method, levels in [("syn", (60, 10, 2)), ("bspline", (60, 10, 3)), ("ffd", (80, 10, 1))]:
+        assert preset_stages(method, shape=shape, iterations=levels) == preset_stages(
+            method, shape=shape, spacing=(2.0, 2.0, 2.0)
+        )
+        assert preset_stages(method, shape=fine, iterations=(80, 40, 0)) == preset_stages(
+            method, shape=fine, spacing=(1.0, 1.0, 1.0)
+        )
+    for other in (dict(deformable="svf"), dict(multimodal=True)):
+        assert (
+            preset_stages("syn", **other, shape=shape, spacing=(2.0, 2.0, 2.0))[-1].levels
+            == preset_stages("syn", **other, shape=fine, spacing=(1.0, 1.0, 1.0))[-1].levels
         )
     dense = preset_stages("ffd", shape=shape, iterations=(60, 0, 5))[-1]
     assert dense.levels == [Level(4, 60), Level(1, 5)]

@@ -82,14 +82,21 @@ _DENSE_LEVELS = {
     "fast": [(4, 80), (2, 40)],  # the full-resolution field is the level-2 one upsampled
     "accurate": [(4, 100), (2, 60), (1, 20)],
 }
-# syn's fast greedy LNCC stage on grids of COARSE_GRID_MM voxels or coarser: two iterations at
-# full resolution after a shorter 1/2 level. Chosen on 12 ordered IXI training pairs (2 mm)
-# under five shifts by a rule fixed beforehand (at most 1.15x the time, no group 0.002 below
-# 80,40,0; the fastest within 0.003 of the best): mean Dice 0.712 -> 0.732, self-warp end-point
-# error 0.38 -> 0.27 mm (0.52 -> 0.30 brain-extracted), 1.09x the time. Finer grids keep
-# 80,40,0, whose 1/2 level is already as fine in mm (the rule measured 2 mm grids only).
-_SYN_FAST_LEVELS = [(4, 60), (2, 10), (1, 2)]
-# voxels of at least this size (mm): LNCC window 5 (else 7) and syn's fast full-resolution level
+# the fast deformable LNCC stages on grids of COARSE_GRID_MM voxels or coarser end with a few
+# full-resolution iterations after a shorter 1/2 level. Chosen per method on 12 ordered IXI
+# training pairs (2 mm) under five shifts by rules fixed beforehand (at most 1.15x the time of
+# 80,40,0, no group 0.002 Dice below it, no more folding; the fastest within 0.003 of the
+# best): greedy syn mean Dice 0.712 -> 0.732, self-warp end-point error 0.38 -> 0.27 mm (0.52 ->
+# 0.30 brain-extracted), 1.09x the time; bspline 0.706 -> 0.728, 0.55 -> 0.37 mm, folding
+# 0.74 -> 0.27 % of inter-subject grids, 0.97x the time; ffd 0.714 -> 0.730, 0.52 -> 0.38 mm,
+# 1.08x the time. Finer grids keep 80,40,0, whose 1/2
+# level is already as fine in mm (the rules measured 2 mm grids only).
+_FAST_FULL_LEVELS = {
+    "syn": [(4, 60), (2, 10), (1, 2)],
+    "bspline": [(4, 60), (2, 10), (1, 3)],
+    "ffd": [(4, 80), (2, 10), (1, 1)],
+}
+# voxels of at least this size (mm): LNCC window 5 (else 7) and the fast full-resolution levels
 COARSE_GRID_MM = 1.5
 
 
@@ -141,8 +148,8 @@ def preset_stages(
     fitted to the fixed image ``shape`` when given (see :func:`fit_levels`). ``iterations``
     (three counts for 1/4, 1/2 and full resolution; 0 skips a level) replaces the preset's
     levels of the deformable stage. ``spacing`` is the fixed voxel size (mm): the fast
-    greedy ``syn`` adds a short full-resolution level on grids of at least
-    :data:`COARSE_GRID_MM` (or when it is not given)."""
+    greedy ``syn``, ``bspline`` and ``ffd`` end with a short full-resolution level on grids of
+    at least :data:`COARSE_GRID_MM` (or when it is not given)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if method == "affine-gn":
@@ -183,8 +190,9 @@ def preset_stages(
         return linear
     dense_levels = _DENSE_LEVELS[preset]
     coarse_grid = spacing is None or min(spacing) >= COARSE_GRID_MM
-    if method == "syn" and deformable == "greedy" and preset == "fast" and coarse_grid:
-        dense_levels = _SYN_FAST_LEVELS
+    greedy_or_other = method != "syn" or deformable == "greedy"
+    if preset == "fast" and coarse_grid and greedy_or_other and method in _FAST_FULL_LEVELS:
+        dense_levels = _FAST_FULL_LEVELS[method]
     if multimodal and preset == "fast":  # dense MI costs ~5x LNCC per voxel: fewer fine steps
         dense_levels = [(4, 80), (2, 15)]
     if iterations is not None:

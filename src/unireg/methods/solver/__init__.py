@@ -67,8 +67,8 @@ class SolverOptions(MethodOptions):
         None,
         help="syn, bspline, ffd: the deformable stage's iteration caps at 1/4, 1/2 and full "
         "resolution (0 skips a level; each stops early when the similarity no longer "
-        "improves); default: the preset's (fast 80,40,0, and 60,10,2 for syn on grids of "
-        "1.5 mm or coarser; accurate 100,60,20)",
+        "improves); default: the preset's (fast 80,40,0; on grids of 1.5 mm or coarser "
+        "syn 60,10,2, bspline 60,10,3, ffd 80,10,1; accurate 100,60,20)",
     )  # fmt: skip
 
     def check(self, where: str = "", method: str = "") -> None:
