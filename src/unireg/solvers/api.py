@@ -89,8 +89,8 @@ _DENSE_LEVELS = {
 # best): greedy syn mean Dice 0.712 -> 0.732, self-warp end-point error 0.38 -> 0.27 mm (0.52 ->
 # 0.30 brain-extracted), 1.09x the time; bspline 0.706 -> 0.728, 0.55 -> 0.37 mm, folding
 # 0.74 -> 0.27 % of inter-subject grids, 0.97x the time; ffd 0.714 -> 0.730, 0.52 -> 0.38 mm,
-# 1.08x the time. Finer grids keep 80,40,0, whose 1/2
-# level is already as fine in mm (the rules measured 2 mm grids only).
+# 1.08x the time. Finer grids and syn's SVF keep 80,40,0, multimodal stages their own levels
+# (a finer grid's 1/2 level is already as fine in mm; the rules measured LNCC on 2 mm grids).
 _FAST_FULL_LEVELS = {
     "syn": [(4, 60), (2, 10), (1, 2)],
     "bspline": [(4, 60), (2, 10), (1, 3)],
@@ -190,8 +190,8 @@ def preset_stages(
         return linear
     dense_levels = _DENSE_LEVELS[preset]
     coarse_grid = spacing is None or min(spacing) >= COARSE_GRID_MM
-    greedy_or_other = method != "syn" or deformable == "greedy"
-    if preset == "fast" and coarse_grid and greedy_or_other and method in _FAST_FULL_LEVELS:
+    svf = method == "syn" and deformable == "svf"
+    if preset == "fast" and coarse_grid and not svf and method in _FAST_FULL_LEVELS:
         dense_levels = _FAST_FULL_LEVELS[method]
     if multimodal and preset == "fast":  # dense MI costs ~5x LNCC per voxel: fewer fine steps
         dense_levels = [(4, 80), (2, 15)]
