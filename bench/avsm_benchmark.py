@@ -15,6 +15,11 @@ against ANTs SyN is `bench/registration_benchmark.py`; see docs/methods/avsm.md)
     python bench/avsm_benchmark.py cycle [--model M ...]
         # consistency in mm on the IXI test pairs: each registration's transform against its
         # own inverse, and against the registration run the other way (cycle), per model
+    python bench/avsm_benchmark.py heldout -o DIR [--subjects synthseg_13 ...]
+        # a validation set for a run that keeps those SynthSeg training maps out
+        # (`exclude_subjects`): from each, one image of random contrast (seeded, the real
+        # anatomy) on a 2 mm grid with its brain label map, and DIR/pairs.csv of every ordered
+        # pair, for `unireg evaluate --pairs DIR/pairs.csv`
 
 Needs ../shared/data (or $UNIREG_SHARED_DATA), and antspyx for `command`. Thread count:
 OMP_NUM_THREADS / torch's from --threads; the numbers in the docs were taken with --threads 2
@@ -104,6 +109,45 @@ def steps(models: list[str], count: int) -> None:
         print(f"{model or 'default'}: highest mean Dice with {best} steps")
 
 
+def heldout(subjects: list[str], out: Path, seed: int) -> None:
+    import torch
+    from dio_benchmark import DATA
+
+    from unireg.data.synthesis import LabelSynthesis
+    from unireg.io.image import Image, load_labels, resample, save_image
+    from unireg.spatial.filters import gaussian_blur
+    from unireg.spatial.geometry import Geometry
+    from unireg.training.base import _SYNTHSEG_NON_BRAIN
+
+    rows = {r.split(",")[1]: r.split(",") for r in (DATA / "manifest.csv").read_text().split()}
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, subject in enumerate(subjects):
+        if subject not in rows or rows[subject][0] != "synthseg":
+            raise SystemExit(f"{subject}: not a SynthSeg subject of {DATA / 'manifest.csv'}")
+        labels = load_labels(DATA / rows[subject][4])
+        drawn = LabelSynthesis(deformation=0.0)(labels.data[None].long(), seed=seed + i)
+        # 2 mm voxels, each over 2^3 of the 1 mm ones; blurred first (FWHM 2 mm)
+        scale = np.diag([2.0, 2.0, 2.0, 1.0])
+        scale[:3, 3] = 0.5
+        grid = Geometry(tuple(n // 2 for n in labels.shape), labels.affine @ scale)
+        smooth = gaussian_blur(drawn["image"].float(), 0.85)[0]
+        image = resample(Image(smooth, labels.affine), grid)
+        brain = resample(labels, grid)
+        data = brain.data.clone()
+        data[torch.isin(data, torch.tensor(sorted(_SYNTHSEG_NON_BRAIN)))] = 0
+        paths = (out / f"{subject}.nii.gz", out / f"{subject}_labels.nii.gz")
+        save_image(image, paths[0])
+        save_image(brain.with_data(data, grid.affine), paths[1])
+        written.append(paths)
+        print(f"{subject}: {paths[0]}", flush=True)
+    lines = ["fixed,moving,fixed_labels,moving_labels"]
+    for (fi, fl), (mi, ml) in ((a, b) for a in written for b in written if a != b):
+        lines.append(f"{fi.resolve()},{mi.resolve()},{fl.resolve()},{ml.resolve()}")
+    (out / "pairs.csv").write_text("\n".join(lines) + "\n")
+    print(f"{out / 'pairs.csv'}: {len(lines) - 1} ordered pairs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -117,6 +161,12 @@ def main() -> None:
     p = sub.add_parser("cycle")
     p.add_argument("--model", nargs="+", default=[""])
     p.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("heldout")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--subjects", nargs="+", default=["synthseg_13", "synthseg_14",
+                                                     "synthseg_15"])  # fmt: skip
+    p.add_argument("--seed", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     import torch
 
@@ -125,6 +175,8 @@ def main() -> None:
         command(args.method, args.threads)
     elif args.what == "steps":
         steps(args.model, args.pairs)
+    elif args.what == "heldout":
+        heldout(args.subjects, args.output, args.seed)
     else:
         cycle(args.model)
 

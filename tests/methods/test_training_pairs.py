@@ -81,3 +81,15 @@ def test_keymorph_refuses_same_subject_pairs(tmp_path):
 
     with pytest.raises(ValueError, match="same_subject_probability is for the deformable"):
         _tiny_config(tmp_path, "km", same_subject_probability=0.5)
+
+
+def test_excluded_subjects_are_left_out_of_the_run_and_unknown_ones_are_refused(tmp_path):
+    """``exclude_subjects`` holds subjects out (for validation): they are never loaded, so no
+    pair can draw them; a name that is not a training volume is an error naming it."""
+    trainer = _trainer(tmp_path, "held", exclude_subjects=["s1"])
+    assert sorted(it["subject"] for it in trainer.volumes.items) == ["s0", "s2"]
+    g = torch.Generator().manual_seed(0)
+    drawn = {it["subject"] for _ in range(20) for it in trainer._pair_items(g)}
+    assert drawn == {"s0", "s2"}
+    with pytest.raises(ValueError, match="s9"):
+        _trainer(tmp_path, "bad", exclude_subjects=["s9"])

@@ -51,6 +51,9 @@ class TrainConfig:
     manifest: str = "../shared/data/manifest.csv"
     datasets: list[str] = field(default_factory=lambda: ["ixi", "synthseg"])
     split: str = "train"
+    # subjects of those datasets kept out of the run (manifest `subject` names): held out
+    # for validating it
+    exclude_subjects: list[str] = field(default_factory=list)
     spacing_mm: float = 2.0
     shape: list[int] = field(default_factory=lambda: [96, 112, 96])
     cache_dir: str = ""
@@ -189,6 +192,13 @@ class TrainingVolumes:
             if e.dataset in cfg.datasets and e.split == cfg.split and e.labels is not None
             and (e.dataset != "ixi" or e.modality == "T1")
         ]  # fmt: skip
+        unknown = set(cfg.exclude_subjects) - {e.subject for e in entries}
+        if unknown:
+            raise ValueError(
+                f"{cfg.manifest}: exclude_subjects names no {cfg.split} volume of "
+                f"{cfg.datasets}: {sorted(unknown)}"
+            )
+        entries = [e for e in entries if e.subject not in set(cfg.exclude_subjects)]
         if not entries:
             raise ValueError(f"{cfg.manifest}: no {cfg.split} volumes of {cfg.datasets}")
         ds = VolumeDataset(entries, cfg.preprocessing(), cfg.cache_dir or None)
