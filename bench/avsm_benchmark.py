@@ -17,9 +17,9 @@ against ANTs SyN is `bench/registration_benchmark.py`; see docs/methods/avsm.md)
         # own inverse, and against the registration run the other way (cycle), per model
     python bench/avsm_benchmark.py heldout -o DIR [--subjects synthseg_13 ...]
         # a validation set for a run that keeps those SynthSeg training maps out
-        # (`exclude_subjects`): from each, one image of random contrast (seeded, the real
-        # anatomy) on a 2 mm grid with its brain label map, and DIR/pairs.csv of every ordered
-        # pair, for `unireg evaluate --pairs DIR/pairs.csv`
+        # (`exclude_subjects`): from each, one image of a random contrast shared by all
+        # (seeded; the real anatomy, dark air) on a 2 mm grid with its brain label map, and
+        # DIR/pairs.csv of every ordered pair, for `unireg evaluate --pairs DIR/pairs.csv`
 
 Needs ../shared/data (or $UNIREG_SHARED_DATA), and antspyx for `command`. Thread count:
 OMP_NUM_THREADS / torch's from --threads; the numbers in the docs were taken with --threads 2
@@ -122,16 +122,25 @@ def heldout(subjects: list[str], out: Path, seed: int) -> None:
     rows = {r.split(",")[1]: r.split(",") for r in (DATA / "manifest.csv").read_text().split()}
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, subject in enumerate(subjects):
+    for subject in subjects:
         if subject not in rows or rows[subject][0] != "synthseg":
             raise SystemExit(f"{subject}: not a SynthSeg subject of {DATA / 'manifest.csv'}")
-        labels = load_labels(DATA / rows[subject][4])
-        drawn = LabelSynthesis(deformation=0.0)(labels.data[None].long(), seed=seed + i)
-        # 2 mm voxels, each over 2^3 of the 1 mm ones; blurred first (FWHM 2 mm)
+    maps = [load_labels(DATA / rows[subject][4]) for subject in subjects]
+    values = sorted(set().union(*(torch.unique(m.data).tolist() for m in maps)))
+    for subject, labels in zip(subjects, maps, strict=True):
+        # one seed and one list of labels for all: every image has the same contrast (the
+        # same intensity per label), as scans of one protocol
+        drawn = LabelSynthesis(deformation=0.0)(labels.data[None].long(), label_values=values,
+                                                seed=seed)  # fmt: skip
+        # air outside the head dark, as in a scan (the synthesis gives the background a
+        # random intensity like every label; the networks place their grids on the image's
+        # centre of mass); 2 mm voxels, each over 2^3 of the 1 mm ones, blurred first (FWHM
+        # 2 mm)
+        head = (labels.data[None] > 0).float()
         scale = np.diag([2.0, 2.0, 2.0, 1.0])
         scale[:3, 3] = 0.5
         grid = Geometry(tuple(n // 2 for n in labels.shape), labels.affine @ scale)
-        smooth = gaussian_blur(drawn["image"].float(), 0.85)[0]
+        smooth = gaussian_blur(drawn["image"].float() * head, 0.85)[0]
         image = resample(Image(smooth, labels.affine), grid)
         brain = resample(labels, grid)
         data = brain.data.clone()
