@@ -101,18 +101,14 @@ class DenseModel(nn.Module):
         flat regions into full-size noisy steps), then smooth the field when ``smooth_field``
         > 0."""
         assert optimizer is not None
-        params = [p for p in self.parameters() if p.grad is not None]
         sigma = self.smooth_gradient
-        before = []
-        for p in params:
-            if sigma > 0 and p.grad is not None:
-                p.grad = gaussian_blur(p.grad, sigma)
-            before.append(p.detach().clone())
-        optimizer.step()
+        if sigma > 0:
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad = gaussian_blur(p.grad, sigma)
         with torch.no_grad():
-            for p, old in zip(params, before, strict=True):
-                if sigma > 0:
-                    p.copy_(old + gaussian_blur(p - old, sigma))
+            for p, update in optimizer.updates():
+                p.add_(gaussian_blur(update, sigma) if sigma > 0 else update)
                 if self.smooth_field > 0:
                     p.copy_(gaussian_blur(p, self.smooth_field))
 

@@ -9,6 +9,7 @@ Training code keeps using ``torch.optim``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,9 +32,10 @@ class AdamState:
         self.t += 1
         self.m.mul_(b1).add_(grad, alpha=1 - b1)
         self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        mhat = self.m / (1 - b1**self.t)
-        vhat = self.v / (1 - b2**self.t)
-        return -lr * mhat / (vhat.sqrt() + eps)
+        # sqrt(v_hat) = sqrt(v) / sqrt(1 - b2^t): one new tensor, updated in place (each
+        # pass over a full-resolution field costs as much as the arithmetic)
+        out = self.v.sqrt().div_(math.sqrt(1 - b2**self.t)).add_(eps)
+        return torch.div(self.m, out, out=out).mul_(-lr / (1 - b1**self.t))
 
 
 class Optimizer:
@@ -54,19 +56,29 @@ class Optimizer:
             p.grad = None
 
     @torch.no_grad()
-    def step(self) -> None:
+    def updates(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each parameter that has a gradient, with the step the update rule takes it by (its
+        state advanced, the parameter itself not changed): for callers that transform the
+        step before applying it (e.g. smooth it)."""
         lr = float(self.param_groups[0]["lr"])
+        out = []
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
             if self.kind == "adam":
                 state = self.adam.setdefault(i, AdamState(p))
-                p.add_(state.direction(p.grad, lr))
+                out.append((p, state.direction(p.grad, lr)))
             else:
                 buf = self.momentum.get(i)
                 buf = p.grad.clone() if buf is None else buf.mul_(0.9).add_(p.grad)
                 self.momentum[i] = buf
-                p.add_(buf, alpha=-lr)
+                out.append((p, buf * -lr))
+        return out
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, update in self.updates():
+            p.add_(update)
 
 
 def make_optimizer(params: Sequence[torch.Tensor], kind: str, lr: float) -> Optimizer:
