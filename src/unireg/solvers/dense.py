@@ -107,10 +107,10 @@ class DenseModel(nn.Module):
                 if p.grad is not None:
                     p.grad = gaussian_blur(p.grad, sigma)
         with torch.no_grad():
-            for p, update in optimizer.updates():
-                p.add_(gaussian_blur(update, sigma) if sigma > 0 else update)
+            for param, update in optimizer.updates():
+                param.add_(gaussian_blur(update, sigma) if sigma > 0 else update)
                 if self.smooth_field > 0:
-                    p.copy_(gaussian_blur(p, self.smooth_field))
+                    param.copy_(gaussian_blur(param, self.smooth_field))
 
 
 class FreeFormModel(DenseModel):
