@@ -192,13 +192,14 @@ class TrainingVolumes:
             if e.dataset in cfg.datasets and e.split == cfg.split and e.labels is not None
             and (e.dataset != "ixi" or e.modality == "T1")
         ]  # fmt: skip
-        unknown = set(cfg.exclude_subjects) - {e.subject for e in entries}
+        excluded = set(cfg.exclude_subjects)
+        unknown = excluded - {e.subject for e in entries}
         if unknown:
             raise ValueError(
                 f"{cfg.manifest}: exclude_subjects names no {cfg.split} volume of "
                 f"{cfg.datasets}: {sorted(unknown)}"
             )
-        entries = [e for e in entries if e.subject not in set(cfg.exclude_subjects)]
+        entries = [e for e in entries if e.subject not in excluded]
         if not entries:
             raise ValueError(f"{cfg.manifest}: no {cfg.split} volumes of {cfg.datasets}")
         ds = VolumeDataset(entries, cfg.preprocessing(), cfg.cache_dir or None)
