@@ -113,19 +113,21 @@ def heldout(subjects: list[str], out: Path, seed: int) -> None:
     import torch
     from dio_benchmark import DATA
 
+    from unireg.data.manifest import Manifest
     from unireg.data.synthesis import LabelSynthesis
     from unireg.io.image import Image, load_labels, resample, save_image
     from unireg.spatial.filters import gaussian_blur
     from unireg.spatial.geometry import Geometry
     from unireg.training.base import _SYNTHSEG_NON_BRAIN
 
-    rows = {r.split(",")[1]: r.split(",") for r in (DATA / "manifest.csv").read_text().split()}
+    manifest = Manifest.read(DATA / "manifest.csv")
+    maps_of = {e.subject: e.labels for e in manifest if e.dataset == "synthseg"}
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for subject in subjects:
-        if subject not in rows or rows[subject][0] != "synthseg":
+        if maps_of.get(subject) is None:
             raise SystemExit(f"{subject}: not a SynthSeg subject of {DATA / 'manifest.csv'}")
-    maps = [load_labels(DATA / rows[subject][4]) for subject in subjects]
+    maps = [load_labels(maps_of[subject]) for subject in subjects]
     values = sorted(set().union(*(torch.unique(m.data).tolist() for m in maps)))
     for subject, labels in zip(subjects, maps, strict=True):
         # one seed and one list of labels for all: every image has the same contrast (the

@@ -704,9 +704,12 @@ def test_deformable_iterations_replace_the_preset_levels():
         assert preset_stages(method, shape=shape, iterations=levels) == preset_stages(
             method, shape=shape, spacing=(2.0, 2.0, 2.0)
         )
-        assert preset_stages(method, shape=fine, iterations=(80, 40, 0)) == preset_stages(
-            method, shape=fine, spacing=(1.0, 1.0, 1.0)
+        # (both on the 1 mm grid: the LNCC window follows the spacing too, 7 voxels there)
+        one_mm = {"shape": fine, "spacing": (1.0, 1.0, 1.0)}
+        assert preset_stages(method, **one_mm, iterations=(80, 40, 0)) == preset_stages(
+            method, **one_mm
         )
+        assert preset_stages(method, **one_mm)[-1].loss_options == {"window": 7}
     for other in (dict(deformable="svf"), dict(multimodal=True)):
         assert (
             preset_stages("syn", **other, shape=shape, spacing=(2.0, 2.0, 2.0))[-1].levels

@@ -140,22 +140,26 @@ def preset_stages(
     multimodal: bool = False,
     init: str = "moments",
     deformable: str = "greedy",
-    window: int = 5,
+    window: int | None = None,
     iterations: Sequence[int] | None = None,
     spacing: Sequence[float] | None = None,
 ) -> list[Stage]:
     """The stages of a named method and preset (see the module docstring), with the pyramid
     fitted to the fixed image ``shape`` when given (see :func:`fit_levels`). ``iterations``
     (three counts for 1/4, 1/2 and full resolution; 0 skips a level) replaces the preset's
-    levels of the deformable stage. ``spacing`` is the fixed voxel size (mm): the fast
-    greedy ``syn``, ``bspline`` and ``ffd`` end with a short full-resolution level on grids of
-    at least :data:`COARSE_GRID_MM` (or when it is not given)."""
+    levels of the deformable stage. ``spacing`` is the fixed voxel size (mm): on grids of at
+    least :data:`COARSE_GRID_MM` (or when it is not given) the LNCC ``window`` defaults to 5
+    voxels (else 7) and the fast greedy ``syn``, ``bspline`` and ``ffd`` end with a short
+    full-resolution level."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if method == "affine-gn":
         raise ValueError("affine-gn is not made of solver stages (see solvers.gauss_newton)")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
+    coarse_grid = spacing is None or min(spacing) >= COARSE_GRID_MM
+    if window is None:
+        window = 5 if coarse_grid else 7
     mi = {"bins": 32}
 
     def fit(levels: Sequence[tuple[float, int]]) -> list[Level]:
@@ -189,7 +193,6 @@ def preset_stages(
             raise ValueError(f"iterations set the deformable stage's levels; {method} has none")
         return linear
     dense_levels = _DENSE_LEVELS[preset]
-    coarse_grid = spacing is None or min(spacing) >= COARSE_GRID_MM
     svf = method == "syn" and deformable == "svf"
     if preset == "fast" and coarse_grid and not svf and method in _FAST_FULL_LEVELS:
         dense_levels = _FAST_FULL_LEVELS[method]
@@ -423,11 +426,9 @@ def register(
     name = method if stages is None else "custom stages"
     named = stages is None
     if stages is None:
-        window = 5 if min(fixed.spacing) >= COARSE_GRID_MM else 7
         stages = preset_stages(
             method, preset, shape=fixed.shape, multimodal=multimodal, init=init,
-            deformable=deformable, window=window, iterations=iterations,
-            spacing=fixed.spacing,
+            deformable=deformable, iterations=iterations, spacing=fixed.spacing,
         )  # fmt: skip
     prompts: list[LabelPrompt | LandmarkPrompt] = []
     if label_weight > 0:
