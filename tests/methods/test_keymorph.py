@@ -815,6 +815,61 @@ def test_two_stage_detection_tries_the_moment_turns_only_when_both_candidates_fi
         assert calls == ([1, 2, 4] if expected != "upright" else [1, 2])
 
 
+def test_a_pairs_orientation_is_chosen_by_how_well_its_alignment_matches_the_images():
+    """``choose_pair_keypoints``: of the moving image's candidates within
+    :data:`PAIR_RESIDUAL_MM`, the one whose affine alignment matches the images best wins over
+    the residual pick; a candidate past the limit is never tried; a single pair of picks is
+    returned as is."""
+    from scipy.spatial.transform import Rotation
+
+    import unireg.methods.keymorph.inference as inference
+    from unireg.spatial.geometry import apply_matrix_np
+
+    fixed, model, _ = _blob_image_and_stand_in(coarse=True)
+    turn = linear_about(
+        Rotation.from_euler("xyz", [0, 0, 180], degrees=True).as_matrix(),
+        np.asarray(fixed.geometry.center_world),
+    )
+    moving = fixed.with_data(fixed.data, turn @ fixed.affine)  # the head turned half around
+    keys = np.random.default_rng(0).normal(0, 15, (6, 3)) + fixed.geometry.center_world
+    right = apply_matrix_np(turn, keys)  # where the moving image holds them
+    fc = inference.KeypointCandidates([keys], [1.0], 0)
+    limit = inference.PAIR_RESIDUAL_MM
+    for residual, expected in ((limit - 0.5, right), (limit + 0.5, keys)):
+        mc = inference.KeypointCandidates([keys, right], [1.0, residual], 0)
+        f, m = inference.choose_pair_keypoints(model, fixed, moving, fc, mc)
+        assert np.allclose(f[0].numpy(), keys) and np.allclose(m[0].numpy(), expected)
+    # picks alone: returned without a comparison (the identity would lose to the turn)
+    alone = inference.KeypointCandidates([keys], [9.0], 0)
+    f, m = inference.choose_pair_keypoints(model, fixed, moving, fc, alone)
+    assert np.allclose(m[0].numpy(), keys)
+
+
+def test_every_turn_adds_the_moment_turns_as_candidates_without_changing_the_pick(monkeypatch):
+    """``keypoint_candidates_many(every_turn=True)``: the 4 moment turns join the upright
+    candidates of every image; the pick (what :func:`detect_keypoints` returns) stays the
+    residual rule's."""
+    import unireg.methods.keymorph.inference as inference
+
+    image, model, payload = _blob_image_and_stand_in(coarse=True)
+    g = np.random.default_rng(2)
+    template = g.normal(0, 30, (4, 3))
+    model.template.copy_(torch.as_tensor(template))
+    found = [template + g.normal(0, mm, template.shape) for mm in (3.0, 8.0, 0.0, 9, 9, 9)]
+
+    def fake(model_, checkpoint, jobs, device, coarse=False):
+        if coarse:
+            return [template for _ in jobs]
+        return found[:2] if len(jobs) == 2 else found[2:]
+
+    monkeypatch.setattr(inference, "_detect_many", fake)
+    (plain,) = inference.keypoint_candidates_many(model, payload, [image])
+    (every,) = inference.keypoint_candidates_many(model, payload, [image], every_turn=True)
+    assert len(plain.points) == 2 and len(every.points) == 6
+    assert plain.pick == every.pick == 0  # the moment turn fits better but is not the pick
+    assert min(every.residuals) == every.residuals[2]
+
+
 def test_register_keymorph_with_a_missing_model_says_how_to_get_one(tmp_path, capsys):
     from unireg.cli import main
 
