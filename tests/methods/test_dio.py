@@ -137,7 +137,8 @@ def test_projected_and_sampled_heads_are_the_projection_and_the_sample_of_the_fe
 def test_bfloat16_trunk_gives_float32_features_within_its_rounding(monkeypatch):
     # the trunk under bfloat16 autocast: float32 features on the same grids, equal to the
     # float32 network's within bfloat16's rounding (8 significant bits, a few layers deep)
-    from unireg.methods.dio.inference import pair_features, trunk_dtype
+    from unireg.methods.dio.inference import pair_features
+    from unireg.methods.pipeline import network_dtype
 
     torch.manual_seed(0)
     net = FeatureNet(3, (3, 4, 6), 5, "lku").eval().merged()
@@ -149,15 +150,15 @@ def test_bfloat16_trunk_gives_float32_features_within_its_rounding(monkeypatch):
         assert low[f].dtype == torch.float32 and low[f].shape == exact[f].shape
         err = (low[f] - exact[f]).norm() / exact[f].norm()
         assert 0 < err < 0.03, (f, float(err))  # rounded, and only to bfloat16's precision
-    assert trunk_dtype("float32") == torch.float32
-    assert trunk_dtype("bfloat16", "cpu") == torch.bfloat16
-    assert trunk_dtype("auto", "cuda") == torch.float32
+    assert network_dtype("float32") == torch.float32
+    assert network_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert network_dtype("auto", "cuda") == torch.float32
     for native in (False, True):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        assert trunk_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+        assert network_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
     with pytest.raises(ValueError, match="precision"):
-        trunk_dtype("float16")
+        network_dtype("float16")
 
 
 def test_resolution_matching_blurs_the_finer_image_along_the_other_images_thick_axis():

@@ -527,9 +527,10 @@ def test_register_cli_keymorph_writes_the_contract(tmp_path, transform):
                str(out), "--method", "keymorph", "--transform", transform, "--tps-lambda", "0.5",
                "--model", str(ckpt), "--fixed-labels", str(tmp_path / "s0_lab.nii.gz"),
                "--moving-labels", str(tmp_path / "s1_lab.nii.gz"), "--quiet", "--report",
-               "--no-hd95", "--rotations", "1"])  # fmt: skip
-    # (one detection: averaged over rotations, this untrained toy detector's keypoints shrink
-    # to a near-degenerate map, and the ANTs check below is about the file, not the model)
+               "--no-hd95", "--rotations", "1", "--precision", "float32"])  # fmt: skip
+    # (one detection in float32 on every CPU: averaged over rotations or rounded to bfloat16,
+    # this untrained toy detector's keypoints shrink to a near-degenerate map, and the ANTs
+    # check below is about the file, not the model)
     assert rc == 0
     names = {p.name for p in out.iterdir()}
     expected = {"warped.nii.gz", "warped_labels.nii.gz", "transform.nii.gz", "metrics.json",
@@ -604,7 +605,7 @@ class _IntensityCentres(KeyMorph):
 
     powers = (1, 4)
 
-    def keypoints_world(self, image, geometry, coarse=False):
+    def keypoints_world(self, image, geometry, coarse=False, dtype=torch.float32):
         geometries = [geometry] * image.shape[0] if hasattr(geometry, "affine") else geometry
         axes = [torch.arange(n, dtype=torch.float64) for n in image.shape[2:]]
         idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
@@ -796,7 +797,7 @@ def test_two_stage_detection_tries_the_moment_turns_only_when_both_candidates_fi
         found.update({f"moment {k}": noisy(1.0 if k == 2 else 30.0) for k in range(4)})
         calls = []
 
-        def fake(model_, checkpoint, jobs, device, coarse=False, found=found, calls=calls):
+        def fake(model_, checkpoint, jobs, device, coarse=False, found=found, calls=calls, **_):
             calls.append(len(jobs))
             if coarse:
                 return [template for _ in jobs]
@@ -857,7 +858,7 @@ def test_every_turn_adds_the_moment_turns_as_candidates_without_changing_the_pic
     model.template.copy_(torch.as_tensor(template))
     found = [template + g.normal(0, mm, template.shape) for mm in (3.0, 8.0, 0.0, 9, 9, 9)]
 
-    def fake(model_, checkpoint, jobs, device, coarse=False):
+    def fake(model_, checkpoint, jobs, device, coarse=False, **_):
         if coarse:
             return [template for _ in jobs]
         return found[:2] if len(jobs) == 2 else found[2:]
@@ -868,6 +869,25 @@ def test_every_turn_adds_the_moment_turns_as_candidates_without_changing_the_pic
     assert len(plain.points) == 2 and len(every.points) == 6
     assert plain.pick == every.pick == 0  # the moment turn fits better but is not the pick
     assert min(every.residuals) == every.residuals[2]
+
+
+def test_bfloat16_detection_gives_float32_keypoints_within_its_rounding():
+    """The detectors' convolutions under bfloat16: the keypoints come back float32 (the
+    centres of mass taken in float32), within a small fraction of a map cell of float32's,
+    and rounded (not the float32 path)."""
+    from unireg.nets import KeypointDetector
+
+    torch.manual_seed(0)
+    detector = KeypointDetector(3, num_keypoints=6, channels=(4, 8, 8), decoder=1)
+    model = KeyMorph(detector, unit_mm=64.0).eval()
+    geometry = Geometry((24, 28, 20), np.diag([2.0, 2.0, 2.0, 1.0]))
+    x = torch.rand(2, 1, 24, 28, 20)
+    with torch.no_grad():
+        exact = model.keypoints_world(x, geometry)
+        low = model.keypoints_world(x, geometry, dtype=torch.bfloat16)
+    assert low.dtype == exact.dtype == torch.float32 and low.shape == exact.shape
+    err = (low - exact).abs().max()
+    assert 0 < err < 0.5, float(err)  # mm (measured 0.17); a map cell is 4 mm
 
 
 def test_register_keymorph_with_a_missing_model_says_how_to_get_one(tmp_path, capsys):

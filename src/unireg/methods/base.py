@@ -66,6 +66,21 @@ def resolution_option(users: str) -> Any:
     )  # fmt: skip
 
 
+# number formats of a network's convolutions at inference
+# (:func:`unireg.methods.pipeline.network_dtype`)
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def precision_option(users: str, what: str) -> Any:
+    """The ``precision`` option (flag ``--precision``) of learned methods whose network can run
+    its convolutions in bfloat16 (``what``: the part that does; the rest stays float32)."""
+    return option(
+        "auto", choices=PRECISIONS,
+        help=f"{users}: the number format of {what}; auto: bfloat16 on CPUs with native "
+        "bfloat16 (AVX512-BF16 or AMX), float32 elsewhere",
+    )  # fmt: skip
+
+
 def model_option() -> Any:
     """The ``model`` option of learned methods: a checkpoint file or a shipped model's name."""
     return option(

@@ -194,10 +194,12 @@ class KeypointDetector(nn.Module):
         """Keypoints ``(B, K, d)`` in the input's normalised coordinates (tensor axis order)."""
         if self.head == "com":
             maps, coords = self.activation_maps(x)
-            return self.com(maps, coords)
+            # the centres in float32 even when the maps came from bfloat16 convolutions
+            with torch.autocast(x.device.type, enabled=False):
+                return self.com(maps.float(), coords)
         if x.ndim != self.ndim + 2:
             raise ValueError(f"expected a {self.ndim}D batch (B, C, ...), got {tuple(x.shape)}")
         features = self.backbone(self._pad(x)[0])
         pooled = F.adaptive_avg_pool3d if self.ndim == 3 else F.adaptive_avg_pool2d
-        out = self.fc(pooled(features, self.pool_shape))
+        out = self.fc(pooled(features, self.pool_shape)).float()
         return out.view(x.shape[0], self.num_keypoints, self.ndim)

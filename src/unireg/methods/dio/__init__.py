@@ -25,6 +25,7 @@ from unireg.methods.base import (
     model_option,
     option,
     parse_iterations,
+    precision_option,
     resolution_option,
 )
 from unireg.methods.solver import affine_stage_option, preset_option
@@ -34,7 +35,6 @@ TRANSFORMS = {"ffd": "ffd", "diffeo": "greedy", "svf": "svf", "bspline": "bsplin
               "affine": "affine"}  # fmt: skip
 DEFAULT_ITERATIONS = "100,50,10"
 DEFAULT_TOLERANCE = 0.01
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -60,12 +60,9 @@ class DIOOptions(MethodOptions):
         "compares the fewest principal components that keep the rest (0: every channel)",
     )  # fmt: skip
     resolution: str = resolution_option("dio")
-    precision: str = option(
-        "auto", choices=PRECISIONS,
-        help="dio: the number format of the feature network's trunk (heads and solver stay "
-        "float32); auto: bfloat16 on CPUs with native bfloat16 (AVX512-BF16 or AMX), "
-        "float32 elsewhere",
-    )  # fmt: skip
+    precision: str = precision_option(
+        "dio", "the feature network's trunk (heads and solver stay float32)"
+    )
     affine: str = affine_stage_option()
     preset: str = preset_option()
     model: str | None = model_option()

@@ -14,13 +14,18 @@ from unireg.io.image import Image, LabelMap, resample
 from unireg.methods.base import MethodEntry, Prompts, parse_iterations
 from unireg.methods.dio import (
     DEFAULT_ITERATIONS,
-    PRECISIONS,
     TRANSFORMS,
     DIOOptions,
 )
 from unireg.methods.dio.model import FACTORS, FeatureNet, Trunk
 from unireg.methods.dio.training import DIOConfig
-from unireg.methods.pipeline import check_dimensions, matched_pair, network_input
+from unireg.methods.pipeline import (
+    check_dimensions,
+    in_dtype,
+    matched_pair,
+    network_dtype,
+    network_input,
+)
 from unireg.methods.stages import affine_stage
 from unireg.result import DIOExtras, RegistrationResult, measured_result
 from unireg.solvers.api import world_transforms
@@ -48,29 +53,13 @@ def _labels_on(labels: LabelMap, grid: Geometry) -> torch.Tensor:
     return resample(labels, grid).batch()
 
 
-def trunk_dtype(precision: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """The network trunk's number format for ``precision`` (``auto``, ``float32`` or
-    ``bfloat16``) on ``device``: ``auto`` is bfloat16 on CPUs with native bfloat16 arithmetic
-    (AVX512-BF16 or AMX tiles; there it runs the convolutions in about 60 % of float32's time
-    with the same Dice on IXI training pairs), float32 on other CPUs (emulated bfloat16 is
-    slower) and on GPUs."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        # torch's CPU feature probes (private; a torch without them counts as no support)
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        native = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-        precision = "bfloat16" if torch.device(device).type == "cpu" and native else "float32"
-    return torch.bfloat16 if precision == "bfloat16" else torch.float32
-
-
 def _trunk(
     net: FeatureNet, image: torch.Tensor, factors: Sequence[float], dtype: torch.dtype
 ) -> Trunk:
     """``net.trunk`` with its convolutions in ``dtype`` (autocast), levels back in float32."""
     if dtype == torch.float32:
         return net.trunk(image, factors)
-    with torch.autocast(image.device.type, dtype=dtype):
+    with in_dtype(dtype, image.device):
         out = net.trunk(image, factors)
     return Trunk({f: v.float() for f, v in out.levels.items()}, out.shape, out.padded)
 
@@ -89,7 +78,8 @@ def pair_features(
     estimated on every second voxel along each axis and the head computes the ``k``
     projected channels directly (the head is linear: the same features as projecting all
     ``F`` channels with those axes, at ``k / F`` of the head's cost). ``dtype``: the trunk's
-    number format (:func:`trunk_dtype`); heads and projections run in float32."""
+    number format (:func:`~unireg.methods.pipeline.network_dtype`); heads and projections
+    run in float32."""
     tf, tm = _trunk(net, fixed, factors, dtype), _trunk(net, moving, factors, dtype)
     ff: dict[float, torch.Tensor] = {}
     fm: dict[float, torch.Tensor] = {}
@@ -170,7 +160,7 @@ def register_dio(
             ff, fm = pair_features(
                 net, network_input(seen[0], grids[0]).to(dev),
                 network_input(seen[1], grids[1]).to(dev), factors, tolerance,
-                trunk_dtype(precision, dev),
+                network_dtype(precision, dev),
             )  # fmt: skip
         # the solve's finest grid is the finest level asked for: its features and geometry,
         # the factors counted from it
@@ -226,7 +216,7 @@ class DIOMethod:
         self.model = model.merged()
         if (
             self.device.type == "cpu"
-            and trunk_dtype(options.precision, self.device) == torch.bfloat16
+            and network_dtype(options.precision, self.device) == torch.bfloat16
         ):
             self.model.channels_last()  # faster in bfloat16 (in float32 a little slower)
 

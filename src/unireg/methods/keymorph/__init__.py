@@ -21,6 +21,7 @@ from unireg.methods.base import (
     lazy_exports,
     model_option,
     option,
+    precision_option,
 )
 
 TRANSFORMS = ("rigid", "affine", "tps")
@@ -62,6 +63,7 @@ class KeyMorphOptions(MethodOptions):
         help="keymorph (affine): refine the keypoint affine on the intensities with affine-gn "
         "(same modality)",
     )  # fmt: skip
+    precision: str = precision_option("keymorph", "the keypoint detectors' convolutions")
     model: str | None = model_option()
 
     def check(self, where: str = "", method: str = "") -> None:

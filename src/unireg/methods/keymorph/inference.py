@@ -18,7 +18,7 @@ from unireg.io.image import Image
 from unireg.methods.base import OptionError
 from unireg.methods.keymorph import DEFAULT_ROTATIONS, TRANSFORMS, KeyMorphOptions, check_refinement
 from unireg.methods.keymorph.model import KeyMorph, KeypointAlignment
-from unireg.methods.pipeline import LearnedMethod, network_grid, network_input
+from unireg.methods.pipeline import LearnedMethod, network_dtype, network_grid, network_input
 from unireg.result import KeyMorphExtras, RegistrationResult, measured_result
 from unireg.spatial.field import world_points
 from unireg.spatial.geometry import Geometry, apply_matrix_np, linear_about
@@ -112,14 +112,16 @@ def keypoint_candidates_many(
     rotations: int = 1,
     device: torch.device | str = "cpu",
     every_turn: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> list[KeypointCandidates]:
     """Each image's :class:`KeypointCandidates`. A one-stage model has one. A two-stage
     model: stage 1's upright turn and no turn, and the 4 :func:`moment_turns` when neither of
-    those fits the template within :data:`MOMENT_TURN_RESIDUAL_MM` or ``every_turn``."""
+    those fits the template within :data:`MOMENT_TURN_RESIDUAL_MM` or ``every_turn``. The
+    detectors' convolutions run in ``dtype``."""
     two_stage = model.coarse is not None
     rots = test_time_rotations(rotations)
     jobs = [(im, [linear_about(r, im.geometry.center_world) for r in rots]) for im in images]
-    points = _detect_many(model, checkpoint, jobs, device, coarse=two_stage)
+    points = _detect_many(model, checkpoint, jobs, device, coarse=two_stage, dtype=dtype)
     if not two_stage:
         return [KeypointCandidates([p], [0.0], 0) for p in points]
     template = model.template.detach().double().cpu().numpy()
@@ -129,7 +131,7 @@ def keypoint_candidates_many(
     # fits the template best on the head it sees upright
     upright = [(im, [upright_turn(template, p)]) for im, p in zip(images, points, strict=True)]
     found = _detect_many(model, checkpoint, [*upright, *[(im, [np.eye(4)]) for im in images]],
-                         device)  # fmt: skip
+                         device, dtype=dtype)  # fmt: skip
     sets = [[found[i], found[n + i]] for i in range(n)]
     residuals = [[rigid_residual(template, f) for f in s] for s in sets]
     picks = [int(np.argmin(r)) for r in residuals]
@@ -137,7 +139,8 @@ def keypoint_candidates_many(
     wanted = range(n) if every_turn else poor
     if wanted:  # the principal axes' turns (4 per image) in one more batch
         turned = [(i, t) for i in wanted for t in moment_turns(images[i], template)]
-        more = _detect_many(model, checkpoint, [(images[i], [t]) for i, t in turned], device)
+        jobs = [(images[i], [t]) for i, t in turned]
+        more = _detect_many(model, checkpoint, jobs, device, dtype=dtype)
         for (i, _), f in zip(turned, more, strict=True):
             sets[i].append(f)
             residuals[i].append(rigid_residual(template, f))
@@ -225,6 +228,7 @@ def _detect_many(
     jobs: Sequence[tuple[Image, Sequence[np.ndarray]]],
     device: torch.device | str,
     coarse: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> list[np.ndarray]:
     """For each ``(image, turns)``: the mean over the world matrices ``turns`` of the
     keypoints ``(K, 3)`` (world mm) found in the image turned by each (only its affine
@@ -239,7 +243,8 @@ def _detect_many(
             geometries.append(geom)
             owners.append(index)
             inverses.append(np.linalg.inv(turn))
-    world = model.keypoints_world(torch.cat(inputs).to(device), geometries, coarse=coarse)
+    batch = torch.cat(inputs).to(device)
+    world = model.keypoints_world(batch, geometries, coarse=coarse, dtype=dtype)
     world = world.detach().double().cpu().numpy()
     found: list[list[np.ndarray]] = [[] for _ in jobs]
     for i, inverse in enumerate(inverses):
@@ -259,6 +264,7 @@ def register_keymorph(
     rotations: int = DEFAULT_ROTATIONS,
     device: torch.device | str = "cpu",
     keypoints: tuple[torch.Tensor, torch.Tensor] | None = None,
+    precision: str = "float32",
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with a KeyMorph ``model`` and its ``checkpoint``
     (:func:`unireg.methods.load_model`).
@@ -277,7 +283,8 @@ def register_keymorph(
 
     ``rotations``: each image's keypoints are the average over that many test-time rotations
     (:func:`detect_keypoints`; 1: one detection per image). ``keypoints``: the fixed and
-    moving keypoints already detected (:func:`register_keymorph_many`).
+    moving keypoints already detected (:func:`register_keymorph_many`). ``precision``: the
+    detectors' number format (:func:`~unireg.methods.pipeline.network_dtype`).
     """
     if transform not in TRANSFORMS:
         raise OptionError(f"unknown transform {transform!r}; choose from {TRANSFORMS}")
@@ -291,8 +298,9 @@ def register_keymorph(
         net = model.to(dev).eval()
         if keypoints is None:
             fc, mc = keypoint_candidates_many(
-                net, checkpoint, [fixed, moving], rotations, dev, every_turn=True
-            )
+                net, checkpoint, [fixed, moving], rotations, dev, every_turn=True,
+                dtype=network_dtype(precision, dev),
+            )  # fmt: skip
             keys = choose_pair_keypoints(net, fixed, moving, fc, mc)
         else:
             keys = keypoints
@@ -346,6 +354,7 @@ def register_keymorph_many(
     checkpoint: Checkpoint,
     rotations: int = DEFAULT_ROTATIONS,
     device: torch.device | str = "cpu",
+    precision: str = "float32",
     **options: Any,
 ) -> list[RegistrationResult]:
     """:func:`register_keymorph` for several ``(fixed, moving)`` pairs: the keypoints of all
@@ -359,7 +368,8 @@ def register_keymorph_many(
     with torch.no_grad():
         net = model.to(dev).eval()
         images = [im for pair in pairs for im in pair]
-        found = keypoint_candidates_many(net, checkpoint, images, rotations, dev, every_turn=True)
+        found = keypoint_candidates_many(net, checkpoint, images, rotations, dev, every_turn=True,
+                                         dtype=network_dtype(precision, dev))  # fmt: skip
         keys = [choose_pair_keypoints(net, fixed, moving, found[2 * i], found[2 * i + 1])
                 for i, (fixed, moving) in enumerate(pairs)]  # fmt: skip
     share = (time.perf_counter() - t0) / max(len(pairs), 1)
@@ -409,6 +419,7 @@ class KeyMorphMethod(LearnedMethod):
         return register_keymorph(
             fixed, moving, model=self.model, checkpoint=self.checkpoint, transform=o.transform,
             lam=o.lam, refine=o.refine, rotations=o.rotations, device=self.device,
+            precision=o.precision,
         )  # fmt: skip
 
     def register_many(self, pairs: Sequence[tuple[Image, Image]]) -> list[RegistrationResult]:
@@ -419,4 +430,5 @@ class KeyMorphMethod(LearnedMethod):
         return register_keymorph_many(
             pairs, model=self.model, checkpoint=self.checkpoint, transform=o.transform,
             lam=o.lam, refine=o.refine, rotations=o.rotations, device=self.device,
+            precision=o.precision,
         )  # fmt: skip

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from unireg.methods.keymorph import TRANSFORMS
+from unireg.methods.pipeline import in_dtype
 from unireg.nets.keypoints import KeypointDetector
 from unireg.spatial.field import world_points
 from unireg.spatial.geometry import Geometry
@@ -113,10 +114,12 @@ class KeyMorph(nn.Module):
         geometry: Geometry | Sequence[Geometry],
         *,
         coarse: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Keypoints ``(B, K, d)`` of ``image`` ``(B, C, *shape)`` in world mm, found by the
-        detector (``coarse``: by the coarse stage) in one pass; ``geometry``: the grid of
-        the whole batch, or one per batch element (each placed in its own world)."""
+        detector (``coarse``: by the coarse stage) in one pass, its convolutions in ``dtype``
+        (the keypoints in float32); ``geometry``: the grid of the whole batch, or one per
+        batch element (each placed in its own world)."""
         geometries = [geometry] * image.shape[0] if isinstance(geometry, Geometry) else geometry
         if len(geometries) != image.shape[0]:
             raise ValueError("give one geometry, or one per batch element")
@@ -125,7 +128,8 @@ class KeyMorph(nn.Module):
         if coarse and self.coarse is None:
             raise ValueError("this KeyMorph model has no coarse stage")
         detector = self.coarse if coarse else self.detector
-        normalized = detector(image)
+        with in_dtype(dtype, image.device):
+            normalized = detector(image)
         if isinstance(geometry, Geometry):
             return self.to_world(normalized, geometry)
         return torch.cat([self.to_world(normalized[i : i + 1], g)
