@@ -104,6 +104,40 @@ def test_preprocessing_keeps_world_positions(tmp_path):
     assert min(full.shape) >= 10  # covers the rotated field of view
 
 
+def test_mass_centre_is_the_heads_on_a_dark_bright_or_noisy_background():
+    """``center="mass"`` weighs each voxel by its intensity's distance from the background's
+    (the median of the grid's faces): the grid lands on the object whether the air around it
+    is dark or bright (a contrast that inverts it), and noise in the air pulls it towards the
+    middle of the field of view less than weighing by the intensity above the minimum did
+    (which on the bright background lands centimetres off)."""
+    from conftest import gaussian_blob
+
+    from unireg.io.preprocessing import Preprocessing, face_median
+
+    shape = (40, 36, 32)
+    blob = gaussian_blob(shape, (12.0, 24.0, 20.0), 4.0)
+    affine = oblique_affine((1.5, 1.2, 2.0), (10, -5, 20), (-30, 12, 5))
+    truth = affine[:3, :3] @ np.array([12.0, 24.0, 20.0]) + affine[:3, 3]
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    idx = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij")
+    pre = Preprocessing(spacing=2.0, shape=(24, 24, 24), center="mass")
+    errors = {}
+    for name, data in {
+        "dark": blob,
+        "bright": 2.0 - blob,
+        "noisy": 0.2 + blob + 0.01 * noise,
+    }.items():
+        centre = pre.target_geometry(Image(data[None].float(), affine)).center_world
+        w = data - data.min()  # the former weights
+        vox = np.array([float((w * i).sum() / w.sum()) for i in idx])
+        former = affine[:3, :3] @ vox + affine[:3, 3]
+        errors[name] = (np.linalg.norm(centre - truth), np.linalg.norm(former - truth))  # mm
+    assert errors["dark"][0] < 0.2 and errors["bright"][0] < 0.2
+    assert errors["bright"][1] > 10.0
+    assert errors["noisy"][0] < 0.5 * errors["noisy"][1]
+    assert abs(face_median(2.0 - blob) - 2.0) < 1e-6
+
+
 def test_volume_dataset_cache(tmp_path, monkeypatch):
     affine = oblique_affine((1.0, 1.0, 1.5), (0, 0, 10), (0, 0, 0))
     rows = []

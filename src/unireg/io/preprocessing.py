@@ -16,6 +16,16 @@ from unireg.io.image import Image, LabelMap, check_same_grid, normalize_intensit
 from unireg.spatial.geometry import Geometry, apply_matrix_np
 
 
+def face_median(volume: torch.Tensor) -> float:
+    """The median of the values on the faces of ``volume`` (its first and last slice along
+    every axis): the background's intensity of an image whose object lies inside the grid."""
+    faces = []
+    for axis in range(volume.ndim):
+        for index in (0, volume.shape[axis] - 1):
+            faces.append(volume.select(axis, index).reshape(-1))
+    return float(torch.cat(faces).median())
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How volumes are brought to a common grid.
@@ -24,8 +34,8 @@ class Preprocessing:
         spacing: output voxel size in mm (one value or one per axis).
         shape: output grid shape; ``None`` covers the whole input field of view.
         center: ``"fov"`` centres the grid on the input's field of view, ``"mass"`` on the
-            centre of mass of the intensity above the image's minimum (of the label map's
-            foreground for label-only volumes).
+            centre of mass of the intensity's distance from the background's
+            (:func:`face_median`; of the label map's foreground for label-only volumes).
         normalize: rescale intensities to [0, 1] by the 0.5/99.5 percentiles.
         ndim: 2 or 3.
     """
@@ -61,9 +71,10 @@ class Preprocessing:
         if self.center == "mass":
             if source.is_label:
                 weights = (source.data[0] > 0).double()
-            else:  # intensity above the image minimum (air in MRI and in CT alike)
+            else:  # distance from the background's intensity (the median of the grid's faces):
+                # air, dark or bright, weighs nothing and noise in it little
                 weights = source.data.double().sum(0)
-                weights = weights - weights.min()
+                weights = (weights - face_median(weights)).abs()
             total = float(weights.sum())
             if total <= 0:
                 center = geom.center_world
