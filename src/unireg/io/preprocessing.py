@@ -63,26 +63,35 @@ class Preprocessing:
             raise ValueError(f"spacing must be {self.ndim} positive values, got {sp}")
         return out
 
-    def target_geometry(self, source: Image) -> Geometry:
-        """The RAS-aligned output grid for a volume on ``source``'s grid."""
+    def mass_voxel(self, source: Image) -> np.ndarray | None:
+        """The centre of mass ``center="mass"`` places the grid on, in ``source``'s voxel
+        coordinates (it depends on the voxels, not on the affine); None when nothing weighs."""
+        if source.is_label:
+            weights = (source.data[0] > 0).double()
+        else:  # distance from the background's intensity (the median of the grid's faces):
+            # air, dark or bright, weighs nothing and noise in it little
+            weights = source.data.double().sum(0)
+            weights = (weights - face_median(weights)).abs()
+        total = float(weights.sum())
+        if total <= 0:
+            return None
+        idx = torch.meshgrid(
+            *[torch.arange(n, dtype=torch.float64) for n in source.geometry.shape], indexing="ij"
+        )
+        return np.array([float((weights * i).sum()) / total for i in idx])
+
+    def target_geometry(self, source: Image, mass_voxel: np.ndarray | None = None) -> Geometry:
+        """The RAS-aligned output grid for a volume on ``source``'s grid. ``mass_voxel``: its
+        :meth:`mass_voxel`, when already known (e.g. for copies of one volume whose affines
+        differ)."""
         geom = source.geometry
         d = self.ndim
         spacing = np.array(self.spacing_tuple())
         if self.center == "mass":
-            if source.is_label:
-                weights = (source.data[0] > 0).double()
-            else:  # distance from the background's intensity (the median of the grid's faces):
-                # air, dark or bright, weighs nothing and noise in it little
-                weights = source.data.double().sum(0)
-                weights = (weights - face_median(weights)).abs()
-            total = float(weights.sum())
-            if total <= 0:
+            vox = self.mass_voxel(source) if mass_voxel is None else mass_voxel
+            if vox is None:
                 center = geom.center_world
             else:
-                idx = torch.meshgrid(
-                    *[torch.arange(n, dtype=torch.float64) for n in geom.shape], indexing="ij"
-                )
-                vox = np.array([float((weights * i).sum()) / total for i in idx])
                 center = apply_matrix_np(geom.voxel_to_world, vox[None])[0]
         elif self.center == "fov":
             center = geom.center_world

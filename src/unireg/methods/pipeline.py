@@ -13,7 +13,7 @@ the warped image and the result.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -104,9 +104,19 @@ def check_dimensions(fixed: Image, moving: Image, ndim: int) -> None:
 def network_grid(checkpoint: Checkpoint, image: Image) -> Geometry:
     """The network's grid placed for ``image`` (centred on its head), from the preprocessing
     the network was trained with."""
+    return turned_network_grids(checkpoint, image, [np.eye(image.ndim + 1)])[0]
+
+
+def turned_network_grids(
+    checkpoint: Checkpoint, image: Image, turns: Sequence[np.ndarray]
+) -> list[Geometry]:
+    """:func:`network_grid` of ``image`` turned by each world matrix of ``turns`` (its affine
+    left-multiplied, its voxels unchanged), the centre of mass computed once."""
     first = image.with_data(image.data[:1].float())
     prep = Preprocessing.from_settings(checkpoint.preprocessing, image.ndim)
-    return prep.target_geometry(first)
+    vox = prep.mass_voxel(first) if prep.center == "mass" else None
+    return [prep.target_geometry(first.with_data(first.data, turn @ first.affine), vox)
+            for turn in turns]  # fmt: skip
 
 
 # the finer image is blurred along an axis only where the other image's voxel is at least

@@ -18,21 +18,18 @@ from unireg.io.image import Image
 from unireg.methods.base import OptionError
 from unireg.methods.keymorph import DEFAULT_ROTATIONS, TRANSFORMS, KeyMorphOptions, check_refinement
 from unireg.methods.keymorph.model import KeyMorph, KeypointAlignment
-from unireg.methods.pipeline import LearnedMethod, network_dtype, network_grid, network_input
+from unireg.methods.pipeline import (
+    LearnedMethod,
+    network_dtype,
+    network_input,
+    turned_network_grids,
+)
 from unireg.result import KeyMorphExtras, RegistrationResult, measured_result
 from unireg.spatial.field import world_points
-from unireg.spatial.geometry import Geometry, apply_matrix_np, linear_about
+from unireg.spatial.geometry import apply_matrix_np, linear_about
 from unireg.spatial.keypoints import ThinPlateSpline, fit_rigid
 from unireg.spatial.transform import AffineTransform, DisplacementFieldTransform, Transform
 from unireg.training.checkpoint import Checkpoint
-
-
-def _detector_input(image: Image, checkpoint: Checkpoint) -> tuple[torch.Tensor, Geometry]:
-    """An image on the grid the detector was trained on (spacing, shape, centred on the
-    centre of mass, RAS axes), normalised: the detector sees what it was trained on whatever
-    the input grid; keypoints are mapped back through the world."""
-    grid = network_grid(checkpoint, image)
-    return network_input(image, grid), grid
 
 
 def test_time_rotations(n: int) -> np.ndarray:
@@ -236,11 +233,14 @@ def _detect_many(
     through the detector in one batch (it sees each copy alone: no layer mixes a batch)."""
     inputs, geometries, owners, inverses = [], [], [], []
     for index, (image, turns) in enumerate(jobs):
-        for turn in turns:
+        # the detector sees what it was trained on whatever the input grid: each turned copy
+        # on the network's grid (centred on the head), normalised; keypoints mapped back
+        # through the world
+        grids = turned_network_grids(checkpoint, image, turns)
+        for turn, grid in zip(turns, grids, strict=True):
             turned = image.with_data(image.data, turn @ image.geometry.affine)
-            x, geom = _detector_input(turned, checkpoint)
-            inputs.append(x)
-            geometries.append(geom)
+            inputs.append(network_input(turned, grid))
+            geometries.append(grid)
             owners.append(index)
             inverses.append(np.linalg.inv(turn))
     batch = torch.cat(inputs).to(device)
