@@ -416,6 +416,84 @@ def test_anatomical_keypoints_are_the_label_centroids_of_each_subject(tmp_path):
         KeyMorphTrainer(cfg)
 
 
+def test_anatomical_targets_of_another_labelling_are_its_subjects_keypoints(tmp_path):
+    """``anatomical_targets`` (world mm centroids of the anatomical labels, per subject of
+    another dataset): those subjects train anatomical keypoints too, each target in its own
+    training grid's normalised coordinates (the convention of the dataset's own centroids);
+    the template subjects stay the anatomical dataset's; a file short of a keypoint's label,
+    or naming none of the run's subjects, is an error that names it."""
+    import nibabel as nib
+
+    from unireg.methods.keymorph.training import KeyMorphConfig, KeyMorphTrainer
+    from unireg.spatial.geometry import apply_matrix_np
+
+    cfg, _ = _tiny_config(tmp_path, "given", num_keypoints=2, pretrain_steps=0,
+                          anatomical_steps=2, anatomical_dataset='"toy"')  # fmt: skip
+    # another labelling of s1's anatomy (values + 100), a label map only
+    lab = nib.load(tmp_path / "s1_lab.nii.gz")
+    other = (np.asarray(lab.dataobj) + 100 * (np.asarray(lab.dataobj) > 0)).astype(np.int16)
+    nib.save(nib.Nifti1Image(other, lab.affine), str(tmp_path / "o1_lab.nii.gz"))
+    with open(tmp_path / "manifest.csv", "a") as fh:
+        fh.write("other,o1,labels-only,,o1_lab.nii.gz,train\n")
+    cfg.datasets = ["toy", "other"]
+    plain = KeyMorphTrainer(cfg)
+    item = next(it for it in plain.volumes.items if it["subject"] == "o1")
+    grid, data = item["geometry"], item["labels"][0].numpy()
+    centres = [np.argwhere(data == v + 100).mean(0) for v in plain.anatomy_labels]
+    world = apply_matrix_np(grid.voxel_to_world, np.array(centres))
+    targets = tmp_path / "targets.npz"
+    np.savez(targets, labels=np.array([7, *plain.anatomy_labels]),
+             **{"points/o1": np.concatenate([np.full((1, 3), 99.0), world]),
+                "points/elsewhere": np.zeros((3, 3))})  # fmt: skip
+    cfg.anatomical_targets = str(targets)
+    trainer = KeyMorphTrainer(cfg)
+    assert len(trainer.anatomy) == 4 and trainer.template_subjects == 3
+    got, points = trainer.anatomy[-1]
+    assert got["subject"] == "o1"
+    expect = 2 * np.array(centres) / (np.array(data.shape) - 1) - 1
+    assert np.allclose(points.numpy(), expect, atol=1e-5)
+    assert np.isfinite(trainer.train_step())
+    np.savez(targets, labels=np.array(plain.anatomy_labels[:1]), **{"points/o1": world[:1]})
+    with pytest.raises(ValueError, match="targets.npz: no centroids of the keypoints' labels"):
+        KeyMorphTrainer(cfg)
+    np.savez(targets, labels=np.array(plain.anatomy_labels), **{"points/o9": world})
+    with pytest.raises(ValueError, match="targets.npz: gives targets for none"):
+        KeyMorphTrainer(cfg)
+    bad = tmp_path / "missing.toml"
+    bad.write_text('anatomical_targets = "nowhere.npz"\n')
+    with pytest.raises(ValueError, match="missing.toml: anatomical_targets: no such file"):
+        KeyMorphConfig.from_file(bad)
+
+
+def test_a_one_stage_run_starts_from_a_two_stage_models_first_stage(tmp_path):
+    """``init_stage = "coarse"``: the init checkpoint's coarse detector becomes the run's
+    detector, weight for weight; a one-stage init is an error that names the file."""
+    from unireg.methods.keymorph.training import KeyMorphConfig, KeyMorphTrainer
+
+    cfg, _ = _tiny_config(tmp_path, "one", num_keypoints=2, anatomical_steps=1, steps=0,
+                          pretrain_steps=0, anatomical_dataset='"toy"')  # fmt: skip
+    one = KeyMorphTrainer(cfg)
+    one.run(progress=False)
+    cfg2, _ = _tiny_config(tmp_path, "two", num_keypoints=2, anatomical_steps=1, steps=0,
+                           pretrain_steps=0, anatomical_dataset='"toy"', decoder=1,
+                           coarse='"one/last.pt"')  # fmt: skip
+    two = KeyMorphTrainer(cfg2)
+    two.run(progress=False)
+    cfg3, _ = _tiny_config(tmp_path, "three", num_keypoints=2, anatomical_steps=1, steps=0,
+                           pretrain_steps=0, anatomical_dataset='"toy"', init='"two/last.pt"',
+                           init_stage='"coarse"')  # fmt: skip
+    three = KeyMorphTrainer(cfg3)
+    for name, value in three.model.detector.state_dict().items():
+        assert torch.equal(value, two.model.coarse.state_dict()[name]), name
+    cfg3.init = str(tmp_path / "one" / "last.pt")
+    with pytest.raises(ValueError, match=r"last.pt: init_stage = 'coarse', but not a two-stage"):
+        KeyMorphTrainer(cfg3)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('init_stage = "coarse"\n')
+    with pytest.raises(ValueError, match="bad.toml: init_stage = 'coarse' starts a one-stage"):
+        KeyMorphConfig.from_file(bad)
+
+
 def test_training_starts_from_an_init_checkpoint(tmp_path):
     """``init`` loads a checkpoint's weights at step 0 (a resume from ``last.pt`` wins); a
     checkpoint of another network is an error naming the file."""

@@ -275,7 +275,7 @@ class Trainer:
         network must be the one this config builds, except for modules this config adds that
         declare themselves new-start safe (``new_modules()``: e.g. KeyMorph's decoder levels,
         which start as an identity), kept at their initial weights."""
-        state = read_checkpoint(path).float_state()
+        state = self.init_state(read_checkpoint(path))
         fresh = tuple(getattr(self.model, "new_modules", lambda: [])())
         try:
             missing, unexpected = self.model.load_state_dict(state, strict=False)
@@ -285,6 +285,11 @@ class Trainer:
         except RuntimeError as err:
             msg = f"{path}: init checkpoint does not fit this config's model ({err})"
             raise ValueError(msg) from err
+
+    def init_state(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+        """The weights of ``checkpoint`` that start the run (``init``): all of them; a
+        method may take a part (KeyMorph: a two-stage model's first stage)."""
+        return checkpoint.float_state()
 
     def _resume(self, checkpoint: Checkpoint) -> None:
         self.model.load_state_dict(checkpoint.float_state())

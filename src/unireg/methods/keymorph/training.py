@@ -58,14 +58,18 @@ from unireg.spatial.field import scaling_and_squaring
 from unireg.spatial.grid import channels_last, identity_grid, transform_points
 from unireg.spatial.warp import sample
 from unireg.training.base import TrainConfig, Trainer, TrainingVolumes
-from unireg.training.checkpoint import read_checkpoint
+from unireg.training.checkpoint import Checkpoint, read_checkpoint
 
 
 @dataclass
 class KeyMorphConfig(TrainConfig):
     """A KeyMorph training run: :class:`TrainConfig` plus the model and its schedule."""
 
-    path_settings: ClassVar[tuple[str, ...]] = (*TrainConfig.path_settings, "coarse")
+    path_settings: ClassVar[tuple[str, ...]] = (
+        *TrainConfig.path_settings,
+        "coarse",
+        "anatomical_targets",
+    )
     output: str = "runs/keymorph"
     # model
     num_keypoints: int = 64
@@ -75,6 +79,9 @@ class KeyMorphConfig(TrainConfig):
     # a KeyMorph checkpoint whose detector becomes the frozen first stage of a two-stage model
     # (it finds heads in any orientation; the trained detector then sees them upright); "": none
     coarse: str = ""
+    # "coarse": ``init`` is a two-stage checkpoint whose first (coarse) detector starts this
+    # one-stage run; "": ``init`` is this run's own kind of model
+    init_stage: str = ""
     unit_mm: float = 64.0
     # schedule
     pretrain_steps: int = 200
@@ -85,6 +92,9 @@ class KeyMorphConfig(TrainConfig):
     pretrain_deformation: float = 0.03  # std of the pretraining SVF (normalised units); 0: off
     anatomical_steps: int = 0  # label-centroid keypoint steps after the pretraining
     anatomical_dataset: str = "ixi"  # whose subjects (all sharing the labels) give centroids
+    # subjects of other labellings with those centroids given (tools/keymorph_anatomy_targets.py:
+    # ``labels``, ``points/<subject>`` in world mm): anatomical subjects too; "": none
+    anatomical_targets: str = ""
     consistency_every: int = 0  # supervised: every n-th step a keypoint-consistency step; 0: off
     anatomical_every: int = 0  # supervised: every n-th step an anatomical-keypoint step; 0: off
     batch_size: int = 1  # samples (pairs, views) per step, the detector run once on all
@@ -111,6 +121,12 @@ class KeyMorphConfig(TrainConfig):
             raise ValueError(f"anatomical_every must be >= 0, got {self.anatomical_every}")
         if self.consistency_every and self.anatomical_every:
             raise ValueError("consistency_every and anatomical_every exclude each other")
+        if self.init_stage not in ("", "coarse"):
+            raise ValueError(f"init_stage must be '' or 'coarse', got {self.init_stage!r}")
+        if self.init_stage and (self.coarse or not self.init):
+            raise ValueError("init_stage = 'coarse' starts a one-stage run from init's first stage")
+        if self.anatomical_targets and not Path(self.anatomical_targets).is_file():
+            raise ValueError(f"anatomical_targets: no such file {self.anatomical_targets}")
         if self.coarse and not (self.anatomical_steps or self.anatomical_every):
             raise ValueError("coarse needs anatomical keypoints (its template is their mean)")
 
@@ -143,10 +159,28 @@ class KeyMorphTrainer(Trainer):
         self.pretrain_points = (2 * pick / (shape - 1) - 1).float()  # normalised (K, 3)
         self.anatomy: list[tuple[dict[str, Any], torch.Tensor]] = []  # (subject, centroids)
         self.anatomy_labels: list[int] = []
+        self.template_subjects = 0
         if cfg.anatomical_steps or (cfg.anatomical_every and cfg.steps):
             self.anatomy_labels, self.anatomy = self._centroid_targets()
+            # the template (two-stage models) is the mean of the anatomical dataset's own
+            # subjects, whatever other subjects train with given targets
+            self.template_subjects = len(self.volumes.by_dataset[cfg.anatomical_dataset])
+            if cfg.anatomical_targets:
+                self.anatomy += self._given_targets(Path(cfg.anatomical_targets))
         if cfg.coarse and self.step == 0:  # a resume has them in its checkpoint
             self._load_coarse(Path(cfg.coarse))
+
+    def init_state(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+        """With ``init_stage = "coarse"``: the two-stage checkpoint's first-stage detector as
+        this model's detector."""
+        state = checkpoint.float_state()
+        if not self.cfg.init_stage:
+            return state
+        coarse = {"detector." + k[len("coarse."):]: v for k, v in state.items()
+                  if k.startswith("coarse.")}  # fmt: skip
+        if not coarse:
+            raise ValueError(f"{checkpoint.path}: init_stage = 'coarse', but not a two-stage model")
+        return coarse
 
     def _load_coarse(self, path: Path) -> None:
         """The coarse stage's weights from ``path`` and the template: the mean over the
@@ -161,7 +195,7 @@ class KeyMorphTrainer(Trainer):
                     if k.startswith(prefix)}  # fmt: skip
         model.coarse.load_state_dict(detector)
         centred = []
-        for item, points in self.anatomy:
+        for item, points in self.anatomy[: self.template_subjects]:
             mm = KeyMorph.to_world(points.double().cpu()[None], item["geometry"])[0]
             centred.append(mm - mm.mean(0))
         model.template.copy_(torch.stack(centred).mean(0))
@@ -194,6 +228,31 @@ class KeyMorphTrainer(Trainer):
             cents = torch.stack([torch.nonzero(lab == v).double().mean(0) for v in chosen])
             targets.append((it, (2 * cents / (shape - 1) - 1).float()))
         return chosen, targets
+
+    def _given_targets(self, path: Path) -> list[tuple[dict[str, Any], torch.Tensor]]:
+        """The subjects of other datasets whose centroids of :attr:`anatomy_labels` ``path``
+        gives in world mm (``labels`` ``(L,)``, ``points/<subject>`` ``(L, d)``), each with
+        them in its training grid's normalised coordinates."""
+        import numpy as np
+
+        from unireg.spatial.geometry import apply_matrix_np
+
+        with np.load(path) as data:
+            given = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("points/")}
+            values = [int(v) for v in data["labels"]]
+        missing = sorted(set(self.anatomy_labels) - set(values))
+        if missing:
+            raise ValueError(f"{path}: no centroids of the keypoints' labels {missing[:8]}")
+        rows = [values.index(v) for v in self.anatomy_labels]
+        out = []
+        for item in self.volumes.items:
+            if item["dataset"] != self.cfg.anatomical_dataset and item["subject"] in given:
+                world = given[item["subject"]][rows]
+                points = apply_matrix_np(item["geometry"].world_to_normalized, world)
+                out.append((item, torch.as_tensor(points, dtype=torch.float32)))
+        if not out:
+            raise ValueError(f"{path}: gives targets for none of this run's subjects")
+        return out
 
     def _lambda(self, g: torch.Generator) -> float:
         cfg = self.cfg
