@@ -416,6 +416,16 @@ def test_anatomical_keypoints_are_the_label_centroids_of_each_subject(tmp_path):
         KeyMorphTrainer(cfg)
 
 
+def _config_error(tmp_path, text, match):
+    """A config file holding ``text`` is refused with an error naming the file."""
+    from unireg.methods.keymorph.training import KeyMorphConfig
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text + "\n")
+    with pytest.raises(ValueError, match=f"bad.toml: {match}"):
+        KeyMorphConfig.from_file(bad)
+
+
 def test_anatomical_targets_of_another_labelling_are_its_subjects_keypoints(tmp_path):
     """``anatomical_targets`` (world mm centroids of the anatomical labels, per subject of
     another dataset): those subjects train anatomical keypoints too, each target in its own
@@ -424,7 +434,7 @@ def test_anatomical_targets_of_another_labelling_are_its_subjects_keypoints(tmp_
     or naming none of the run's subjects, is an error that names it."""
     import nibabel as nib
 
-    from unireg.methods.keymorph.training import KeyMorphConfig, KeyMorphTrainer
+    from unireg.methods.keymorph.training import KeyMorphTrainer
     from unireg.spatial.geometry import apply_matrix_np
 
     cfg, _ = _tiny_config(tmp_path, "given", num_keypoints=2, pretrain_steps=0,
@@ -459,16 +469,14 @@ def test_anatomical_targets_of_another_labelling_are_its_subjects_keypoints(tmp_
     np.savez(targets, labels=np.array(plain.anatomy_labels), **{"points/o9": world})
     with pytest.raises(ValueError, match="targets.npz: gives targets for none"):
         KeyMorphTrainer(cfg)
-    bad = tmp_path / "missing.toml"
-    bad.write_text('anatomical_targets = "nowhere.npz"\n')
-    with pytest.raises(ValueError, match="missing.toml: anatomical_targets: no such file"):
-        KeyMorphConfig.from_file(bad)
+    _config_error(tmp_path, 'anatomical_targets = "nowhere.npz"',
+                  "anatomical_targets: no such file")  # fmt: skip
 
 
 def test_a_one_stage_run_starts_from_a_two_stage_models_first_stage(tmp_path):
     """``init_stage = "coarse"``: the init checkpoint's coarse detector becomes the run's
     detector, weight for weight; a one-stage init is an error that names the file."""
-    from unireg.methods.keymorph.training import KeyMorphConfig, KeyMorphTrainer
+    from unireg.methods.keymorph.training import KeyMorphTrainer
 
     cfg, _ = _tiny_config(tmp_path, "one", num_keypoints=2, anatomical_steps=1, steps=0,
                           pretrain_steps=0, anatomical_dataset='"toy"')  # fmt: skip
@@ -488,10 +496,7 @@ def test_a_one_stage_run_starts_from_a_two_stage_models_first_stage(tmp_path):
     cfg3.init = str(tmp_path / "one" / "last.pt")
     with pytest.raises(ValueError, match=r"last.pt: init_stage = 'coarse', but not a two-stage"):
         KeyMorphTrainer(cfg3)
-    bad = tmp_path / "bad.toml"
-    bad.write_text('init_stage = "coarse"\n')
-    with pytest.raises(ValueError, match="bad.toml: init_stage = 'coarse' starts a one-stage"):
-        KeyMorphConfig.from_file(bad)
+    _config_error(tmp_path, 'init_stage = "coarse"', "init_stage = 'coarse' starts a one-stage")
 
 
 def test_training_starts_from_an_init_checkpoint(tmp_path):
