@@ -43,11 +43,10 @@ T1_LIKE = {
 
 def t1_like(labels, spacing: float = 2.0):  # noqa: ANN001, ANN201
     """A T1-like brain image (intensities in [0, 1], zero outside the brain) of a SynthSeg
-    label map, blurred and resampled to ``spacing`` mm voxels (each over ``spacing^3`` of
-    the 1 mm ones)."""
+    label map, blurred (FWHM ``spacing``) and resampled to ``spacing`` mm voxels on the map's
+    own axes and field of view."""
     from unireg.io.image import Image, resample
     from unireg.spatial.filters import gaussian_blur
-    from unireg.spatial.geometry import Geometry
     from unireg.training.base import _SYNTHSEG_NON_BRAIN
 
     data = labels.data[0].long()
@@ -55,30 +54,27 @@ def t1_like(labels, spacing: float = 2.0):  # noqa: ANN001, ANN201
     for value in torch.unique(data).tolist():
         if value and value not in _SYNTHSEG_NON_BRAIN:
             lut[value] = T1_LIKE.get(value, 0.5)
-    image = lut[data][None, None]
-    factor = spacing / float(min(labels.geometry.spacing))
-    image = gaussian_blur(image, 0.425 * factor)[0]
-    scale = np.diag([factor, factor, factor, 1.0])
-    scale[:3, 3] = (factor - 1) / 2
-    geometry = labels.geometry
-    grid = Geometry(tuple(int(n // factor) for n in geometry.shape), geometry.affine @ scale)
-    return resample(Image(image, geometry.affine), grid)
+    sigma = [spacing / 2.355 / s for s in labels.geometry.spacing]
+    image = gaussian_blur(lut[data][None, None], sigma)[0]
+    grid = labels.geometry.regrid((spacing,) * labels.geometry.ndim)
+    return resample(Image(image, labels.geometry.affine), grid)
 
 
 def stripped(image, labels):  # noqa: ANN001, ANN201
-    """``image`` zero outside its labels' brain, its 99.5th percentile inside scaled to 1."""
-    mask = labels.data[0] > 0
-    data = image.data[0].float()
-    top = torch.quantile(data[mask][:: max(1, int(mask.sum()) // 100_000)], 0.995)
-    return image.with_data(torch.where(mask, (data / top).clamp(0, 1), 0.0)[None])
+    """``image`` brain-extracted by its label map (:func:`unireg.training.base.skull_strip`:
+    zero outside the labels dilated by a voxel, the 99.5th percentile inside scaled to 1)."""
+    from unireg.training.base import skull_strip
+
+    out = skull_strip(image.data[:1].float()[None], labels.data[:1][None])
+    return image.with_data(out[0])
 
 
 def centroids(labels, values: list[int]) -> np.ndarray:  # noqa: ANN001
     """World mm centroids ``(L, 3)`` of ``values`` in a label map."""
-    data = labels.data[0].numpy()
-    voxels = np.array(ndimage.center_of_mass(np.ones_like(data), data, values))
     from unireg.spatial.geometry import apply_matrix_np
 
+    data = labels.data[0].numpy()
+    voxels = np.array(ndimage.center_of_mass(np.ones_like(data), data, values))
     return apply_matrix_np(labels.geometry.voxel_to_world, voxels)
 
 

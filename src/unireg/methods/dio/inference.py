@@ -57,8 +57,6 @@ def _trunk(
     net: FeatureNet, image: torch.Tensor, factors: Sequence[float], dtype: torch.dtype
 ) -> Trunk:
     """``net.trunk`` with its convolutions in ``dtype`` (autocast), levels back in float32."""
-    if dtype == torch.float32:
-        return net.trunk(image, factors)
     with in_dtype(dtype, image.device):
         out = net.trunk(image, factors)
     return Trunk({f: v.float() for f, v in out.levels.items()}, out.shape, out.padded)
