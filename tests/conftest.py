@@ -174,3 +174,22 @@ def oblique_pair(
             write_nifti(folder / "moving.nii.gz", vol, moving_aff),
             write_nifti(folder / "fixed_labels.nii.gz", labels, fixed_aff),
             write_nifti(folder / "moving_labels.nii.gz", labels, moving_aff))  # fmt: skip
+
+
+def assert_resumes_exactly(trainer_class, config, steps: int, atol: float = 1e-5):
+    """Train ``config("straight", steps)`` in one run, and ``config("resumed", ...)`` to half
+    the steps, then resumed from its checkpoint to ``steps``: finite losses, and the same
+    weights within ``atol``. Returns the straight trainer."""
+    straight = trainer_class(config("straight", steps))
+    losses = straight.run(progress=False)
+    assert len(losses) == steps and all(np.isfinite(losses))
+    half = steps // 2
+    trainer_class(config("resumed", half)).run(progress=False)
+    resumed = trainer_class(config("resumed", steps))
+    assert resumed.step == half
+    resumed.run(progress=False)
+    pairs = zip(straight.model.state_dict().values(), resumed.model.state_dict().values(),
+                strict=True)  # fmt: skip
+    for a, b in pairs:
+        assert torch.allclose(a, b, atol=atol)
+    return straight

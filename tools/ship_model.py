@@ -2,6 +2,7 @@
 network config, preprocessing, training config, step and extras kept.
 
     python tools/ship_model.py METHOD RUN/final.pt src/unireg/models/NAME.pt
+    python tools/ship_model.py brainmask RUN/final.pt src/unireg/models/brainmask_4mm.pt
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ def main() -> None:
     parser.add_argument("source", type=Path)
     parser.add_argument("target", type=Path)
     args = parser.parse_args()
-    model, checkpoint = load_model(args.method, model=args.source)
+    if args.method == "brainmask":  # the brain-mask network is no registration method
+        from unireg.methods.extraction.inference import load_brain_model
+
+        model, checkpoint = load_brain_model(args.source)
+    else:
+        model, checkpoint = load_model(args.method, model=args.source)
     path = save_checkpoint(
         args.target, args.method, model, preprocessing=checkpoint.preprocessing,
         train_config=checkpoint.train_config, step=checkpoint.step, extra=checkpoint.extra,

@@ -26,10 +26,14 @@ class Extras:
     Attributes:
         method: a readable description of the method and its settings.
         matrix: the linear part (world mm, fixed -> moving, ``(d+1, d+1)``), when there is one.
+        brain_stripped: ``"fixed"`` or ``"moving"`` when that image, a whole head, was
+            registered stripped to its brain mask against a brain-extracted other
+            (:func:`unireg.methods.extraction.match_extraction`); ``""`` otherwise.
     """
 
     method: str = ""
     matrix: np.ndarray | None = None
+    brain_stripped: str = ""
 
 
 @dataclass

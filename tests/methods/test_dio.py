@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import demo_brains
+from conftest import assert_resumes_exactly, demo_brains
 from test_keymorph import _tiny_manifest
 
 from unireg.io import load_image, load_labels
@@ -390,18 +390,8 @@ def test_dio_training_runs_resumes_exactly_and_reloads(tmp_path):
             synthesis_probability=0.0, lr=3e-3,
         )  # fmt: skip
 
-    straight = DIOTrainer(config("straight", 4))
-    losses = straight.run(progress=False)
-    assert len(losses) == 4 and all(np.isfinite(losses))
+    straight = assert_resumes_exactly(DIOTrainer, config, 4)
     assert straight.active_levels() == 3
-    first = DIOTrainer(config("resumed", 2))
-    first.run(progress=False)
-    resumed = DIOTrainer(config("resumed", 4))
-    assert resumed.step == 2
-    resumed.run(progress=False)
-    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(),
-                    strict=True):  # fmt: skip
-        assert torch.allclose(a, b, atol=1e-5)
     model, payload = registry.load_checkpoint(tmp_path / "straight" / "last.pt")
     assert payload.method == "dio" and isinstance(model, FeatureNet)
     # held-out labels never enter the Dice term: holding out every label of the toy maps

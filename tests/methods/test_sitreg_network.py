@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import voxel_lengths
+from conftest import assert_resumes_exactly, voxel_lengths
 
 from unireg.spatial import compose_displacements
 
@@ -132,17 +132,7 @@ def test_sitreg_training_lowers_its_loss_resumes_exactly_and_reloads(tmp_path):
             lr=3e-3, dice_weight=0.5, synthesis_probability=0.0,
         )  # fmt: skip
 
-    straight = SITRegTrainer(config("straight", 6))
-    losses = straight.run(progress=False)
-    assert len(losses) == 6 and all(np.isfinite(losses))
-    first = SITRegTrainer(config("resumed", 3))
-    first.run(progress=False)
-    resumed = SITRegTrainer(config("resumed", 6))
-    assert resumed.step == 3
-    resumed.run(progress=False)
-    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(),
-                    strict=True):  # fmt: skip
-        assert torch.allclose(a, b, atol=1e-6)
+    assert_resumes_exactly(SITRegTrainer, config, 6, atol=1e-6)
     model, payload = load_checkpoint(tmp_path / "straight" / "last.pt")
     assert payload.method == "sitreg" and payload.step == 6
     # training lowers the loss on a fixed pair (evaluated before and after 30 more steps)

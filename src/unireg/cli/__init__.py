@@ -35,6 +35,7 @@ VERBS = {
     "view": "write an interactive HTML report (NiiVue) of a register output folder",
     "demo": "register two real brains shipped with unireg and write a report",
     "synthesize": "draw a synthetic image of random contrast from a label map",
+    "strip": "brain mask and brain-extracted image of an image of any contrast",
     "info": "print grid, orientation and range of image files",
 }
 

@@ -39,4 +39,11 @@ def run(args: argparse.Namespace) -> int:
             size = path.stat().st_size / 2**20 if path.exists() else 0
             tag = " (default)" if i == 0 else ""
             print(f"  model {name:<11} {file} {size:.1f} MB{tag}")
+    if not args.method:
+        from unireg.methods.extraction import MODEL_FILE
+
+        path = models_dir() / MODEL_FILE
+        size = path.stat().st_size / 2**20 if path.exists() else 0
+        print("brain extraction (unireg strip; every method's --brain auto)")
+        print(f"  model brainmask   {MODEL_FILE} {size:.1f} MB")
     return 0

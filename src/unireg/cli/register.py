@@ -404,6 +404,7 @@ def publish(
     metrics = {"method": done.method, "spec": done.spec, **done.setting, **metrics,
                **done.quality, "fallback": done.fallback, "threads": torch.get_num_threads(),
                "unireg_version": __version__, **made}  # fmt: skip
+    metrics["brain_stripped"] = result.extras.brain_stripped or None
     if isinstance(result.extras, SolverExtras):  # stages that kept their start, and why
         metrics["stages_kept_start"] = result.extras.kept_start()
         metrics["contrast_r"] = result.extras.contrast_r()

@@ -1,4 +1,5 @@
-"""``unireg train``: train a registered method from a TOML config."""
+"""``unireg train``: train a registered method (or the brain-mask network) from a TOML
+config."""
 
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "of the global batch and the gradients are summed; rank 0 writes the checkpoints."
         ),
     )
-    p.add_argument("method", choices=trainable())
+    p.add_argument(
+        "method",
+        choices=[*trainable(), "brainmask"],
+        help="a method, or brainmask: the brain-mask network (unireg.methods.extraction)",
+    )
     p.add_argument("--config", required=True, help="TOML config file")
     p.add_argument("--output", "-o", default=None, help="override the config's output folder")
     p.add_argument("--steps", type=int, default=None, help="override the training steps")
@@ -43,9 +48,15 @@ def run(args: argparse.Namespace) -> int:
     from unireg.methods.base import import_object
     from unireg.methods.registry import get
 
-    entry = get(args.method)
-    assert entry.config is not None and entry.trainer is not None
-    config_class, trainer_class = import_object(entry.config), import_object(entry.trainer)
+    if args.method == "brainmask":
+        from unireg.methods.extraction import TRAINER
+
+        config_name, trainer_name = TRAINER
+    else:
+        entry = get(args.method)
+        assert entry.config is not None and entry.trainer is not None
+        config_name, trainer_name = entry.config, entry.trainer
+    config_class, trainer_class = import_object(config_name), import_object(trainer_name)
     overrides: dict[str, object] = {}
     if args.output:
         overrides["output"] = str(Path(args.output).resolve())

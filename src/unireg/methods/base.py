@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, get_type_hin
 from unireg.errors import UniregError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from unireg.io.image import Image, LabelMap
     from unireg.result import RegistrationResult
 
@@ -166,6 +168,9 @@ def _coerce(info: OptionInfo, value: Any, where: str) -> Any:
 
 OptionsT = TypeVar("OptionsT", bound="MethodOptions")
 
+# the ``brain`` option every method has (:func:`unireg.methods.registry.create`)
+BRAIN_MODES = ("auto", "off")
+
 
 @dataclass(frozen=True)
 class MethodOptions:
@@ -173,6 +178,13 @@ class MethodOptions:
     (:meth:`from_mapping`, or the constructor followed by :meth:`check`)."""
 
     method: ClassVar[str] = ""
+
+    brain: str = option(
+        "auto", choices=BRAIN_MODES,
+        help="every method: when exactly one image is brain-extracted (zero outside the brain) "
+        "and the other a whole head, register the head stripped to its brain mask (the "
+        "brain-mask network; unireg.methods.extraction); off: the images as given",
+    )  # fmt: skip
 
     @classmethod
     def infos(cls) -> list[OptionInfo]:
@@ -288,6 +300,13 @@ class Method(Protocol):
         """Register ``moving`` onto ``fixed``; the transform maps fixed world mm to moving
         world mm."""
         ...
+
+
+def models_dir() -> Path:
+    """``unireg/models/``: the shipped models."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "models"
 
 
 def import_object(path: str) -> Any:

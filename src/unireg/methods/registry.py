@@ -18,7 +18,14 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from unireg.errors import UniregError
-from unireg.methods.base import Method, MethodEntry, MethodOptions, OptionError
+from unireg.methods.base import (
+    Method,
+    MethodEntry,
+    MethodOptions,
+    OptionError,
+    import_object,
+    models_dir,
+)
 
 if TYPE_CHECKING:  # pathlib, torch: imported when used (the CLI's --help needs neither)
     from pathlib import Path
@@ -35,13 +42,6 @@ PACKAGES = (
     "unireg.methods.dio",
     "unireg.methods.avsm",
 )
-
-
-def models_dir() -> Path:
-    """``unireg/models/``: the shipped models."""
-    from pathlib import Path
-
-    return Path(__file__).resolve().parents[1] / "models"
 
 
 @cache
@@ -102,7 +102,8 @@ def create(
     spec: str | MethodEntry, options: MethodOptions | None = None, device: str = "cpu"
 ) -> Method:
     """A method ready to run, from a spec string or an entry and its options (its network,
-    if any, loaded on ``device``)."""
+    if any, loaded on ``device``); with ``brain = "auto"`` (the default) it runs on the pair
+    :func:`~unireg.methods.extraction.inference.match_extraction` makes of its inputs."""
     if isinstance(spec, str):
         entry, parsed = parse_spec(spec)
         options = options or parsed
@@ -111,7 +112,12 @@ def create(
         options = options or entry.options()
     if not isinstance(options, entry.options):
         raise OptionError(f"{entry.name} takes {entry.options.__name__}")
-    return entry.build(options, device)
+    method = entry.build(options, device)
+    if options.brain == "auto":  # built from its name, as every method is
+        from unireg.methods.extraction import MATCHED
+
+        return import_object(MATCHED)(method, device)
+    return method
 
 
 def model_path(method: str, model: str | Path | None = None) -> Path:
@@ -133,7 +139,6 @@ def load_checkpoint(path: str | Path, *, device: Any = "cpu") -> tuple[nn.Module
     """Rebuild a network from a checkpoint file alone (its method's registry entry builds it);
     returns ``(model, checkpoint)``, the model in eval mode and float32 on ``device``.
     ``FileNotFoundError`` / ``ValueError`` naming the file on failure."""
-    from unireg.methods.base import import_object
     from unireg.training.checkpoint import read_checkpoint
 
     checkpoint = read_checkpoint(path)

@@ -1,0 +1,254 @@
+"""Brain masks of images of any contrast, and pairs matched in brain extraction.
+
+A brain-extracted image (zero outside the brain) registered against a whole head defeats
+intensity similarities: the head's scalp, skull and neck have nothing to match, and the
+linear stage aligns the brain with the head. :func:`match_extraction` finds such pairs and
+strips the whole head with the network's brain mask, so that both images show a brain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from unireg.errors import UniregError
+from unireg.io.image import Image, LabelMap, resample
+from unireg.methods.base import Method, Prompts, models_dir
+from unireg.methods.extraction import MODEL_FILE
+from unireg.methods.extraction.model import BrainMaskNet
+from unireg.methods.pipeline import network_grid, network_input
+from unireg.result import RegistrationResult
+from unireg.spatial.geometry import Geometry, apply_matrix_np
+from unireg.training.checkpoint import Checkpoint, read_checkpoint
+
+# an image may be brain-extracted only if at least this share of its voxels hold its minimum
+# exactly (extraction tools zero the background; scanners leave noise, and heads padded with
+# zeros keep less: 0.33-0.49 for the IXI training T1s, whose background is zeroed)
+MIN_SHARE = 0.6
+# ... and it is, if fewer than this share of its other voxels lie beyond MARGIN_MM of its
+# predicted brain mask (a head has scalp, skull and neck there: 0.62-0.71 of the IXI training
+# heads, 0.83-0.87 of whole heads drawn from SynthSeg maps; images stripped by their labels
+# 0.004-0.06)
+OUTSIDE_SHARE = 0.25
+MARGIN_MM = 8.0
+# a head registered against a brain-extracted image keeps this margin (mm) around its brain
+# mask, as extraction tools leave one (on the first 6 IXI training pairs with a brain-only
+# synthetic moving image, the affine solver's Dice 0.291 with the mask itself, 0.402 with
+# one 2 mm voxel around it, 0.385 with two)
+STRIP_MARGIN_MM = 2.0
+
+
+def load_brain_model(
+    path: str | Path | None = None, device: torch.device | str = "cpu"
+) -> tuple[BrainMaskNet, Checkpoint]:
+    """The brain-mask network of checkpoint ``path`` (the shipped ``brainmask_4mm.pt`` when
+    None), in eval mode on ``device``; a :class:`~unireg.errors.UniregError` naming the file
+    when it is missing or not a brain-mask checkpoint."""
+    file = Path(path) if path is not None else models_dir() / MODEL_FILE
+    if not file.is_file():
+        raise UniregError("no brain-mask model (train one: unireg train brainmask ...)", file)
+    try:
+        checkpoint = read_checkpoint(file)
+    except (FileNotFoundError, ValueError) as err:
+        raise UniregError(str(err)) from err
+    if checkpoint.method != "brainmask":
+        raise UniregError(f"a {checkpoint.method} checkpoint, not a brain-mask one", file)
+    model = BrainMaskNet.from_config(checkpoint.model_config)
+    model.load_state_dict(checkpoint.float_state())
+    return model.to(device).eval(), checkpoint
+
+
+@functools.lru_cache(maxsize=2)
+def _shipped(device: torch.device) -> tuple[BrainMaskNet, Checkpoint]:
+    return load_brain_model(device=device)
+
+
+def brain_probability(
+    image: Image,
+    model: tuple[BrainMaskNet, Checkpoint] | None = None,
+    device: torch.device | str = "cpu",
+) -> Image:
+    """The network's probability that each voxel of ``image`` is brain, on ``image``'s grid.
+
+    The image (first channel) is seen on the network's grid (its training spacing and shape,
+    RAS, intensities to [0, 1]) twice: centred on the image's centre of mass, then on the
+    brain that pass found (a head with its neck in view has its centre of mass low enough that
+    the first grid may cut the top of the brain). The sigmoid of the second pass's logits is
+    resampled back (linear; zero beyond the grid). ``model``: a loaded model and its
+    checkpoint (the shipped one when None)."""
+    dev = torch.device(device)
+    net, checkpoint = model if model is not None else _shipped(dev)
+
+    def run(grid: Geometry) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.sigmoid(net(network_input(image, grid).to(dev)))[0].float().cpu()
+
+    grid = network_grid(checkpoint, image)
+    prob = run(grid)
+    inside = (prob[0] >= 0.5).nonzero().double()
+    if len(inside):
+        centre = apply_matrix_np(grid.voxel_to_world, inside.mean(0).numpy()[None])[0]
+        affine = grid.voxel_to_world.copy()
+        affine[:-1, -1] += centre - grid.center_world
+        grid = Geometry(grid.shape, affine)
+        prob = run(grid)
+    return resample(Image(prob, grid.voxel_to_world), image.geometry)
+
+
+def brain_mask(
+    image: Image,
+    model: tuple[BrainMaskNet, Checkpoint] | None = None,
+    device: torch.device | str = "cpu",
+    threshold: float = 0.5,
+) -> LabelMap:
+    """The brain mask of ``image`` on its grid (uint8, 1 inside): :func:`brain_probability`
+    at ``threshold``, its largest connected component with the holes filled."""
+    prob = brain_probability(image, model, device).data[0].numpy()
+    inside = prob >= threshold
+    parts, count = ndimage.label(inside)
+    if count > 1:
+        sizes = np.bincount(parts.ravel())[1:]
+        inside = parts == 1 + int(np.argmax(sizes))
+    inside = ndimage.binary_fill_holes(inside)
+    return LabelMap(torch.from_numpy(inside.astype(np.uint8))[None], image.affine)
+
+
+def background_share(image: Image) -> float:
+    """The share of ``image``'s voxels (first channel) that hold its minimum exactly."""
+    data = image.data[0]
+    return float((data == data.min()).float().mean())
+
+
+def outside_share(image: Image, mask: LabelMap, margin_mm: float = MARGIN_MM) -> float:
+    """The share of ``image``'s voxels above its minimum that lie farther than ``margin_mm``
+    (world mm) from ``mask``."""
+    data = image.data[0]
+    foreground = (data > data.min()).numpy()
+    if not foreground.any():
+        return 0.0
+    inside = mask.data[0].numpy() > 0
+    if not inside.any():
+        return 1.0
+    distance = ndimage.distance_transform_edt(~inside, sampling=image.spacing)
+    return float((foreground & (distance > margin_mm)).sum() / foreground.sum())
+
+
+def is_brain_extracted(image: Image, mask: LabelMap | None = None, **kwargs) -> bool:
+    """Whether ``image`` shows a brain alone: at least :data:`MIN_SHARE` of its voxels at its
+    minimum and fewer than :data:`OUTSIDE_SHARE` of the rest beyond :data:`MARGIN_MM` of its
+    brain mask (``mask``, or :func:`brain_mask` with ``kwargs``)."""
+    if background_share(image) < MIN_SHARE:
+        return False
+    mask = mask if mask is not None else brain_mask(image, **kwargs)
+    return outside_share(image, mask) < OUTSIDE_SHARE
+
+
+def dilated(mask: LabelMap, margin_mm: float) -> LabelMap:
+    """``mask`` grown by every voxel within ``margin_mm`` (world mm) of it."""
+    inside = mask.data[0].numpy() > 0
+    if margin_mm <= 0 or not inside.any():
+        return mask
+    distance = ndimage.distance_transform_edt(~inside, sampling=mask.spacing)
+    grown = torch.from_numpy((distance <= margin_mm).astype(np.uint8))
+    return LabelMap(grown[None], mask.affine)
+
+
+def strip(image: Image, mask: LabelMap) -> Image:
+    """``image`` set to its minimum outside ``mask`` (same grid; each channel)."""
+    inside = (mask.data > 0).to(image.data.device)
+    low = image.data.flatten(1).min(dim=1).values.view(-1, *[1] * image.ndim)
+    return image.with_data(torch.where(inside, image.data, low))
+
+
+def match_extraction(
+    fixed: Image,
+    moving: Image,
+    model: tuple[BrainMaskNet, Checkpoint] | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[Image, Image, str]:
+    """``(fixed, moving, stripped)``: when exactly one of the two images is brain-extracted
+    (:func:`is_brain_extracted`), the other stripped to its brain mask and a margin of
+    :data:`STRIP_MARGIN_MM` (``stripped`` names it:
+    ``"fixed"`` or ``"moving"``); otherwise both as given and ``""``. The network runs only
+    on images that may be brain-extracted (:data:`MIN_SHARE`) and, when one is, on the other."""
+    images = [fixed, moving]
+    masks: list[LabelMap | None] = [None, None]
+    extracted = [False, False]
+    for i, image in enumerate(images):
+        if background_share(image) >= MIN_SHARE:
+            masks[i] = brain_mask(image, model, device)
+            extracted[i] = outside_share(image, masks[i]) < OUTSIDE_SHARE  # type: ignore[arg-type]
+    if extracted[0] == extracted[1]:
+        return fixed, moving, ""
+    head = 0 if extracted[1] else 1
+    mask = masks[head] if masks[head] is not None else brain_mask(images[head], model, device)
+    images[head] = strip(images[head], dilated(mask, STRIP_MARGIN_MM))
+    return images[0], images[1], ("fixed", "moving")[head]
+
+
+class ExtractionMatched:
+    """A :class:`~unireg.methods.base.Method` run on the pair :func:`match_extraction` makes
+    of its inputs (``brain = "auto"``): the transform is the method's; the warped image is the
+    given moving image's, and the time includes the masks. Other attributes are the method's."""
+
+    def __init__(self, method: Method, device: str = "cpu") -> None:
+        self.method, self.device = method, device
+        self.entry, self.options = method.entry, method.options
+
+    def register(
+        self,
+        fixed: Image,
+        moving: Image,
+        *,
+        prompts: Prompts | None = None,
+        seed: int = 0,
+        progress: Callable[[str], None] | None = None,
+    ) -> RegistrationResult:
+        t0 = time.perf_counter()
+        seen_f, seen_m, stripped = match_extraction(fixed, moving, device=self.device)
+        seconds = time.perf_counter() - t0
+        if stripped and progress is not None:
+            progress(f"brain-extracted against a whole head: the {stripped} image stripped")
+        result = self.method.register(seen_f, seen_m, prompts=prompts, seed=seed,
+                                      progress=progress)  # fmt: skip
+        return _given(result, moving, fixed, stripped, seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        # everything else is the method's (its model, ...); its batch registration
+        # (``register_many``), where it has one, runs on the matched pairs
+        if name == "method":  # not set yet
+            raise AttributeError(name)
+        found = getattr(self.method, name)
+        return self._register_many if name == "register_many" else found
+
+    def _register_many(self, pairs: Sequence[tuple[Image, Image]]) -> list[RegistrationResult]:
+        matched, seconds = [], []
+        for fixed, moving in pairs:
+            t0 = time.perf_counter()
+            matched.append(match_extraction(fixed, moving, device=self.device))
+            seconds.append(time.perf_counter() - t0)
+        results = self.method.register_many([(f, m) for f, m, _ in matched])
+        rows = zip(results, pairs, matched, seconds, strict=True)
+        return [_given(r, moving, fixed, m[2], t) for r, (fixed, moving), m, t in rows]
+
+
+def _given(
+    result: RegistrationResult, moving: Image, fixed: Image, stripped: str, seconds: float
+) -> RegistrationResult:
+    """``result`` of the matched pair as a result of the given one: the given moving image
+    warped when it was the one stripped, the masks' ``seconds`` in its time."""
+    changes: dict[str, Any] = {"extras": dataclasses.replace(result.extras,
+                                                             brain_stripped=stripped)}  # fmt: skip
+    if result.elapsed is not None:
+        changes["elapsed"] = result.elapsed + seconds
+    if stripped == "moving":
+        changes["warped"] = resample(moving, fixed.geometry, result.transform)
+    return dataclasses.replace(result, **changes)
