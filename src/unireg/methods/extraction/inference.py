@@ -141,13 +141,18 @@ def outside_share(image: Image, mask: LabelMap, margin_mm: float = MARGIN_MM) ->
     return float((foreground & (distance > margin_mm)).sum() / foreground.sum())
 
 
-def is_brain_extracted(image: Image, mask: LabelMap | None = None, **kwargs) -> bool:
+def is_brain_extracted(
+    image: Image,
+    mask: LabelMap | None = None,
+    model: tuple[BrainMaskNet, Checkpoint] | None = None,
+    device: torch.device | str = "cpu",
+) -> bool:
     """Whether ``image`` shows a brain alone: at least :data:`MIN_SHARE` of its voxels at its
     minimum and fewer than :data:`OUTSIDE_SHARE` of the rest beyond :data:`MARGIN_MM` of its
-    brain mask (``mask``, or :func:`brain_mask` with ``kwargs``)."""
+    brain mask (``mask``, or :func:`brain_mask` with ``model`` on ``device``)."""
     if background_share(image) < MIN_SHARE:
         return False
-    mask = mask if mask is not None else brain_mask(image, **kwargs)
+    mask = mask if mask is not None else brain_mask(image, model, device)
     return outside_share(image, mask) < OUTSIDE_SHARE
 
 
@@ -176,20 +181,21 @@ def match_extraction(
 ) -> tuple[Image, Image, str]:
     """``(fixed, moving, stripped)``: when exactly one of the two images is brain-extracted
     (:func:`is_brain_extracted`), the other stripped to its brain mask and a margin of
-    :data:`STRIP_MARGIN_MM` (``stripped`` names it:
-    ``"fixed"`` or ``"moving"``); otherwise both as given and ``""``. The network runs only
-    on images that may be brain-extracted (:data:`MIN_SHARE`) and, when one is, on the other."""
+    :data:`STRIP_MARGIN_MM` (``stripped`` names it: ``"fixed"`` or ``"moving"``); otherwise
+    both as given and ``""``. The network runs only on images that may be brain-extracted
+    (:data:`MIN_SHARE`) and, when one is, on the other."""
     images = [fixed, moving]
     masks: list[LabelMap | None] = [None, None]
     extracted = [False, False]
     for i, image in enumerate(images):
         if background_share(image) >= MIN_SHARE:
-            masks[i] = brain_mask(image, model, device)
-            extracted[i] = outside_share(image, masks[i]) < OUTSIDE_SHARE  # type: ignore[arg-type]
+            mask = masks[i] = brain_mask(image, model, device)
+            extracted[i] = outside_share(image, mask) < OUTSIDE_SHARE
     if extracted[0] == extracted[1]:
         return fixed, moving, ""
     head = 0 if extracted[1] else 1
-    mask = masks[head] if masks[head] is not None else brain_mask(images[head], model, device)
+    known = masks[head]
+    mask = known if known is not None else brain_mask(images[head], model, device)
     images[head] = strip(images[head], dilated(mask, STRIP_MARGIN_MM))
     return images[0], images[1], ("fixed", "moving")[head]
 
