@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from unireg.errors import UniregError
 from unireg.io.image import Image, LabelMap, resample
@@ -111,6 +110,8 @@ def brain_mask(
 ) -> LabelMap:
     """The brain mask of ``image`` on its grid (uint8, 1 inside): :func:`brain_probability`
     at ``threshold``, its largest connected component with the holes filled."""
+    from scipy import ndimage  # imported on first use: 0.1 s the plain pairs need not pay
+
     prob = brain_probability(image, model, device).data[0].numpy()
     inside = prob >= threshold
     parts, count = ndimage.label(inside)
@@ -130,6 +131,8 @@ def background_share(image: Image) -> float:
 def outside_share(image: Image, mask: LabelMap, margin_mm: float = MARGIN_MM) -> float:
     """The share of ``image``'s voxels above its minimum that lie farther than ``margin_mm``
     (world mm) from ``mask``."""
+    from scipy import ndimage  # imported on first use: 0.1 s the plain pairs need not pay
+
     data = image.data[0]
     foreground = (data > data.min()).numpy()
     if not foreground.any():
@@ -158,6 +161,8 @@ def is_brain_extracted(
 
 def dilated(mask: LabelMap, margin_mm: float) -> LabelMap:
     """``mask`` grown by every voxel within ``margin_mm`` (world mm) of it."""
+    from scipy import ndimage  # imported on first use: 0.1 s the plain pairs need not pay
+
     inside = mask.data[0].numpy() > 0
     if margin_mm <= 0 or not inside.any():
         return mask
