@@ -20,6 +20,7 @@ import torch
 
 from unireg.errors import UniregError
 from unireg.io.image import Image, LabelMap, resample
+from unireg.io.preprocessing import Preprocessing
 from unireg.methods.base import Method, Prompts, models_dir
 from unireg.methods.extraction import MODEL_FILE
 from unireg.methods.extraction.model import BrainMaskNet
@@ -93,11 +94,12 @@ def brain_probability(
     grid = network_grid(checkpoint, image)
     prob = run(grid)
     inside = (prob[0] >= 0.5).nonzero().double()
-    if len(inside):
-        centre = apply_matrix_np(grid.voxel_to_world, inside.mean(0).numpy()[None])[0]
-        affine = grid.voxel_to_world.copy()
-        affine[:-1, -1] += centre - grid.center_world
-        grid = Geometry(grid.shape, affine)
+    if len(inside):  # the training grid placed on the brain's centre, in the image's voxels
+        centre = apply_matrix_np(grid.voxel_to_world, inside.mean(0).numpy()[None])
+        voxel = apply_matrix_np(image.geometry.world_to_voxel, centre)[0]
+        grid = Preprocessing.from_settings(checkpoint.preprocessing, image.ndim).target_geometry(
+            image, voxel
+        )
         prob = run(grid)
     return resample(Image(prob, grid.voxel_to_world), image.geometry)
 
@@ -195,7 +197,7 @@ def match_extraction(
     for i, image in enumerate(images):
         if background_share(image) >= MIN_SHARE:
             mask = masks[i] = brain_mask(image, model, device)
-            extracted[i] = outside_share(image, mask) < OUTSIDE_SHARE
+            extracted[i] = is_brain_extracted(image, mask)
     if extracted[0] == extracted[1]:
         return fixed, moving, ""
     head = 0 if extracted[1] else 1
