@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_resumes_exactly, smooth_image
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_keymorph import _tiny_manifest
 
 from unireg.errors import UniregError
-from unireg.io.image import Image
+from unireg.io.image import Image, LabelMap
 from unireg.methods import create, options_for
 from unireg.methods.extraction.inference import (
     MIN_SHARE,
@@ -20,6 +22,7 @@ from unireg.methods.extraction.inference import (
     is_brain_extracted,
     load_brain_model,
     match_extraction,
+    outside_share,
     strip,
 )
 from unireg.methods.extraction.model import BrainMaskNet
@@ -96,6 +99,32 @@ def test_brain_masks_come_back_on_the_image_grid():
     assert mask.data.dtype == torch.uint8
     inter = float((mask.data[0].bool() & brain).sum())
     assert 2 * inter / float(mask.data.sum() + brain.sum()) > 0.9
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(0, 2**31 - 1),
+    st.floats(0.5, 9.0),
+    st.sampled_from([(1.0, 1.0, 1.0), (2.0, 1.0, 3.0)]),
+)
+def test_distances_from_the_mask_are_those_of_the_whole_grid(seed, margin, spacing):
+    # outside_share and dilated look only within the mask's box grown by the margin: the same
+    # as distances over the whole grid, blobs at the faces included
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    inside = ndimage.gaussian_filter(rng.random((18, 15, 12)), 2.0) > 0.55
+    inside[tuple(rng.integers(0, n) for n in inside.shape)] = True
+    affine = np.diag([*spacing, 1.0])
+    mask = LabelMap(torch.from_numpy(inside.astype(np.uint8))[None], affine)
+    image = Image(
+        torch.from_numpy(rng.random((1, 18, 15, 12)) * (rng.random((18, 15, 12)) > 0.3)), affine
+    )
+    distance = ndimage.distance_transform_edt(~inside, sampling=spacing)
+    foreground = image.data[0].numpy() > 0
+    expected = (foreground & (distance > margin)).sum() / foreground.sum()
+    assert outside_share(image, mask, margin) == pytest.approx(expected, abs=1e-12)
+    assert np.array_equal(dilated(mask, margin).data[0].numpy(), distance <= margin)
 
 
 def test_extraction_is_read_from_the_background_and_the_mask():

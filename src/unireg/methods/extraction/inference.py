@@ -116,12 +116,32 @@ def brain_mask(
 
     prob = brain_probability(image, model, device).data[0].numpy()
     inside = prob >= threshold
-    parts, count = ndimage.label(inside)
-    if count > 1:
-        sizes = np.bincount(parts.ravel())[1:]
-        inside = parts == 1 + int(np.argmax(sizes))
-    inside = ndimage.binary_fill_holes(inside)
-    return LabelMap(torch.from_numpy(inside.astype(np.uint8))[None], image.affine)
+    out = np.zeros(inside.shape, dtype=np.uint8)
+    if inside.any():  # within the mask's box and one voxel more: the same components and holes
+        box = _box(inside, [1] * inside.ndim)
+        seen = inside[box]
+        parts, count = ndimage.label(seen)
+        if count > 1:
+            sizes = np.bincount(parts.ravel())[1:]
+            seen = parts == 1 + int(np.argmax(sizes))
+        out[box] = ndimage.binary_fill_holes(seen)
+    return LabelMap(torch.from_numpy(out)[None], image.affine)
+
+
+def _box(inside: np.ndarray, pad: Sequence[int]) -> tuple[slice, ...]:
+    """The slices of the bounding box of ``inside`` (not empty) grown by ``pad`` voxels per
+    axis, within the array."""
+    box = []
+    for axis, (size, grow) in enumerate(zip(inside.shape, pad, strict=True)):
+        others = tuple(a for a in range(inside.ndim) if a != axis)
+        hit = np.flatnonzero(inside.any(axis=others))
+        box.append(slice(max(int(hit[0]) - grow, 0), min(int(hit[-1]) + 1 + grow, size)))
+    return tuple(box)
+
+
+def _margin_voxels(spacing: Sequence[float], margin_mm: float) -> list[int]:
+    """Voxels per axis beyond which a point is farther than ``margin_mm`` along that axis."""
+    return [int(np.ceil(margin_mm / s)) + 1 for s in spacing]
 
 
 def background_share(image: Image) -> float:
@@ -142,8 +162,13 @@ def outside_share(image: Image, mask: LabelMap, margin_mm: float = MARGIN_MM) ->
     inside = mask.data[0].numpy() > 0
     if not inside.any():
         return 1.0
-    distance = ndimage.distance_transform_edt(~inside, sampling=image.spacing)
-    return float((foreground & (distance > margin_mm)).sum() / foreground.sum())
+    # distances only within the mask's box grown by the margin: beyond it every voxel is
+    # farther than the margin
+    box = _box(inside, _margin_voxels(image.spacing, margin_mm))
+    distance = ndimage.distance_transform_edt(~inside[box], sampling=image.spacing)
+    far = foreground.copy()
+    far[box] &= distance > margin_mm
+    return float(far.sum() / foreground.sum())
 
 
 def is_brain_extracted(
@@ -168,9 +193,11 @@ def dilated(mask: LabelMap, margin_mm: float) -> LabelMap:
     inside = mask.data[0].numpy() > 0
     if margin_mm <= 0 or not inside.any():
         return mask
-    distance = ndimage.distance_transform_edt(~inside, sampling=mask.spacing)
-    grown = torch.from_numpy((distance <= margin_mm).astype(np.uint8))
-    return LabelMap(grown[None], mask.affine)
+    box = _box(inside, _margin_voxels(mask.spacing, margin_mm))
+    distance = ndimage.distance_transform_edt(~inside[box], sampling=mask.spacing)
+    grown = np.zeros(inside.shape, dtype=np.uint8)
+    grown[box] = distance <= margin_mm
+    return LabelMap(torch.from_numpy(grown)[None], mask.affine)
 
 
 def strip(image: Image, mask: LabelMap) -> Image:
