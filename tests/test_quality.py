@@ -225,3 +225,51 @@ def test_a_solver_whose_linear_result_is_worse_than_the_headers_keeps_the_identi
     assert "worse than their headers" in capsys.readouterr().err  # even with -q
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["kept_identity"] is True and metrics["quality_warning"] is None
+
+
+def test_foreground_overlaps_match_a_hand_computed_case():
+    """``foreground_overlaps``: two boxes of 4 x 4 x 4 and 4 x 4 x 2 voxels (1 mm) sharing
+    4 x 4 x 2: Dice 2 * 32 / (64 + 32); the second seen 3 voxels higher, half inside the first:
+    2 * 16 / 96; moved beyond it, 0; an empty moving image, 0."""
+    from unireg.quality import foreground_overlaps
+
+    a, b = torch.zeros(1, 10, 10, 10), torch.zeros(1, 10, 10, 10)
+    a[0, 2:6, 2:6, 2:6] = 1.0
+    b[0, 2:6, 2:6, 2:4] = 1.0
+    shift = np.eye(4)
+    shift[2, 3] = -3.0  # fixed point z -> moving point z - 3: the box seen at z 5-6
+    moved = np.eye(4)
+    moved[2, 3] = 4.0  # seen at z -2..-1: outside the first box
+    fixed, moving = Image(a, np.eye(4)), Image(b, np.eye(4))
+    got = foreground_overlaps(
+        fixed, moving, {"id": None, "shift": AffineTransform(shift), "off": AffineTransform(moved)}
+    )
+    assert got["id"] == pytest.approx(2 * 32 / 96)
+    assert got["shift"] == pytest.approx(2 * 16 / 96)
+    assert got["off"] == 0.0
+    empty = Image(torch.zeros(1, 10, 10, 10), np.eye(4))
+    assert foreground_overlaps(fixed, empty, {"id": None})["id"] == 0.0
+
+
+def test_foreground_overlaps_over_every_other_voxel_are_those_of_the_grid_subsampled():
+    """``step=2``: the same Dice as the fixed foreground and the resampled moving image's
+    taken at every other voxel of the full grid (odd sizes, an oblique grid, a turn)."""
+    from unireg.io.image import normalize_intensity, resample
+    from unireg.quality import FOREGROUND, foreground_overlaps
+
+    fixed = Image(
+        smooth_image((17, 14, 11), seed=1)[0].float(),
+        oblique_affine((1.5, 2.0, 1.0), (10, 0, 5), (3, -4, 2)),
+    )
+    moving = Image(smooth_image((15, 16, 12), seed=2)[0].float(), np.diag([1.6, 1.4, 1.8, 1.0]))
+    turn = AffineTransform(
+        linear_about(rotation_about_axes(20.0, [0, 2], 3), fixed.geometry.center_world)
+    )
+    got = foreground_overlaps(fixed, moving, {"turn": turn}, step=2)["turn"]
+    f = normalize_intensity(fixed).data[0, ::2, ::2, ::2] > FOREGROUND
+    w = (
+        resample(normalize_intensity(moving), fixed.geometry, turn).data[0, ::2, ::2, ::2]
+        > FOREGROUND
+    )
+    assert 0.1 < got < 0.99
+    assert got == pytest.approx(2 * float((f & w).sum()) / float(f.sum() + w.sum()), abs=1e-6)

@@ -904,8 +904,8 @@ def test_two_stage_detection_tries_the_moment_turns_only_when_both_candidates_fi
 def test_a_pairs_orientation_is_chosen_by_how_well_its_alignment_matches_the_images():
     """``choose_pair_keypoints``: of the moving image's candidates within
     :data:`PAIR_RESIDUAL_MM`, the one whose affine alignment matches the images best wins over
-    the residual pick; a candidate past the limit is never tried; a single pair of picks is
-    returned as is."""
+    the residual pick; a candidate past the limit is never tried, unless both images show a
+    brain alone; a single pair of picks is returned as is."""
     from scipy.spatial.transform import Rotation
 
     import unireg.methods.keymorph.inference as inference
@@ -925,6 +925,11 @@ def test_a_pairs_orientation_is_chosen_by_how_well_its_alignment_matches_the_ima
         mc = inference.KeypointCandidates([keys, right], [1.0, residual], 0)
         f, m = inference.choose_pair_keypoints(model, fixed, moving, fc, mc)
         assert np.allclose(f[0].numpy(), keys) and np.allclose(m[0].numpy(), expected)
+    # two brains alone: every candidate is a hypothesis, the residual limit aside; the turn's
+    # outlines overlap exactly and win
+    mc = inference.KeypointCandidates([keys, right], [1.0, limit + 0.5], 0)
+    f, m = inference.choose_pair_keypoints(model, fixed, moving, fc, mc, brains=True)
+    assert np.allclose(m[0].numpy(), right)
     # picks alone: returned without a comparison (the identity would lose to the turn)
     alone = inference.KeypointCandidates([keys], [9.0], 0)
     f, m = inference.choose_pair_keypoints(model, fixed, moving, fc, alone)
