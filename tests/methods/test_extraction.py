@@ -127,6 +127,34 @@ def test_distances_from_the_mask_are_those_of_the_whole_grid(seed, margin, spaci
     assert np.array_equal(dilated(mask, margin).data[0].numpy(), distance <= margin)
 
 
+def test_the_shipped_models_mask_of_an_image_is_kept_until_the_image_changes(monkeypatch):
+    """``brain_mask`` with the shipped model: asked again for the same image object it does
+    not run the network; new data, data changed in place or another grid do."""
+    import unireg.methods.extraction.inference as extraction
+
+    head, _, brain = _phantom()
+    calls = []
+
+    def probability(image, model=None, device="cpu"):
+        calls.append(1)
+        return Image(brain[None].float(), image.affine)
+
+    monkeypatch.setattr(extraction, "brain_probability", probability)
+    first = brain_mask(head)
+    assert brain_mask(head) is first and len(calls) == 1
+    assert torch.equal(brain_mask(head.with_data(head.data.clone())).data, first.data)
+    assert len(calls) == 2  # another image with the same values
+    head.data.mul_(1.0)  # changed in place
+    brain_mask(head)
+    assert len(calls) == 3
+    moved = AFFINE.copy()
+    moved[0, 3] += 2.0
+    brain_mask(head.with_data(head.data, moved))
+    assert len(calls) == 4
+    brain_mask(head, _model())  # another model: never kept
+    assert len(calls) == 5
+
+
 def test_extraction_is_read_from_the_background_and_the_mask():
     head, extracted, _ = _phantom()
     model = _model()
