@@ -69,6 +69,15 @@ def add_threads_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every image-writing verb ends with: ``--device``, ``--assume-orientation``,
+    ``--quiet`` and ``--threads``."""
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_orientation_flag(p)
+    p.add_argument("--quiet", "-q", action="store_true")
+    add_threads_flag(p)
+
+
 def add_report_options(p: argparse.ArgumentParser) -> None:
     """``--report-resolution`` and ``--label-names``: the report page's grid and names."""
     p.add_argument(

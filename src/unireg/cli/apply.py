@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from unireg.cli import VERBS, add_orientation_flag, add_threads_flag
+from unireg.cli import VERBS, add_run_flags
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -35,10 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=None,
         help="default: linear for images, nearest for label maps",
     )
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    add_orientation_flag(p)
-    p.add_argument("--quiet", "-q", action="store_true")
-    add_threads_flag(p)
+    add_run_flags(p)
     return p
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from unireg.cli import VERBS, add_orientation_flag, add_threads_flag
+from unireg.cli import VERBS, add_run_flags
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,10 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5,
                    help="brain probability above which a voxel is brain (default 0.5)")  # fmt: skip
     p.add_argument("--model", default=None, help="a brain-mask checkpoint (default: shipped)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    add_orientation_flag(p)
-    p.add_argument("--quiet", "-q", action="store_true")
-    add_threads_flag(p)
+    add_run_flags(p)
     return p
 
 

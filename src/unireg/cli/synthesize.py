@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from unireg.cli import VERBS, add_orientation_flag, add_threads_flag
+from unireg.cli import VERBS, add_run_flags
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -24,10 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--labels-output", default=None, help="also write the deformed label map")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-deformation", action="store_true", help="keep the anatomy as it is")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    add_orientation_flag(p)
-    p.add_argument("--quiet", "-q", action="store_true")
-    add_threads_flag(p)
+    add_run_flags(p)
     return p
 
 
