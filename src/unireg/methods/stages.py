@@ -23,6 +23,7 @@ def affine_stage(
     preset: str,
     device: torch.device,
     gn_levels: Mapping[str, Any] | None = None,
+    brain: str = "auto",
 ) -> AffineTransform:
     """``A``, fixed world -> moving world (mm), by the linear stage a learned method runs
     first (:data:`unireg.methods.solver.AFFINE_STAGES`): ``"affine-gn"`` (Gauss-Newton, same
@@ -41,7 +42,7 @@ def affine_stage(
     if affine == "none":
         return AffineTransform.identity(fixed.ndim)
     if affine == "keymorph":
-        return _keymorph_stage(fixed, moving, device)
+        return _keymorph_stage(fixed, moving, device, brain)
     if affine == "affine-gn":
         levels = (gn_levels or GN_LEVELS)[preset]
         linear, _ = affine_gauss_newton(fixed, moving, levels=levels, device=device)
@@ -65,7 +66,9 @@ def _shipped_keymorph(device: torch.device) -> tuple[torch.nn.Module, Checkpoint
     return load_model("keymorph", device=device)
 
 
-def _keymorph_stage(fixed: Image, moving: Image, device: torch.device) -> AffineTransform:
+def _keymorph_stage(
+    fixed: Image, moving: Image, device: torch.device, brain: str = "auto"
+) -> AffineTransform:
     """The ``"keymorph"`` stage: the shipped KeyMorph model's keypoint affine (one detection
     per image), refined by ``affine-gn``."""
     from unireg.methods.keymorph.inference import register_keymorph
@@ -75,7 +78,7 @@ def _keymorph_stage(fixed: Image, moving: Image, device: torch.device) -> Affine
     assert isinstance(model, KeyMorph)
     result = register_keymorph(
         fixed, moving, model=model, checkpoint=checkpoint, transform="affine",
-        refine="affine-gn", rotations=1, device=device,
+        refine="affine-gn", rotations=1, device=device, brain=brain,
     )  # fmt: skip
     assert isinstance(result.transform, AffineTransform)
     return result.transform

@@ -44,15 +44,17 @@ def register_avsm(
     affine: str = "none",
     preset: str = "fast",
     device: torch.device | str = "cpu",
+    brain: str = "auto",
 ) -> RegistrationResult:
     """Register raw ``moving`` onto ``fixed`` with a trained ``model`` and its ``checkpoint``.
 
     1. Each image on the network's grid ``G`` (its training spacing and shape, RAS axes)
        centred on its own head's centre of mass, intensities in [0, 1]. With a linear stage
        first (``affine``: ``rigid``, ``affine``, ``affine-gn`` or ``keymorph``, with
-       ``preset``; see :func:`unireg.methods.stages.affine_stage`), the moving image's grid is
-       instead the fixed grid carried into it by that stage's map ``P``, so the network sees
-       the moving head turned onto the fixed one, and ``A`` below includes ``P``.
+       ``preset`` and ``brain``; see :func:`unireg.methods.stages.affine_stage`), the moving
+       image's grid is instead the fixed grid carried into it by that stage's map ``P``, so
+       the network sees the moving head turned onto the fixed one, and ``A`` below includes
+       ``P``.
     2. ``affine_steps`` recurrent affine steps (default: the steps the model's vSVF stage
        was trained after, ``affine_test_steps``; 7 when the checkpoint does not say): ``A``, a
        world affine (fixed world -> moving world, mm), written as the transform when
@@ -68,7 +70,7 @@ def register_avsm(
     return register_avsm_many(
         [(fixed, moving)], model=model, checkpoint=checkpoint, stage=stage,
         affine_steps=affine_steps, vsvf_steps=vsvf_steps, affine=affine, preset=preset,
-        device=device,
+        device=device, brain=brain,
     )[0]  # fmt: skip
 
 
@@ -83,6 +85,7 @@ def register_avsm_many(
     affine: str = "none",
     preset: str = "fast",
     device: torch.device | str = "cpu",
+    brain: str = "auto",
 ) -> list[RegistrationResult]:
     """:func:`register_avsm` for several ``(fixed, moving)`` pairs with one network pass:
     every image on the network's grid (the model's shape and spacing, so any pairs stack),
@@ -106,7 +109,8 @@ def register_avsm_many(
             if affine == "none":
                 grid_m = network_grid(checkpoint, moving)
             else:  # the fixed grid carried into the moving image by the linear stage's map
-                pre = affine_stage(fixed, moving, affine, preset, dev).matrix.double().numpy()
+                pre = affine_stage(fixed, moving, affine, preset, dev, brain=brain).matrix
+                pre = pre.double().numpy()
                 grid_m = Geometry(grid_f.shape, pre @ grid_f.affine)
             xf, xm = network_input(fixed, grid_f), network_input(moving, grid_m)
             d = fixed.ndim
@@ -175,7 +179,7 @@ class AVSMMethod(LearnedMethod):
         return register_avsm(
             fixed, moving, model=self.model, checkpoint=self.checkpoint, stage=o.stage,
             affine_steps=o.affine_steps, vsvf_steps=o.vsvf_steps, affine=o.affine,
-            preset=o.preset, device=self.device,
+            preset=o.preset, device=self.device, brain=o.brain,
         )  # fmt: skip
 
     def register_many(self, pairs: Sequence[tuple[Image, Image]]) -> list[RegistrationResult]:
@@ -186,5 +190,5 @@ class AVSMMethod(LearnedMethod):
         return register_avsm_many(
             pairs, model=self.model, checkpoint=self.checkpoint, stage=o.stage,
             affine_steps=o.affine_steps, vsvf_steps=o.vsvf_steps, affine=o.affine,
-            preset=o.preset, device=self.device,
+            preset=o.preset, device=self.device, brain=o.brain,
         )  # fmt: skip

@@ -107,6 +107,7 @@ def register_dio(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: Callable[[str], None] | None = None,
+    brain: str = "auto",
 ) -> RegistrationResult:
     """Register raw ``moving`` onto ``fixed`` with a trained feature network.
 
@@ -115,8 +116,8 @@ def register_dio(
     thin-slice image against a thick-slice one), for the affine stage and the network; the
     result still warps the moving image as given.
 
-    1. ``affine`` stage on the intensities (see :func:`unireg.methods.stages.affine_stage`):
-       ``A``, fixed world -> moving world (mm).
+    1. ``affine`` stage on the intensities (see :func:`unireg.methods.stages.affine_stage`,
+       which ``brain`` is passed to): ``A``, fixed world -> moving world (mm).
     2. Each image on its own feature grid (:func:`feature_grid`: its field of view at the
        training spacing), intensities to [0, 1], through the network: features at 1/4, 1/2
        and 1 of that grid (only down to the finest level with iterations: with none at full
@@ -150,7 +151,7 @@ def register_dio(
     def run() -> tuple[Transform, Transform | None, DIOExtras]:
         t0 = time.perf_counter()
         seen = matched_pair(fixed, moving) if match_resolution else (fixed, moving)
-        linear = affine_stage(seen[0], seen[1], affine, preset, dev)
+        linear = affine_stage(seen[0], seen[1], affine, preset, dev, brain=brain)
         t1 = time.perf_counter()
         grids = (feature_grid(fixed, spacing), feature_grid(moving, spacing))
         net = (model if model.is_merged else model.merged()).to(dev)
@@ -233,5 +234,5 @@ class DIOMethod:
             transform=o.transform, iterations=parse_iterations(o.iterations), affine=o.affine,
             preset=o.preset, tolerance=o.feature_tolerance,
             match_resolution=o.resolution == "match", precision=o.precision, prompts=prompts,
-            seed=seed, device=self.device, progress=progress,
+            seed=seed, device=self.device, progress=progress, brain=o.brain,
         )  # fmt: skip

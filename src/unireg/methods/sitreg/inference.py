@@ -44,6 +44,7 @@ def register_sitreg(
     inference: str | None = None,
     match_resolution: bool = False,
     device: torch.device | str = "cpu",
+    brain: str = "auto",
 ) -> RegistrationResult:
     """Register raw ``moving`` onto ``fixed`` with a trained ``model`` and its ``checkpoint``
     (:func:`unireg.methods.load_model`).
@@ -56,8 +57,8 @@ def register_sitreg(
     1. ``affine`` stage (``"affine-gn"``, the default: Gauss-Newton, same modality;
        ``"affine"``/``"rigid"``: the unireg solver with ``preset``; ``"keymorph"``: the shipped
        KeyMorph model's keypoint affine refined by ``affine-gn``, for heads in any
-       orientation; ``"none"`` for pre-aligned pairs): ``A``, fixed world -> moving world
-       (mm).
+       orientation, reading the images' brains only with ``brain="auto"``; ``"none"`` for
+       pre-aligned pairs): ``A``, fixed world -> moving world (mm).
     2. Both images on the network's training grid ``G`` (its spacing and shape, centred on the
        fixed image's centre of mass, RAS axes): the fixed image resampled, the moving one
        resampled through ``A``; intensities rescaled to [0, 1].
@@ -74,7 +75,7 @@ def register_sitreg(
     """
     return register_sitreg_many(
         [(fixed, moving)], model=model, checkpoint=checkpoint, affine=affine, preset=preset,
-        inference=inference, match_resolution=match_resolution, device=device,
+        inference=inference, match_resolution=match_resolution, device=device, brain=brain,
     )[0]  # fmt: skip
 
 
@@ -88,6 +89,7 @@ def register_sitreg_many(
     inference: str | None = None,
     match_resolution: bool = False,
     device: torch.device | str = "cpu",
+    brain: str = "auto",
 ) -> list[RegistrationResult]:
     """:func:`register_sitreg` for several ``(fixed, moving)`` pairs, any shapes: each pair's
     affine stage and network grid on their own, then one network pass over all of them (the
@@ -106,7 +108,7 @@ def register_sitreg_many(
         for fixed, moving in pairs:
             t0 = time.perf_counter()
             seen_f, seen_m = matched_pair(fixed, moving) if match_resolution else (fixed, moving)
-            linear = affine_stage(seen_f, seen_m, affine, preset, dev, STAGE_GN_LEVELS)
+            linear = affine_stage(seen_f, seen_m, affine, preset, dev, STAGE_GN_LEVELS, brain=brain)
             grid = network_grid(checkpoint, fixed)
             a, b = network_input(seen_m, grid, linear), network_input(seen_f, grid)
             staged.append((linear, grid, a, b, time.perf_counter() - t0))
@@ -164,5 +166,5 @@ class SITRegMethod(LearnedMethod):
         return register_sitreg_many(
             pairs, model=self.model, checkpoint=self.checkpoint, affine=o.affine,
             preset=o.preset, inference=o.inference, match_resolution=o.resolution == "match",
-            device=self.device,
+            device=self.device, brain=o.brain,
         )  # fmt: skip
