@@ -109,9 +109,8 @@ def register_avsm_many(
             if affine == "none":
                 grid_m = network_grid(checkpoint, moving)
             else:  # the fixed grid carried into the moving image by the linear stage's map
-                pre = affine_stage(fixed, moving, affine, preset, dev, brain=brain).matrix
-                pre = pre.double().numpy()
-                grid_m = Geometry(grid_f.shape, pre @ grid_f.affine)
+                pre = affine_stage(fixed, moving, affine, preset, dev, brain=brain)
+                grid_m = Geometry(grid_f.shape, pre.matrix.double().numpy() @ grid_f.affine)
             xf, xm = network_input(fixed, grid_f), network_input(moving, grid_m)
             d = fixed.ndim
             # the parameter frame: the network grid's axes and spacing, the same for every
