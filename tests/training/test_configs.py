@@ -1,0 +1,55 @@
+"""Every training config in ``configs/`` reads with its method's config class, and each
+fine-tuning config starts from a file the repository ships or a run an earlier config writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from unireg.methods import registry
+from unireg.methods.base import import_object
+from unireg.methods.extraction import TRAINER
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def config_class(name: str) -> type:
+    method = name.split("_")[0]
+    if method == "brainmask":
+        return import_object(TRAINER[0])
+    entry = registry.get(method)
+    assert entry.config is not None, f"{name}: {method} has no training config"
+    return import_object(entry.config)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.stem)
+def test_each_config_reads_and_starts_from_a_known_checkpoint(path):
+    cfg = config_class(path.stem).from_file(path)
+    phases = ("steps", "pretrain_steps", "anatomical_steps")  # KeyMorph trains in phases
+    assert sum(getattr(cfg, k, 0) for k in phases) > 0, f"{path.name}: no training steps"
+    assert Path(cfg.output).parent.name == "runs", f"{path.name}: writes outside runs/"
+    if cfg.init:  # a shipped model, or the output of another config in this folder
+        init = Path(cfg.init)
+        outputs = {
+            str(Path(config_class(p.stem).from_file(p).output))
+            for p in CONFIGS.glob("*.toml")
+            if p != path
+        }
+        assert init.is_file() or str(init.parent) in outputs, f"{path.name}: init {init}"
+
+
+def test_the_dio_fine_tune_starts_from_the_default_model_and_holds_the_prompt_structure_out():
+    cls = config_class("dio")
+    base = cls.from_file(CONFIGS / "dio_ixi_2mm.toml")
+    synth = cls.from_file(CONFIGS / "dio_ixi_2mm_synth.toml")
+    assert Path(synth.init) == registry.model_path("dio", "lku").resolve()
+    assert (synth.backbone, synth.channels, synth.features) == (
+        base.backbone,
+        base.channels,
+        base.features,
+    )
+    assert "synthseg" in synth.datasets and synth.resolution_change > 1
+    assert synth.curriculum == [0, 0, 0]  # the levels the started model already solves
+    # the structure the label-prompt check uses, in both label sets (DLMUSE 48, SynthSeg 17)
+    assert set(base.holdout_labels) <= set(synth.holdout_labels) and 17 in synth.holdout_labels
