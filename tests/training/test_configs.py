@@ -5,6 +5,7 @@ writes them, in a config's comments."""
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from pathlib import Path
@@ -47,13 +48,19 @@ def read(path: Path):
     return config_class(path.stem).from_file(path, anatomical_targets="")
 
 
+@functools.cache
+def outputs_by_config() -> dict[Path, Path]:
+    """Each config's run folder, read once for every parametrised case."""
+    return {p: Path(read(p).output) for p in CONFIGS.glob("*.toml")}
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.stem)
 def test_each_config_reads_and_starts_from_a_known_checkpoint(path):
     cfg = read(path)
     phases = ("steps", "pretrain_steps", "anatomical_steps")  # KeyMorph trains in phases
     assert sum(getattr(cfg, k, 0) for k in phases) > 0, f"{path.name}: no training steps"
     assert Path(cfg.output).parent.name == "runs", f"{path.name}: writes outside runs/"
-    outputs = {Path(read(p).output) for p in CONFIGS.glob("*.toml") if p != path}
+    outputs = {out for p, out in outputs_by_config().items() if p != path}
     for key in ("init", "coarse"):  # a shipped model, or another config's run in runs/
         start = getattr(cfg, key, "")
         if start:
