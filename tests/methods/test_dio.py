@@ -410,6 +410,70 @@ def test_dio_training_runs_resumes_exactly_and_reloads(tmp_path):
         DIOConfig.from_file(bad)
 
 
+def test_invariance_loss_is_zero_for_equal_maps_two_for_opposite_ones_and_scale_free():
+    from unireg.methods.dio.training import invariance_loss
+
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(1, 1, 16, 16, 16, generator=g) > 0.5).float()
+    x = torch.randn(1, 3, 16, 16, 16, generator=g)
+    x = x - (x * mask).sum((2, 3, 4), keepdim=True) / mask.sum()  # zero mean inside the mask
+    y = torch.randn(1, 3, 16, 16, 16, generator=g)
+    assert float(invariance_loss(x, x, mask)) == 0.0
+    assert float(invariance_loss(x, -x, mask)) == pytest.approx(2.0, rel=1e-5)
+    assert float(invariance_loss(x, y, mask)) == pytest.approx(1.0, abs=0.05)  # unrelated
+    assert float(invariance_loss(3 * x, 3 * y, mask)) == pytest.approx(
+        float(invariance_loss(x, y, mask)), rel=1e-5
+    )
+    # what lies outside the mask does not count
+    z = torch.where(mask > 0, y, torch.randn(1, 3, 16, 16, 16, generator=g) * 100)
+    assert float(invariance_loss(x, z, mask)) == pytest.approx(
+        float(invariance_loss(x, y, mask)), rel=1e-5
+    )
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    invariance_loss(xs, ys, mask).backward()
+    assert xs.grad is not None and ys.grad is not None
+    assert float(xs.grad.abs().sum()) > 0 and float(ys.grad.abs().sum()) > 0
+    assert float((xs.grad * (1 - mask)).abs().sum()) == 0.0
+
+
+def test_dio_training_adds_the_invariance_term_of_a_second_contrast_of_the_fixed_view(tmp_path):
+    from unireg.methods.dio.training import DIOConfig, DIOTrainer
+
+    manifest = _tiny_manifest(tmp_path)
+
+    def config(name: str, weight: float) -> DIOConfig:
+        return DIOConfig(
+            output=str(tmp_path / name), manifest=str(manifest), datasets=["toy"],
+            shape=[16, 16, 16], channels=[2, 4, 4], features=3, steps=2,
+            checkpoint_every=2, iterations=[5, 3, 2], curriculum=[0, 0, 0],
+            synthesis_probability=1.0, invariance_weight=weight, lr=3e-3,
+        )  # fmt: skip
+
+    trainer = DIOTrainer(config("inv", 1.0))
+    g = trainer._generator()
+    items = trainer._pair_items(g)
+    b = trainer._view(items[1], g)
+    c = trainer._second_contrast(items[1], b, g)
+    assert c["labels"] is b["labels"] and c["image"].shape == b["image"].shape
+    assert not torch.allclose(c["image"], b["image"])  # another contrast of the same view
+    # the same pair and solve with and without the term (the second view's draws come after
+    # the pair's): the loss rises by the weight times one invariance term
+    losses = {}
+    for weight in (0.0, 1.0, 2.0):
+        trainer.cfg.invariance_weight = weight
+        with torch.no_grad():
+            losses[weight] = float(trainer.loss(trainer._generator()))
+    term = losses[1.0] - losses[0.0]
+    assert term > 0.05
+    assert losses[2.0] - losses[0.0] == pytest.approx(2 * term, rel=1e-3)
+    trainer.cfg.invariance_weight = 1.0
+    assert all(np.isfinite(trainer.run(progress=False)))
+    with pytest.raises(ValueError, match="invariance_weight"):
+        DIOConfig(invariance_weight=-1.0).check()
+    with pytest.raises(ValueError, match="same_subject_probability"):
+        DIOConfig(invariance_weight=1.0, same_subject_probability=0.5).check()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["lku", "lku-e"])
 def test_the_shipped_dio_models_improve_on_their_affine_stage_on_the_demo_brains(model):

@@ -411,16 +411,19 @@ class Trainer:
         ia, ib = self._pair_items(g)
         return self._view(ia, g, rotation=rotations[0]), self._view(ib, g, rotation=rotations[1])
 
-    def _crop_pair(self, a: dict[str, Any], b: dict[str, Any], g: torch.Generator) -> None:
+    def _crop_pair(
+        self, a: dict[str, Any], b: dict[str, Any], g: torch.Generator, *more: dict[str, Any]
+    ) -> None:
         """Cut the same random ``crop`` box out of both views' image and labels (they share
-        the grid frame); nothing without ``crop``."""
+        the grid frame), and out of any ``more`` views on that frame; nothing without
+        ``crop``."""
         crop = self.cfg.crop
         if not crop:
             return
         start = [int(torch.randint(s - c + 1, (1,), generator=g))
                  for s, c in zip(self.cfg.shape, crop, strict=True)]  # fmt: skip
         box = (...,) + tuple(slice(o, o + c) for o, c in zip(start, crop, strict=True))
-        for view in (a, b):
+        for view in (a, b, *more):
             view["image"], view["labels"] = view["image"][box], view["labels"][box]
 
     def _label_one_hots(

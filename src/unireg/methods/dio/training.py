@@ -13,6 +13,12 @@ The level curriculum (``curriculum``: the step at which each of the 1/4, 1/2 and
 joins) trains the coarse features first: early steps solve at 1/4 only, and cost little.
 Labels in ``holdout_labels`` never enter the Dice term (structures kept to test label prompts
 on).
+
+Not in the paper: with ``invariance_weight`` > 0 the fixed view is also drawn a second time
+(another image of the same subject, real or synthesised, on the same grid under the same view
+affine, with its own bias and noise), and :func:`invariance_loss` between the two views'
+features inside the brain, averaged over the levels, is added: the network is asked for
+the same features whatever the contrast, brain extraction and resolution of the scan.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from unireg.data.augment import apply_affine
 from unireg.losses import lncc, soft_dice
 from unireg.methods.dio.model import BACKBONES, FACTORS, FeatureNet
 from unireg.solvers.layer import register_features
@@ -57,6 +65,7 @@ class DIOConfig(TrainConfig):
     lncc_window: int = 7
     dice_weight: float = 1.0
     holdout_labels: list[int] = field(default_factory=list)  # never in the Dice loss
+    invariance_weight: float = 0.0  # feature invariance across two contrasts of one view
     rotation: float = 5.0
     translation: float = 4.0
     scale: list[float] = field(default_factory=lambda: [0.97, 1.03])
@@ -75,6 +84,11 @@ class DIOConfig(TrainConfig):
             raise ValueError(f"curriculum must be 3 rising steps from 0, got {self.curriculum}")
         if self.lncc_window < 1 or self.lncc_window % 2 == 0:
             raise ValueError(f"lncc_window must be odd and positive, got {self.lncc_window}")
+        if self.invariance_weight < 0:
+            raise ValueError(f"invariance_weight must be >= 0, got {self.invariance_weight}")
+        if self.invariance_weight > 0 and self.same_subject_probability > 0:
+            raise ValueError("invariance_weight works on pairs of two subjects: set "
+                             "same_subject_probability = 0")  # fmt: skip
 
     def model(self) -> FeatureNet:
         return FeatureNet(3, self.channels, self.features, self.backbone)
@@ -126,6 +140,32 @@ def level_loss(
     return total
 
 
+def invariance_loss(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How far two feature maps ``x``, ``y`` ``(B, C, *s)`` of one view differ inside
+    ``mask`` ``(B, 1, *s)``: ``sum m |x - y|^2 / sum m (|x - x_m|^2 + |y - y_m|^2)`` with
+    ``x_m``, ``y_m`` the maps' channel means inside the mask. 0 when they are equal, about 1
+    when they are unrelated with equal spread, 2 when ``y = -x`` about a common mean; unchanged
+    when both are scaled by one factor (so shrinking the features does not lower it)."""
+    m = mask.to(x.dtype)
+    count = m.sum(dim=tuple(range(2, m.ndim)), keepdim=True).clamp_min(1.0)
+    dims = tuple(range(2, x.ndim))
+    xm = (x * m).sum(dims, keepdim=True) / count
+    ym = (y * m).sum(dims, keepdim=True) / count
+    diff = (m * (x - y) ** 2).sum()
+    spread = (m * ((x - xm) ** 2 + (y - ym) ** 2)).sum()
+    return diff / spread.clamp_min(1e-12)
+
+
+def _mask_on(labels: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The foreground of ``labels`` ``(B, 1, *s)`` on a pyramid level's grid ``shape`` (first
+    and last voxel centres shared)."""
+    fg = (labels > 0).float()
+    if tuple(fg.shape[2:]) == tuple(shape):
+        return fg
+    mode = "bilinear" if fg.ndim == 4 else "trilinear"
+    return (F.interpolate(fg, size=tuple(shape), mode=mode, align_corners=True) > 0.5).float()
+
+
 class DIOTrainer(Trainer):
     """Image similarity and soft Dice at every level of the solver's optimum."""
 
@@ -141,11 +181,18 @@ class DIOTrainer(Trainer):
 
     def loss(self, g: torch.Generator) -> torch.Tensor:
         cfg = self.cfg
-        a, b = self._pair_views(g)  # a moving, b fixed
-        self._crop_pair(a, b, g)
-        feats = self.model(torch.cat([a["image"], b["image"]]))
+        if cfg.invariance_weight > 0:
+            ia, ib = self._pair_items(g)
+            a, b = self._view(ia, g), self._view(ib, g)  # a moving, b fixed
+            c = self._second_contrast(ib, b, g)
+            self._crop_pair(a, b, g, c)
+            feats = self.model(torch.cat([a["image"], b["image"], c["image"]]))
+        else:
+            a, b = self._pair_views(g)  # a moving, b fixed
+            self._crop_pair(a, b, g)
+            feats = self.model(torch.cat([a["image"], b["image"]]))
         moving = {f: x[:1] for f, x in feats.items()}
-        fixed = {f: x[1:] for f, x in feats.items()}
+        fixed = {f: x[1:2] for f, x in feats.items()}
         out = register_features(
             fixed, moving, [cfg.stage(levels=self.active_levels())], step=cfg.implicit_step,
             seed=self.step,
@@ -160,7 +207,24 @@ class DIOTrainer(Trainer):
             level_loss(u, a["image"], b["image"], hots, cfg.lncc_window, cfg.dice_weight)
             for u in out.levels.values()
         ]
-        return torch.stack(losses).mean()
+        total = torch.stack(losses).mean()
+        if cfg.invariance_weight > 0:
+            terms = [
+                invariance_loss(x[1:2], x[2:3], _mask_on(b["labels"], x.shape[2:]))
+                for x in feats.values()
+            ]
+            total = total + cfg.invariance_weight * torch.stack(terms).mean()
+        return total
+
+    def _second_contrast(
+        self, item: dict[str, Any], view: dict[str, Any], g: torch.Generator
+    ) -> dict[str, Any]:
+        """Another image of ``item`` (:meth:`_image`: real or synthesised, brain-extracted,
+        coarser) under ``view``'s affine, with its own bias and noise; ``view``'s labels."""
+        image, _ = apply_affine(self._image(item, g), None, view["matrix"])
+        assert image is not None
+        image = self.aug(image, generator=g)["image"]
+        return {"image": image.to(self.device), "labels": view["labels"]}
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"levels": self.active_levels()}
