@@ -16,6 +16,10 @@ command with `dio` / `dio:diffeo` specs, see docs/methods/dio.md):
         # the mean Dice of every other structure, without and with the prompt
     python bench/dio_benchmark.py device [--model M] [--device cuda]
         # network and solver time per test pair on a device, warm (second pass)
+    python bench/dio_benchmark.py invariance [--model M ...]
+        # how alike a model's features of two contrasts of one subject are: the training
+        # loss's invariance term between each IXI training subject's T1 and an image
+        # synthesised from its label map (seeded), on the training grid, inside the brain
 
 Needs ../shared/data (or $UNIREG_SHARED_DATA). Thread count: torch's default unless
 --threads; the numbers in the docs were taken with --threads 2 on a quiet machine.
@@ -128,10 +132,36 @@ def device(model: str | None, name: str) -> None:
           + f" per pair ({len(data)} pairs, warm)")  # fmt: skip
 
 
+def invariance(models: list[str | None]) -> None:
+    import tempfile
+
+    from unireg.methods.dio.training import DIOConfig, DIOTrainer, level_invariance
+    from unireg.methods.registry import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = DIOConfig(output=tmp, manifest=str(DATA / "manifest.csv"), datasets=["ixi"],
+                        cache_dir=str(Path(tmp) / "cache"), synthesis_probability=0.0)  # fmt: skip
+        data = DIOTrainer(cfg)
+    for name in models:
+        net = load_model("dio", name)[0].eval()
+        values = []
+        for i, item in enumerate(data.volumes.items):
+            g = torch.Generator().manual_seed(100 + i)
+            synthesised = data.synth(item["labels"][None], generator=g)["image"]
+            with torch.no_grad():
+                feats = net(torch.cat([item["image"][None], synthesised]))
+                first = {f: x[:1] for f, x in feats.items()}
+                second = {f: x[1:] for f, x in feats.items()}
+                values.append(float(level_invariance(first, second, item["brain"][None])))
+        spread = f"{np.mean(values):.3f} +- {np.std(values):.3f}"
+        print(f"{name or 'default'}: invariance term, T1 against synthesised, {spread} over "
+              f"{len(values)} subjects")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["iterations", "tolerance", "prompt", "device"])
-    p.add_argument("--model", default=None)
+    p.add_argument("what", choices=["iterations", "tolerance", "prompt", "device", "invariance"])
+    p.add_argument("--model", nargs="+", default=[None], help="invariance: one or more")
     p.add_argument("--split", default="train")
     p.add_argument("--max-pairs", type=int, default=10, help="iterations: the first N pairs")
     p.add_argument("--settings", nargs="+", default=None, help="iterations: the settings swept")
@@ -147,13 +177,15 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.what == "iterations":
         settings = tuple(args.settings) if args.settings else SETTINGS
-        sweep(args.model, args.split, args.max_pairs, "iterations", settings, 0.005)
+        sweep(args.model[0], args.split, args.max_pairs, "iterations", settings, 0.005)
     elif args.what == "tolerance":
-        sweep(args.model, args.split, args.max_pairs, "feature_tolerance", TOLERANCES, 0.003)
+        sweep(args.model[0], args.split, args.max_pairs, "feature_tolerance", TOLERANCES, 0.003)
     elif args.what == "prompt":
-        prompt(args.model, args.label, args.weight)
+        prompt(args.model[0], args.label, args.weight)
+    elif args.what == "device":
+        device(args.model[0], args.device)
     else:
-        device(args.model, args.device)
+        invariance(args.model)
     print(f"({time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads)")
 
 

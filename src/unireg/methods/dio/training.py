@@ -156,6 +156,16 @@ def invariance_loss(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> tor
     return diff / spread.clamp_min(1e-12)
 
 
+def level_invariance(
+    fa: Mapping[float, torch.Tensor], fb: Mapping[float, torch.Tensor], labels: torch.Tensor
+) -> torch.Tensor:
+    """:func:`invariance_loss` between two views' features ``{factor: (B, C, *level)}``
+    inside the foreground of the views' ``labels`` ``(B, 1, *shape)``, averaged over the
+    levels."""
+    terms = [invariance_loss(fa[f], fb[f], _mask_on(labels, fa[f].shape[2:])) for f in fa]
+    return torch.stack(terms).mean()
+
+
 def _mask_on(labels: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """The foreground of ``labels`` ``(B, 1, *s)`` on a pyramid level's grid ``shape`` (first
     and last voxel centres shared)."""
@@ -209,11 +219,8 @@ class DIOTrainer(Trainer):
         ]
         total = torch.stack(losses).mean()
         if cfg.invariance_weight > 0:
-            terms = [
-                invariance_loss(x[1:2], x[2:3], _mask_on(b["labels"], x.shape[2:]))
-                for x in feats.values()
-            ]
-            total = total + cfg.invariance_weight * torch.stack(terms).mean()
+            second = {f: x[2:3] for f, x in feats.items()}
+            total = total + cfg.invariance_weight * level_invariance(fixed, second, b["labels"])
         return total
 
     def _second_contrast(
