@@ -28,12 +28,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from unireg.data.augment import apply_affine
 from unireg.losses import lncc, soft_dice
 from unireg.methods.dio.model import BACKBONES, FACTORS, FeatureNet
 from unireg.solvers.layer import register_features
+from unireg.solvers.pyramid import downsample
 from unireg.solvers.solver import Level, Stage
 from unireg.spatial.field import resize_displacement
 from unireg.spatial.warp import warp
@@ -160,20 +160,14 @@ def level_invariance(
     fa: Mapping[float, torch.Tensor], fb: Mapping[float, torch.Tensor], labels: torch.Tensor
 ) -> torch.Tensor:
     """:func:`invariance_loss` between two views' features ``{factor: (B, C, *level)}``
-    inside the foreground of the views' ``labels`` ``(B, 1, *shape)``, averaged over the
-    levels."""
-    terms = [invariance_loss(fa[f], fb[f], _mask_on(labels, fa[f].shape[2:])) for f in fa]
-    return torch.stack(terms).mean()
-
-
-def _mask_on(labels: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """The foreground of ``labels`` ``(B, 1, *s)`` on a pyramid level's grid ``shape`` (first
-    and last voxel centres shared)."""
+    inside the foreground of the views' ``labels`` ``(B, 1, *shape)`` (on each level's grid
+    as the solver puts masks there), averaged over the levels."""
     fg = (labels > 0).float()
-    if tuple(fg.shape[2:]) == tuple(shape):
-        return fg
-    mode = "bilinear" if fg.ndim == 4 else "trilinear"
-    return (F.interpolate(fg, size=tuple(shape), mode=mode, align_corners=True) > 0.5).float()
+    terms = [
+        invariance_loss(fa[f], fb[f], downsample(fg, f, smooth=False, shape=fa[f].shape[2:]) > 0.5)
+        for f in fa
+    ]
+    return torch.stack(terms).mean()
 
 
 class DIOTrainer(Trainer):
@@ -191,16 +185,15 @@ class DIOTrainer(Trainer):
 
     def loss(self, g: torch.Generator) -> torch.Tensor:
         cfg = self.cfg
-        if cfg.invariance_weight > 0:
+        if cfg.invariance_weight > 0:  # and a second image of the fixed view
             ia, ib = self._pair_items(g)
-            a, b = self._view(ia, g), self._view(ib, g)  # a moving, b fixed
-            c = self._second_contrast(ib, b, g)
-            self._crop_pair(a, b, g, c)
-            feats = self.model(torch.cat([a["image"], b["image"], c["image"]]))
+            a, b = self._view(ia, g), self._view(ib, g)
+            more = [self._second_contrast(ib, b, g)]
         else:
-            a, b = self._pair_views(g)  # a moving, b fixed
-            self._crop_pair(a, b, g)
-            feats = self.model(torch.cat([a["image"], b["image"]]))
+            a, b = self._pair_views(g)
+            more = []
+        self._crop_pair(a, b, g, *more)  # a moving, b fixed
+        feats = self.model(torch.cat([v["image"] for v in (a, b, *more)]))
         moving = {f: x[:1] for f, x in feats.items()}
         fixed = {f: x[1:2] for f, x in feats.items()}
         out = register_features(
