@@ -512,6 +512,20 @@ def test_sampling_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(lambda i, p: sample(i, p), (img, pts), atol=1e-6)
 
 
+def test_points_reversed_for_the_sampler_as_flip_with_its_gradients():
+    # the sampler's axis reversal: flip's values, and first and second derivatives (3D
+    # sampling with gradients to the points takes this path)
+    from unireg.spatial.warp import _reversed
+
+    x = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(_reversed(x), x.flip(-1))
+    assert torch.autograd.gradcheck(_reversed, (x,))
+    assert torch.autograd.gradgradcheck(_reversed, (x,))
+    img = smooth_image((5, 6, 4)).requires_grad_(True)
+    pts = (identity_grid((3, 4, 3), dtype=torch.float64) * 0.7 + 0.05).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda i, p: sample(i, p), (img, pts), atol=1e-6)
+
+
 def test_gradients_flow_through_field_operations():
     v = (smooth_field((10, 9, 8), 0.1) * 1.0).requires_grad_(True)
     img = smooth_image((10, 9, 8))

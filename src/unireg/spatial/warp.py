@@ -90,6 +90,33 @@ def sample(
 _SPLIT_MIN_POINTS = 16384
 
 
+class _Reverse(torch.autograd.Function):
+    """The last axis's entries in reverse order (``x.flip(-1)``), written one entry at a time:
+    for points' few coordinates about twice as fast on CPUs as ``flip``, whose generic kernel
+    indexes every element; its own adjoint."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return _reverse_last(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return _reverse_last(grad)
+
+
+def _reverse_last(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n = x.shape[-1]
+    for i in range(n):
+        out[..., i] = x[..., n - 1 - i]
+    return out
+
+
+def _reversed(points: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = _Reverse.apply(points)  # type: ignore[no-untyped-call]
+    return out
+
+
 def _parts(batch: int, points: int) -> int:
     """Into how many parts one image's ``points`` are split (1: not split): one per thread,
     each of at least :data:`_SPLIT_MIN_POINTS`."""
@@ -109,7 +136,7 @@ def _sample(
     grid = points.reshape(points.shape[0], *[1] * (d - 1), points.shape[1], d)
     out = F.grid_sample(
         image,
-        grid if reversed_axes else grid.flip(-1),
+        grid if reversed_axes else _reversed(grid),
         mode=_MODES[mode],
         padding_mode=padding,
         align_corners=True,
