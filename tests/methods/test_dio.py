@@ -129,9 +129,14 @@ def test_projected_and_sampled_heads_are_the_projection_and_the_sample_of_the_fe
         for got, features in ((ff, full), (fm, other)):
             expected = project_channels(sampled, features[1.0])
             torch.testing.assert_close(got[1.0], expected, rtol=1e-4, atol=1e-5)
-        same, _ = pair_features(net, x, y, (4.0, 2.0, 1.0), 0.0)
-        for f in full:
-            torch.testing.assert_close(same[f], full[f])
+        # unprojected: each image's own features, for images of one shape or of two
+        z = torch.rand(1, 1, *(n + 3 for n in shape))
+        third = net(z)
+        for a, b, want in ((x, y, (full, other)), (z, x, (third, full))):
+            got = pair_features(net, a, b, (4.0, 2.0, 1.0), 0.0)
+            for g, w in zip(got, want, strict=True):
+                for f in w:
+                    torch.testing.assert_close(g[f], w[f], rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_trunk_gives_float32_features_within_its_rounding(monkeypatch):
@@ -159,6 +164,23 @@ def test_bfloat16_trunk_gives_float32_features_within_its_rounding(monkeypatch):
         assert network_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
     with pytest.raises(ValueError, match="precision"):
         network_dtype("float16")
+
+
+def test_the_network_layout_follows_the_cpu_and_number_format(monkeypatch):
+    # channels-last where it was measured faster: bfloat16 on CPUs, float32 on CPUs without
+    # AVX512; never on a GPU; the method lays its network out so when built
+    from unireg.methods import create, options_for
+    from unireg.methods.pipeline import channels_last_pays
+
+    for isa, f32 in (("AVX2", True), ("DEFAULT", True), ("AVX512", False), ("AVX512_BF16", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
+        assert channels_last_pays(torch.float32, "cpu") is f32
+        assert channels_last_pays(torch.bfloat16, "cpu") is True
+        assert channels_last_pays(torch.float32, "cuda") is False
+        net = create("dio", options_for("dio", {"model": "lku-e", "precision": "float32"})).model
+        assert net.is_channels_last is f32
+        weight = net.enc0.merged.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last_3d) is f32
 
 
 def test_resolution_matching_blurs_the_finer_image_along_the_other_images_thick_axis():

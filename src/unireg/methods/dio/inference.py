@@ -20,6 +20,7 @@ from unireg.methods.dio import (
 from unireg.methods.dio.model import FACTORS, FeatureNet, Trunk
 from unireg.methods.dio.training import DIOConfig
 from unireg.methods.pipeline import (
+    channels_last_pays,
     check_dimensions,
     in_dtype,
     matched_pair,
@@ -213,11 +214,8 @@ class DIOMethod:
         model, self.checkpoint = load_model(entry.name, options.model, device=self.device)
         assert isinstance(model, FeatureNet)
         self.model = model.merged()
-        if (
-            self.device.type == "cpu"
-            and network_dtype(options.precision, self.device) == torch.bfloat16
-        ):
-            self.model.channels_last()  # faster in bfloat16 (in float32 a little slower)
+        if channels_last_pays(network_dtype(options.precision, self.device), self.device):
+            self.model.channels_last()
 
     def register(
         self,

@@ -164,9 +164,9 @@ class FeatureNet(nn.Module):
     def channels_last(self) -> FeatureNet:
         """Lay the trunk's 3D convolution weights out channels-last, in place (the heads keep
         theirs); :meth:`trunk` then lays its input out so too and returns its levels in the
-        default layout. oneDNN's bfloat16 CPU convolutions run about a fifth faster so (the
-        same features to float rounding; in float32 a little slower). A 2D network is
-        returned unchanged."""
+        default layout: the same features to float rounding, faster where
+        :func:`~unireg.methods.pipeline.channels_last_pays` says so (oneDNN's bfloat16 CPU
+        convolutions about a fifth). A 2D network is returned unchanged."""
         if self.config["ndim"] == 3:
             for name, module in self.named_children():
                 if name != "heads":
