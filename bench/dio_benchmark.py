@@ -16,6 +16,10 @@ command with `dio` / `dio:diffeo` specs, see docs/methods/dio.md):
         # the mean Dice of every other structure, without and with the prompt
     python bench/dio_benchmark.py device [--model M] [--device cuda]
         # network and solver time per test pair on a device, warm (second pass)
+    python bench/dio_benchmark.py layout [--model M ...] [--repeats 6]
+        # the network trunk of the first IXI training pair's two images in float32, default
+        # layout against channels-last (FeatureNet.channels_last), interleaved repeats in one
+        # process: the measurement behind unireg.methods.pipeline.channels_last_pays
     python bench/dio_benchmark.py invariance [--model M ...]
         # how alike a model's features of two contrasts of one subject are: the training
         # loss's invariance term between each IXI training subject's T1 and an image
@@ -132,6 +136,32 @@ def device(model: str | None, name: str) -> None:
           + f" per pair ({len(data)} pairs, warm)")  # fmt: skip
 
 
+def layout(models: list[str | None], repeats: int) -> None:
+    from unireg.methods.dio.inference import _trunk, feature_grid, network_input
+    from unireg.methods.registry import load_model
+
+    fixed, moving, _, _ = pairs("train")[0]
+    for name in models:
+        net, checkpoint = load_model("dio", name)
+        spacing = float(checkpoint.preprocessing.get("spacing_mm", 2.0))
+        images = [network_input(i, feature_grid(i, spacing)) for i in (fixed, moving)]
+        nets = {"default": net.merged(), "channels-last": net.merged().channels_last()}
+        times: dict[str, list[float]] = {k: [] for k in nets}
+        for r in range(repeats + 1):  # the first round warms up
+            for k, n in nets.items():
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    for x in images:
+                        _trunk(n, x, (4.0, 2.0, 1.0), torch.float32)
+                if r:
+                    times[k].append(time.perf_counter() - t0)
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        print(f"{name or 'default'}: trunk of a {tuple(fixed.shape)} pair, float32, median of "
+              f"{repeats}: default {med['default']:.3f} s, channels-last "
+              f"{med['channels-last']:.3f} s ({med['default'] / med['channels-last']:.2f}x; "
+              f"CPU capability {torch.backends.cpu.get_cpu_capability()})")  # fmt: skip
+
+
 def invariance(models: list[str | None]) -> None:
     import tempfile
 
@@ -160,8 +190,10 @@ def invariance(models: list[str | None]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["iterations", "tolerance", "prompt", "device", "invariance"])
-    p.add_argument("--model", nargs="+", default=[None], help="invariance: one or more")
+    p.add_argument("what", choices=["iterations", "tolerance", "prompt", "device", "layout",
+                                    "invariance"])  # fmt: skip
+    p.add_argument("--model", nargs="+", default=[None], help="layout, invariance: several")
+    p.add_argument("--repeats", type=int, default=6, help="layout: timed rounds")
     p.add_argument("--split", default="train")
     p.add_argument("--max-pairs", type=int, default=10, help="iterations: the first N pairs")
     p.add_argument("--settings", nargs="+", default=None, help="iterations: the settings swept")
@@ -184,6 +216,8 @@ def main() -> None:
         prompt(args.model[0], args.label, args.weight)
     elif args.what == "device":
         device(args.model[0], args.device)
+    elif args.what == "layout":
+        layout(args.model, args.repeats)
     else:
         invariance(args.model)
     print(f"({time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads)")
