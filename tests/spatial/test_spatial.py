@@ -515,12 +515,15 @@ def test_sampling_gradients_match_finite_differences():
 def test_points_reversed_for_the_sampler_as_flip_with_its_gradients():
     # the sampler's axis reversal: flip's values, and first and second derivatives (3D
     # sampling with gradients to the points takes this path)
-    from unireg.spatial.warp import _reversed
+    from unireg.spatial.warp import _REVERSE_MIN_ELEMENTS, _Reverse, _reversed
 
+    for n in (4, _REVERSE_MIN_ELEMENTS // 3 + 1):  # below and above the size for _Reverse
+        x = torch.randn(1, n, 3)
+        assert torch.equal(_reversed(x), x.flip(-1))
     x = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.equal(_reversed(x), x.flip(-1))
-    assert torch.autograd.gradcheck(_reversed, (x,))
-    assert torch.autograd.gradgradcheck(_reversed, (x,))
+    assert torch.equal(_Reverse.apply(x), x.flip(-1))
+    assert torch.autograd.gradcheck(_Reverse.apply, (x,))
+    assert torch.autograd.gradgradcheck(_Reverse.apply, (x,))
     img = smooth_image((5, 6, 4)).requires_grad_(True)
     pts = (identity_grid((3, 4, 3), dtype=torch.float64) * 0.7 + 0.05).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda i, p: sample(i, p), (img, pts), atol=1e-6)
