@@ -97,6 +97,34 @@ def test_a_channels_last_trunk_gives_the_same_features_in_the_default_layout(bac
     assert not flat.is_channels_last
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
+def test_a_single_channel_convolution_runs_on_onednn_with_the_same_output_and_gradients(fmt):
+    from torch.profiler import ProfilerActivity, profile
+
+    from unireg.nets.blocks import single_channel_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 4, 3, padding=1)
+    # depth x height above 10240: oneDNN with the zero channel, the reference kernel without
+    x = torch.rand(1, 1, 104, 100, 3, requires_grad=True)
+    ref = conv(x.contiguous(memory_format=fmt))
+    (gx_ref, gw_ref) = torch.autograd.grad(ref.square().sum(), (x, conv.weight))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = single_channel_conv(conv, x, fmt)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=fmt)  # the layout asked for, kept
+    gx, gw = torch.autograd.grad(out.square().sum(), (x, conv.weight))
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-4)
+    kernels = {e.key for e in prof.key_averages()}
+    assert "aten::slow_conv3d_forward" not in kernels
+    if torch.backends.mkldnn.is_available():
+        assert "aten::mkldnn_convolution" in kernels
+    # a batch, or a second channel, is the convolution as it is
+    two = torch.rand(2, 1, 6, 5, 4)
+    torch.testing.assert_close(single_channel_conv(conv, two, fmt), conv(two), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_projected_and_sampled_heads_are_the_projection_and_the_sample_of_the_features(ndim):
     # the head is linear: k projected kernels give the projected features; a strided head

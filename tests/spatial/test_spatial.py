@@ -580,7 +580,7 @@ def test_random_affine_is_seeded_and_respects_ranges():
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize(
     "padding,stride,dilation",
-    [("zeros", 1, 1), ("replicate", 1, 1), ("valid", 2, 2), ("zeros", 3, 1)],
+    [("zeros", 1, 1), ("replicate", 1, 1), ("replicate", 1, 2), ("valid", 2, 2), ("zeros", 3, 1)],
 )
 def test_filter_axis_matches_depthwise_convolution_and_its_adjoint(ndim, padding, stride, dilation):
     from unireg.spatial.filters import filter_axis
@@ -595,12 +595,48 @@ def test_filter_axis_matches_depthwise_convolution_and_its_adjoint(ndim, padding
                           stride=stride, dilation=dilation)  # fmt: skip
         assert fast.shape == ref.shape
         assert torch.allclose(fast, ref.detach(), atol=1e-12)
-        xr = x.clone().requires_grad_(True)
+        # the adjoint, on a smaller input (still longer than any reach)
+        xr = x[(slice(None), slice(0, 1)) + (slice(0, 9),) * ndim].clone().requires_grad_(True)
         assert torch.autograd.gradcheck(
             lambda t, a=axis: filter_axis(t, k, a, padding=padding, stride=stride,
                                           dilation=dilation),
             (xr,),
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("padding", ["zeros", "replicate"])
+@pytest.mark.parametrize("taps", [4, 7, 15])
+def test_same_size_filtering_equals_filtering_the_padded_input(padding, taps):
+    """The "same"-size correlation reads the input where padding would have been (no padded
+    copy): it equals the valid correlation of the explicitly padded input, for even and odd
+    kernels, a kernel longer than the axis (replicate), and has an exact adjoint and a second
+    derivative."""
+    import torch.nn.functional as F
+
+    from unireg.spatial.filters import filter_axis
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 3, 9, 5, 6, dtype=torch.float64, generator=g)
+    k = torch.rand(taps, dtype=torch.float64, generator=g)
+    for axis in range(3):
+        for dilation in (1, 2):
+            reach = dilation * (taps - 1)
+            if padding == "zeros" and reach % 2:
+                continue
+            pads = [0, 0] * 3
+            pads[2 * (2 - axis)], pads[2 * (2 - axis) + 1] = reach // 2, reach - reach // 2
+            mode = "replicate" if padding == "replicate" else "constant"
+            ref = filter_axis(F.pad(x, pads, mode=mode), k, axis, padding="valid",
+                              dilation=dilation)  # fmt: skip
+            out = filter_axis(x, k, axis, padding=padding, dilation=dilation)
+            assert out.shape == x.shape
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    # the adjoint and its derivative, on a small input (every axis shorter than the reach)
+    xr = torch.rand(1, 1, 4, 3, 2, dtype=torch.float64, generator=g).requires_grad_(True)
+    for axis in range(3):
+        fn = lambda t, a=axis: filter_axis(t, k, a, padding=padding, dilation=2)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (xr,))
+        assert torch.autograd.gradgradcheck(fn, (xr,))
 
 
 def test_linear_about_leaves_the_centre_fixed_and_is_a_conjugated_linear_map():

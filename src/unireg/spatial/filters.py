@@ -59,6 +59,65 @@ class _Correlate(torch.autograd.Function):
         return out, None, None, None, None
 
 
+class _CorrelateSame(torch.autograd.Function):
+    """A "same"-size 1D correlation along one dimension, zero or replicate padding, by
+    shifted multiply-adds straight from the input: output ``i`` is ``sum_j w_j x[i + o_j]``
+    with ``o_j = j dilation - reach // 2`` and ``x`` beyond the ends 0 (``zeros``) or the
+    end value (``replicate``). No padded copy of the input is made (on CPUs a replicate pad
+    of a 3D field costs more than the filter's adds). The backward pass is the exact
+    adjoint, written with differentiable operations (so it has a gradient itself)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, taps: list[float], dim: int, dilation: int, replicate: bool
+    ) -> torch.Tensor:
+        ctx.settings = (taps, dim, dilation, replicate)
+        return _correlate_same(x, taps, dim, dilation, replicate, adjoint=False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        taps, dim, dilation, replicate = ctx.settings
+        return _correlate_same(grad, taps, dim, dilation, replicate, adjoint=True), *[None] * 4
+
+
+def _correlate_same(
+    x: torch.Tensor, taps: list[float], dim: int, dilation: int, replicate: bool, adjoint: bool
+) -> torch.Tensor:
+    """:class:`_CorrelateSame`'s forward map, or its adjoint (``adjoint=True``)."""
+    n = x.shape[dim]
+    left = dilation * (len(taps) - 1) // 2
+    offsets = [j * dilation - left for j in range(len(taps))]
+    centre = [w for o, w in zip(offsets, taps, strict=True) if o == 0]
+    out = x * centre[0] if centre else torch.zeros_like(x)
+    for o, w in zip(offsets, taps, strict=True):
+        m = n - abs(o)  # outputs that read a voxel inside the axis
+        if o != 0 and m > 0:
+            src, dst = (max(-o, 0), max(o, 0)) if adjoint else (max(o, 0), max(-o, 0))
+            out.narrow(dim, dst, m).add_(x.narrow(dim, src, m), alpha=w)
+    if not replicate:
+        return out
+    # the outputs within the reach of an end read the end voxel, with the summed weight of
+    # the taps that reach past it: output i gets sum_{o > n-1-i} w_o x[n-1] (o_j > 0) and
+    # sum_{o < -i} w_o x[0] (o_j < 0)
+    for sign in (1, -1):
+        reach = [(abs(o), w) for o, w in zip(offsets, taps, strict=True) if o * sign > 0]
+        if not reach:
+            continue
+        r = min(max(o for o, _ in reach), n)
+        # q: distance of the output from the end voxel (0 at the end)
+        weights = [sum(w for o, w in reach if o > q) for q in range(r)]
+        shape = [1] * x.ndim
+        shape[dim] = r
+        cw = torch.tensor(weights[::-1] if sign > 0 else weights, dtype=x.dtype, device=x.device)
+        cw = cw.reshape(shape)
+        end, near = (n - 1, n - r) if sign > 0 else (0, 0)
+        if adjoint:
+            out.narrow(dim, end, 1).add_((x.narrow(dim, near, r) * cw).sum(dim, keepdim=True))
+        else:
+            out.narrow(dim, near, r).add_(x.narrow(dim, end, 1) * cw)
+    return out
+
+
 def filter_axis(
     x: torch.Tensor,
     kernel: torch.Tensor,
@@ -71,8 +130,9 @@ def filter_axis(
     """Correlate every channel of ``x`` with a 1D ``kernel`` along spatial ``axis`` (0-based).
 
     ``padding``: ``"zeros"`` or ``"replicate"`` ("same" output size at stride 1), or ``"valid"``.
-    A constant kernel runs as shifted multiply-adds (:class:`_Correlate`); a kernel that needs
-    a gradient goes through a depthwise convolution.
+    A constant kernel runs as shifted multiply-adds (:class:`_CorrelateSame` for a "same"
+    output at stride 1, else :class:`_Correlate` on the padded input); a kernel that needs a
+    gradient goes through a depthwise convolution.
     """
     d = x.ndim - 2
     if not 0 <= axis < d:
@@ -83,6 +143,12 @@ def filter_axis(
         raise ValueError(f"padding must be 'zeros', 'replicate' or 'valid', got {padding!r}")
     if padding == "zeros" and reach % 2:
         raise ValueError("zero 'same' padding needs an odd kernel reach")
+    taps = None if k.requires_grad else [float(v) for v in k.detach().cpu().tolist()]
+    if padding != "valid" and stride == 1 and taps is not None:
+        same: torch.Tensor = _CorrelateSame.apply(  # type: ignore[no-untyped-call]
+            x, taps, axis + 2, int(dilation), padding == "replicate"
+        )
+        return same
     if padding != "valid":
         pads = [0, 0] * d
         pads[2 * (d - 1 - axis)] = reach // 2
@@ -90,8 +156,7 @@ def filter_axis(
         x = F.pad(x, pads, mode="replicate" if padding == "replicate" else "constant")
     if x.shape[axis + 2] <= reach:
         raise ValueError("the kernel reaches beyond the (padded) input")
-    if not k.requires_grad:
-        taps = [float(v) for v in k.detach().cpu().tolist()]
+    if taps is not None:
         out: torch.Tensor = _Correlate.apply(  # type: ignore[no-untyped-call]
             x, taps, axis + 2, int(dilation), int(stride)
         )

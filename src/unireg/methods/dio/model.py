@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unireg.nets.blocks import conv_nd, instance_norm_nd, upsample_strided
+from unireg.nets.blocks import conv_nd, instance_norm_nd, single_channel_conv, upsample_strided
 from unireg.solvers.pyramid import level_shape
 from unireg.spatial.grid import identity_grid
 from unireg.spatial.warp import sample
@@ -202,10 +202,9 @@ class FeatureNet(nn.Module):
         pads: list[int] = []
         for n, m in zip(reversed(shape), reversed(padded), strict=True):
             pads += [0, m - n]
-        x = F.pad(image, pads)
-        if self.is_channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        e0 = self.enc0(self.stem(x))
+        fmt = torch.channels_last_3d if self.is_channels_last else torch.contiguous_format
+        stem = single_channel_conv(self.stem[0], F.pad(image, pads), fmt)
+        e0 = self.enc0(self.stem[1:](stem))
         e1 = self.enc1(self.down1(e0))
         e2 = self.enc2(self.down2(e1))
         full = 1.0 in set(map(float, factors))
