@@ -203,6 +203,14 @@ def test_displacement_composition_equals_warping_twice(shape):
 def test_displacement_points_round_trip():
     u = smooth_field((10, 12, 8), 0.2)
     torch.testing.assert_close(points_to_displacement(displacement_to_points(u)), u)
+    # built in grid_sample's (reversed) axis order: the same points, coordinates reversed
+    rev = displacement_to_points(u, reversed_axes=True)
+    assert rev.is_contiguous()
+    assert torch.equal(rev, displacement_to_points(u).flip(-1))
+    image = torch.rand(1, 2, 9, 11, 7, dtype=u.dtype)
+    torch.testing.assert_close(
+        warp(image, u, padding="border"), sample(image, displacement_to_points(u), padding="border")
+    )
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
@@ -606,14 +614,18 @@ def test_filter_axis_matches_depthwise_convolution_and_its_adjoint(ndim, padding
 
 @pytest.mark.parametrize("padding", ["zeros", "replicate"])
 @pytest.mark.parametrize("taps", [4, 7, 15])
-def test_same_size_filtering_equals_filtering_the_padded_input(padding, taps):
+@pytest.mark.parametrize("by", ["shifts", "matrix"])
+def test_same_size_filtering_equals_filtering_the_padded_input(padding, taps, by, monkeypatch):
     """The "same"-size correlation reads the input where padding would have been (no padded
-    copy): it equals the valid correlation of the explicitly padded input, for even and odd
-    kernels, a kernel longer than the axis (replicate), and has an exact adjoint and a second
-    derivative."""
+    copy), by shifted adds or (small tensors) by its banded matrix: either equals the valid
+    correlation of the explicitly padded input, for even and odd kernels and a kernel longer
+    than the axis (replicate), and has an exact adjoint and a second derivative."""
     import torch.nn.functional as F
 
+    import unireg.spatial.filters as filters
     from unireg.spatial.filters import filter_axis
+
+    monkeypatch.setattr(filters, "_MATMUL_MAX_ELEMENTS", 0 if by == "shifts" else 1 << 30)
 
     g = torch.Generator().manual_seed(5)
     x = torch.rand(2, 3, 9, 5, 6, dtype=torch.float64, generator=g)

@@ -20,19 +20,12 @@ from unireg.spatial.grid import (
     as_matrix,
     channels_first,
     channels_last,
+    displacement_to_points,
     identity_grid,
     shared_identity_grid,
     transform_points,
 )
 from unireg.spatial.warp import Padding, sample
-
-
-def displacement_to_points(displacement: torch.Tensor) -> torch.Tensor:
-    """Absolute point map ``(B, *spatial, d)`` = identity grid + displacement."""
-    grid = shared_identity_grid(
-        tuple(displacement.shape[2:]), device=displacement.device, dtype=displacement.dtype
-    )
-    return grid + channels_last(displacement)
 
 
 def points_to_displacement(points: torch.Tensor) -> torch.Tensor:
@@ -50,7 +43,8 @@ def compose_displacements(
     once by the composition (up to interpolation). ``outer`` is sampled with linear
     interpolation and ``padding`` (default: constant extension at the border).
     """
-    return inner + sample(outer, displacement_to_points(inner), mode="linear", padding=padding)
+    points = displacement_to_points(inner, reversed_axes=True)
+    return inner + sample(outer, points, mode="linear", padding=padding, reversed_axes=True)
 
 
 def resize_displacement(

@@ -6,10 +6,12 @@ differentiable.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -118,9 +120,51 @@ def _correlate_same(
     return out
 
 
+# a "same"-size correlation along an axis of at most this many voxels, of a tensor of at most
+# this many elements, runs as one product with its banded matrix instead of shifted adds: on
+# small tensors the per-operation cost of the adds dominates (a Gaussian blur, sigma 1 voxel,
+# of a 3-channel field of 31x31x23 voxels: 0.55 -> 0.28 ms, 2 CPU threads; in DIO's solver
+# its coarsest level 0.49 -> 0.37 s a pair), at 61x61x45 voxels the product is already slower
+_MATMUL_MAX_AXIS = 256
+_MATMUL_MAX_ELEMENTS = 1 << 17
+
+
+@functools.lru_cache(maxsize=64)
+def _banded(
+    taps: tuple[float, ...],
+    n: int,
+    dilation: int,
+    replicate: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """The ``(n, n)`` matrix of a "same"-size correlation along an axis of ``n`` voxels
+    (:class:`_CorrelateSame`'s map: output ``i`` reads ``x[i + o_j]``, clamped into the axis
+    with ``replicate``, dropped outside it otherwise). Shared: read it, never write to it."""
+    left = dilation * (len(taps) - 1) // 2
+    matrix = np.zeros((n, n))
+    rows = np.arange(n)
+    for j, w in enumerate(taps):
+        cols = rows + j * dilation - left
+        keep = slice(None) if replicate else (cols >= 0) & (cols < n)
+        np.add.at(matrix, (rows[keep], np.clip(cols, 0, n - 1)[keep]), w)
+    return torch.as_tensor(matrix, dtype=dtype, device=device)
+
+
+def _along_axis(x: torch.Tensor, matrix: torch.Tensor, dim: int) -> torch.Tensor:
+    """``matrix @ x`` along tensor dimension ``dim`` (differentiable in ``x``)."""
+    n = x.shape[dim]
+    pre, post = math.prod(x.shape[:dim]), math.prod(x.shape[dim + 1 :])
+    if post == 1:
+        out = x.reshape(pre, n) @ matrix.T
+    else:
+        out = torch.matmul(matrix, x.reshape(pre, n, post))
+    return out.reshape(x.shape)
+
+
 def filter_axis(
     x: torch.Tensor,
-    kernel: torch.Tensor,
+    kernel: torch.Tensor | tuple[float, ...],
     axis: int,
     *,
     padding: str = "zeros",
@@ -129,22 +173,35 @@ def filter_axis(
 ) -> torch.Tensor:
     """Correlate every channel of ``x`` with a 1D ``kernel`` along spatial ``axis`` (0-based).
 
-    ``padding``: ``"zeros"`` or ``"replicate"`` ("same" output size at stride 1), or ``"valid"``.
-    A constant kernel runs as shifted multiply-adds (:class:`_CorrelateSame` for a "same"
-    output at stride 1, else :class:`_Correlate` on the padded input); a kernel that needs a
-    gradient goes through a depthwise convolution.
+    ``kernel``: a tensor, or its taps as a tuple of floats (a constant). ``padding``:
+    ``"zeros"`` or ``"replicate"`` ("same" output size at stride 1), or ``"valid"``. A
+    constant kernel runs as shifted multiply-adds (:class:`_CorrelateSame` for a "same"
+    output at stride 1, as a product with its banded matrix on small tensors; else
+    :class:`_Correlate` on the padded input); a kernel that needs a gradient goes through a
+    depthwise convolution.
     """
     d = x.ndim - 2
     if not 0 <= axis < d:
         raise ValueError(f"axis {axis} out of range for a {d}D input")
-    k = kernel.to(device=x.device, dtype=x.dtype)
-    reach = dilation * (k.numel() - 1)
+    k: torch.Tensor | None = None
+    taps: tuple[float, ...] | None = None
+    if isinstance(kernel, tuple):
+        taps = kernel
+    else:
+        k = kernel.to(device=x.device, dtype=x.dtype)
+        if not k.requires_grad:
+            taps = tuple(float(v) for v in k.detach().cpu().tolist())
+    size = len(taps) if taps is not None else int(kernel.numel())  # type: ignore[union-attr]
+    reach = dilation * (size - 1)
     if padding not in ("zeros", "replicate", "valid"):
         raise ValueError(f"padding must be 'zeros', 'replicate' or 'valid', got {padding!r}")
     if padding == "zeros" and reach % 2:
         raise ValueError("zero 'same' padding needs an odd kernel reach")
-    taps = None if k.requires_grad else [float(v) for v in k.detach().cpu().tolist()]
     if padding != "valid" and stride == 1 and taps is not None:
+        n = x.shape[axis + 2]
+        if n <= _MATMUL_MAX_AXIS and x.numel() <= _MATMUL_MAX_ELEMENTS:
+            matrix = _banded(taps, n, int(dilation), padding == "replicate", x.dtype, x.device)
+            return _along_axis(x, matrix, axis + 2)
         same: torch.Tensor = _CorrelateSame.apply(  # type: ignore[no-untyped-call]
             x, taps, axis + 2, int(dilation), padding == "replicate"
         )
@@ -161,6 +218,7 @@ def filter_axis(
             x, taps, axis + 2, int(dilation), int(stride)
         )
         return out
+    assert k is not None
     channels = x.shape[1]
     shape = [1] * d
     shape[axis] = k.numel()
@@ -211,12 +269,19 @@ def box_sum(
 
 def gaussian_kernel1d(sigma: float, truncate: float = 3.0) -> torch.Tensor:
     """Normalised sampled Gaussian (``sigma`` in voxels), radius ``ceil(truncate * sigma)``."""
+    return torch.tensor(_gaussian_taps(float(sigma), float(truncate)), dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=64)
+def _gaussian_taps(sigma: float, truncate: float) -> tuple[float, ...]:
+    """:func:`gaussian_kernel1d`'s taps (float64), computed once per ``sigma`` and
+    ``truncate``."""
     if sigma <= 0:
-        return torch.ones(1, dtype=torch.float64)
+        return (1.0,)
     radius = max(int(math.ceil(truncate * sigma)), 1)
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return k / k.sum()
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (t / sigma) ** 2)
+    return tuple(float(v) for v in k / k.sum())
 
 
 def gaussian_blur(
@@ -228,7 +293,7 @@ def gaussian_blur(
     out = x
     for axis, s in enumerate(sigmas):
         if s > 0:
-            out = filter_axis(out, gaussian_kernel1d(s), axis, padding=padding)
+            out = filter_axis(out, _gaussian_taps(s, 3.0), axis, padding=padding)
     return out
 
 

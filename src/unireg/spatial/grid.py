@@ -46,9 +46,10 @@ def identity_grid(
 
 @functools.lru_cache(maxsize=16)
 def _identity_cached(
-    shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+    shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, reversed_axes: bool
 ) -> torch.Tensor:
-    return identity_grid(shape, device=device, dtype=dtype)
+    grid = identity_grid(shape, device=device, dtype=dtype)
+    return grid.flip(-1).contiguous() if reversed_axes else grid
 
 
 def shared_identity_grid(
@@ -56,12 +57,28 @@ def shared_identity_grid(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    reversed_axes: bool = False,
 ) -> torch.Tensor:
-    """:func:`identity_grid`, built once per shape, device and dtype and shared by every
-    caller (for the loops that add a displacement to it again and again): read it, never
-    write to it."""
+    """:func:`identity_grid`, built once per shape, device, dtype and axis order and shared
+    by every caller (for the loops that add a displacement to it again and again): read it,
+    never write to it. ``reversed_axes``: coordinates in reversed (last axis first) order,
+    as ``grid_sample`` takes them."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    return _identity_cached(tuple(int(n) for n in shape), dev, dtype)
+    return _identity_cached(tuple(int(n) for n in shape), dev, dtype, bool(reversed_axes))
+
+
+def displacement_to_points(
+    displacement: torch.Tensor, *, reversed_axes: bool = False
+) -> torch.Tensor:
+    """Absolute point map ``(B, *spatial, d)`` = identity grid + displacement (normalised
+    units). ``reversed_axes``: the coordinates in reversed (last axis first) order, built as
+    such (the displacement's channels reversed before the add: cheaper than reversing the
+    points after it), for :func:`unireg.spatial.warp.sample` with ``reversed_axes=True``."""
+    grid = shared_identity_grid(
+        tuple(displacement.shape[2:]), device=displacement.device, dtype=displacement.dtype,
+        reversed_axes=reversed_axes,
+    )  # fmt: skip
+    return grid + channels_last(displacement.flip(1) if reversed_axes else displacement)
 
 
 def voxel_to_normalized_scale(

@@ -19,12 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from unireg.spatial.grid import (
-    affine_grid,
-    axis_coordinates,
-    channels_last,
-    shared_identity_grid,
-)
+from unireg.spatial.grid import affine_grid, axis_coordinates, displacement_to_points
 
 Mode = Literal["linear", "nearest"]
 Padding = Literal["zeros", "border", "reflection"]
@@ -223,10 +218,8 @@ def warp(
     ``displacement`` is ``(B, d, *fixed_spatial)``; the moving image is sampled at
     ``x + displacement(x)``.
     """
-    points = shared_identity_grid(
-        tuple(displacement.shape[2:]), device=displacement.device, dtype=displacement.dtype
-    )
-    return sample(image, points + channels_last(displacement), mode=mode, padding=padding)
+    points = displacement_to_points(displacement, reversed_axes=True)
+    return sample(image, points, mode=mode, padding=padding, reversed_axes=True)
 
 
 def warp_affine(
