@@ -93,6 +93,18 @@ def test_a_channels_last_trunk_gives_the_same_features_in_the_default_layout(bac
     for factor in a:
         assert b[factor].stride() == a[factor].stride()
         torch.testing.assert_close(b[factor], a[factor], rtol=1e-5, atol=1e-5)
+    # projected heads (1 of 5 channels: at most half of every level's, so run channels-last)
+    # and the sampled full-resolution head: the same, in the same layout
+    basis = torch.linalg.qr(torch.rand(5, 1))[0].T
+    with torch.no_grad():
+        ta, tb = net.trunk(x), fast.trunk(x)
+        for factor in (4.0, 2.0, 1.0):
+            pa, pb = net.head(ta, factor, basis), fast.head(tb, factor, basis)
+            assert pb.stride() == pa.stride() and pb.shape[1] == 1
+            torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-5)
+        sa, sb = net.head(ta, 1.0, every=2), fast.head(tb, 1.0, every=2)
+        assert sb.stride() == sa.stride()
+        torch.testing.assert_close(sb, sa, rtol=1e-5, atol=1e-5)
     flat = FeatureNet(2, (3, 4, 6), 5, backbone).merged().channels_last()
     assert not flat.is_channels_last
 
