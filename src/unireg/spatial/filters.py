@@ -71,7 +71,12 @@ class _CorrelateSame(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, taps: list[float], dim: int, dilation: int, replicate: bool
+        ctx: Any,
+        x: torch.Tensor,
+        taps: Sequence[float],
+        dim: int,
+        dilation: int,
+        replicate: bool,
     ) -> torch.Tensor:
         ctx.settings = (taps, dim, dilation, replicate)
         return _correlate_same(x, taps, dim, dilation, replicate, adjoint=False)
@@ -83,7 +88,12 @@ class _CorrelateSame(torch.autograd.Function):
 
 
 def _correlate_same(
-    x: torch.Tensor, taps: list[float], dim: int, dilation: int, replicate: bool, adjoint: bool
+    x: torch.Tensor,
+    taps: Sequence[float],
+    dim: int,
+    dilation: int,
+    replicate: bool,
+    adjoint: bool,
 ) -> torch.Tensor:
     """:class:`_CorrelateSame`'s forward map, or its adjoint (``adjoint=True``)."""
     n = x.shape[dim]
@@ -123,8 +133,8 @@ def _correlate_same(
 # a "same"-size correlation along an axis of at most this many voxels, of a tensor of at most
 # this many elements, runs as one product with its banded matrix instead of shifted adds: on
 # small tensors the per-operation cost of the adds dominates (a Gaussian blur, sigma 1 voxel,
-# of a 3-channel field of 31x31x23 voxels: 0.55 -> 0.28 ms, 2 CPU threads; in DIO's solver
-# its coarsest level 0.49 -> 0.37 s a pair), at 61x61x45 voxels the product is already slower
+# of a 3-channel field of 31x31x23 voxels: 0.55 -> 0.28 ms, 2 CPU threads; DIO's solver's
+# coarsest level 0.46-0.50 -> 0.33-0.41 s a pair), at 61x61x45 voxels already slower
 _MATMUL_MAX_AXIS = 256
 _MATMUL_MAX_ELEMENTS = 1 << 17
 

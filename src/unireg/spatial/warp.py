@@ -2,7 +2,8 @@
 
 Pull-back convention: the output at fixed voxel ``x`` is the moving image at ``T(x)``. Points are
 normalised coordinates of the *moving* grid in tensor-axis order; ``grid_sample`` wants them in
-reversed (x = last axis) order, and that flip happens in :func:`sample` only.
+reversed (x = last axis) order, and that flip happens in :func:`sample` only (or the points
+are built in that order: :func:`warp` does, and says so with ``reversed_axes``).
 
 Border handling (``padding``): ``"zeros"`` (outside the moving field of view is 0; the default
 for images), ``"border"`` (nearest edge value; the default for displacement fields, so a field
