@@ -26,7 +26,8 @@ command with `dio` / `dio:diffeo` specs, see docs/methods/dio.md):
         # synthesised from its label map (seeded), on the training grid, inside the brain
 
 Needs ../shared/data (or $UNIREG_SHARED_DATA). Thread count: torch's default unless
---threads; the numbers in the docs were taken with --threads 2 on a quiet machine.
+--threads; the numbers in the docs were taken with --threads 2 on a quiet machine. Freed
+memory is kept for reuse as the `unireg` command keeps it (`unireg.cpu.retain_freed_memory`).
 """
 
 from __future__ import annotations
@@ -202,6 +203,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
+    from unireg.cpu import retain_freed_memory
+
+    retain_freed_memory()  # freed blocks kept for reuse, as the command line keeps them
     if args.threads:
         torch.set_num_threads(args.threads)
     if not (DATA / "manifest.csv").is_file():
