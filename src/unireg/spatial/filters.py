@@ -242,13 +242,14 @@ def filter_axis(
 
 def separable_filter(
     x: torch.Tensor,
-    kernels: Sequence[torch.Tensor],
+    kernels: Sequence[torch.Tensor | tuple[float, ...]],
     *,
     padding: str = "zeros",
     stride: int | Sequence[int] = 1,
     dilation: int | Sequence[int] = 1,
 ) -> torch.Tensor:
-    """Apply one 1D kernel per spatial axis in turn (a separable nD filter)."""
+    """Apply one 1D kernel per spatial axis in turn (a separable nD filter); each kernel a
+    tensor or its taps (see :func:`filter_axis`)."""
     d = x.ndim - 2
     if len(kernels) != d:
         raise ValueError(f"{d}D input needs {d} kernels, got {len(kernels)}")
@@ -273,7 +274,7 @@ def box_sum(
     """
     d = x.ndim - 2
     sizes = [int(w) for w in _per_axis(window, d, "window")]
-    kernels = [torch.ones(w, dtype=x.dtype) for w in sizes]
+    kernels = [(1.0,) * w for w in sizes]
     return separable_filter(x, kernels, padding=padding, stride=stride, dilation=dilation)
 
 
