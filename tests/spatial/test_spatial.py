@@ -142,6 +142,30 @@ def _centroid(img):
     return torch.stack([(a * img).sum() / img.sum() for a in axes])
 
 
+def test_points_built_scaled_and_reversed_in_one_pass_with_every_derivative():
+    # scale x displacement, channels reversed, plus the identity: the same points as the
+    # scaled copy flipped, for a batch against the shared grid, in 2D and 3D, with first and
+    # second derivatives (gradcheck, gradgradcheck)
+    for shape in ((5, 4, 3), (6, 5)):
+        d = len(shape)
+        u = torch.randn(2, d, *shape, dtype=torch.float64)
+        factors = tuple(0.5 + k for k in range(d))
+        scale = torch.tensor(factors, dtype=u.dtype).view(1, d, *[1] * d)
+        for rev in (False, True):
+            got = displacement_to_points(u, reversed_axes=rev, scale=factors)
+            want = displacement_to_points(u * scale)
+            torch.testing.assert_close(got, want.flip(-1) if rev else want)
+            x = u[:1].clone().requires_grad_(True)
+
+            def f(x: torch.Tensor, rev: bool = rev, factors: tuple = factors) -> torch.Tensor:
+                return displacement_to_points(x, reversed_axes=rev, scale=factors).square()
+
+            assert torch.autograd.gradcheck(f, (x,))
+            assert torch.autograd.gradgradcheck(f, (x,))
+    with pytest.raises(ValueError, match="3 factors"):
+        displacement_to_points(torch.zeros(1, 3, 2, 2, 2), scale=(1.0, 2.0))
+
+
 def test_random_affine_warp_agrees_with_moving_points():
     """Warping an image and mapping points by the same world affine agree (< 0.5 voxel), across
     anisotropic, differently oriented fixed and moving grids."""

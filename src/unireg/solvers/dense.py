@@ -28,7 +28,12 @@ from unireg.solvers.optim import AdamState, Optimizer, make_optimizer
 from unireg.spatial.bspline import bspline_field, control_grid_shape
 from unireg.spatial.field import compose_displacements, resize_displacement, scaling_and_squaring
 from unireg.spatial.filters import central_difference, gaussian_blur
-from unireg.spatial.grid import channels_last, voxel_to_normalized_scale
+from unireg.spatial.grid import (
+    channels_last,
+    displacement_to_points,
+    voxel_to_normalized_factors,
+    voxel_to_normalized_scale,
+)
 from unireg.spatial.warp import sample, warp
 
 
@@ -130,6 +135,14 @@ class FreeFormModel(DenseModel):
 
     def displacement(self) -> torch.Tensor:
         return self.field * voxel_to_normalized_scale(self.grid, self.field)
+
+    def pair(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the voxel field scaled and reversed into the sampling points in one pass (what
+        # ``warp`` of :meth:`displacement` samples, without the scaled copy)
+        points = displacement_to_points(
+            self.field, reversed_axes=True, scale=voxel_to_normalized_factors(self.grid)
+        )
+        return fixed, sample(moving, points, padding="border", reversed_axes=True)
 
 
 class GreedyModel(DenseModel):

@@ -9,6 +9,7 @@ otherwise (see :mod:`unireg.spatial.geometry`).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,17 +69,95 @@ def shared_identity_grid(
 
 
 def displacement_to_points(
-    displacement: torch.Tensor, *, reversed_axes: bool = False
+    displacement: torch.Tensor,
+    *,
+    reversed_axes: bool = False,
+    scale: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """Absolute point map ``(B, *spatial, d)`` = identity grid + displacement (normalised
-    units). ``reversed_axes``: the coordinates in reversed (last axis first) order, built as
-    such (the displacement's channels reversed before the add: cheaper than reversing the
-    points after it), for :func:`unireg.spatial.warp.sample` with ``reversed_axes=True``."""
+    units). ``reversed_axes``: the coordinates in reversed (last axis first) order, for
+    :func:`unireg.spatial.warp.sample` with ``reversed_axes=True``. ``scale``: per-axis
+    factors (``d`` floats, tensor-axis order) the displacement is multiplied by first, e.g.
+    :func:`voxel_to_normalized_factors` for a field in voxels.
+
+    Either option builds each coordinate in one pass (identity + factor x channel, written
+    into the point map: no reversed or scaled copy of the field), differentiably, with a
+    second derivative."""
     grid = shared_identity_grid(
         tuple(displacement.shape[2:]), device=displacement.device, dtype=displacement.dtype,
         reversed_axes=reversed_axes,
     )  # fmt: skip
-    return grid + channels_last(displacement.flip(1) if reversed_axes else displacement)
+    if not reversed_axes and scale is None:
+        return grid + channels_last(displacement)
+    d = displacement.shape[1]
+    factors = tuple(float(f) for f in scale) if scale is not None else (1.0,) * d
+    if len(factors) != d:
+        raise ValueError(f"scale needs {d} factors, got {len(factors)}")
+    order = tuple(range(d - 1, -1, -1)) if reversed_axes else tuple(range(d))
+    out: torch.Tensor = _ChannelsToPoints.apply(displacement, factors, order, grid)  # type: ignore[no-untyped-call]
+    return out
+
+
+def _channels_to_points(
+    x: torch.Tensor, factors: tuple[float, ...], order: tuple[int, ...], grid: torch.Tensor | None
+) -> torch.Tensor:
+    """``out[..., j] = grid[..., j] + factors[order[j]] * x[:, order[j]]`` (no grid: 0)."""
+    out = x.new_empty(x.shape[0], *x.shape[2:], len(order))
+    for j, k in enumerate(order):
+        if grid is None:
+            torch.mul(x[:, k], factors[k], out=out[..., j])
+        else:
+            torch.add(grid[..., j], x[:, k], alpha=factors[k], out=out[..., j])
+    return out
+
+
+def _points_to_channels(
+    g: torch.Tensor, factors: tuple[float, ...], order: tuple[int, ...]
+) -> torch.Tensor:
+    """The adjoint of :func:`_channels_to_points`' linear part: ``out[:, order[j]] =
+    factors[order[j]] * g[..., j]``."""
+    out = g.new_empty(g.shape[0], len(order), *g.shape[1:-1])
+    for j, k in enumerate(order):
+        torch.mul(g[..., j], factors[k], out=out[:, k])
+    return out
+
+
+class _ChannelsToPoints(torch.autograd.Function):
+    """:func:`_channels_to_points`, differentiable in ``x`` (the grid is a constant); its
+    backward is :class:`_PointsToChannels`, so it has every higher derivative."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        factors: tuple[float, ...],
+        order: tuple[int, ...],
+        grid: torch.Tensor | None,
+    ) -> torch.Tensor:
+        ctx.factors, ctx.order = factors, order
+        return _channels_to_points(x, factors, order, grid)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        adjoint = _PointsToChannels.apply(grad, ctx.factors, ctx.order)  # type: ignore[no-untyped-call]
+        return adjoint, None, None, None
+
+
+class _PointsToChannels(torch.autograd.Function):
+    """:func:`_points_to_channels`; its backward is :class:`_ChannelsToPoints` without a
+    grid."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, g: torch.Tensor, factors: tuple[float, ...], order: tuple[int, ...]
+    ) -> torch.Tensor:
+        ctx.factors, ctx.order = factors, order
+        return _points_to_channels(g, factors, order)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        adjoint = _ChannelsToPoints.apply(grad, ctx.factors, ctx.order, None)  # type: ignore[no-untyped-call]
+        return adjoint, None, None
 
 
 def voxel_to_normalized_scale(
@@ -87,8 +166,14 @@ def voxel_to_normalized_scale(
     """Per-axis factors ``2 / (n - 1)`` turning voxel displacements into normalised ones
     (1 for an axis of one voxel), shaped ``(1, d, 1, ..., 1)`` to multiply a channel-first
     field; divide by it for normalised -> voxel units."""
-    f = [2.0 / (n - 1) if n > 1 else 1.0 for n in shape]
+    f = voxel_to_normalized_factors(shape)
     return torch.tensor(f, dtype=like.dtype, device=like.device).view(1, -1, *[1] * len(shape))
+
+
+def voxel_to_normalized_factors(shape: tuple[int, ...] | list[int]) -> tuple[float, ...]:
+    """:func:`voxel_to_normalized_scale`'s factors as floats (``scale`` of
+    :func:`displacement_to_points`)."""
+    return tuple(2.0 / (n - 1) if n > 1 else 1.0 for n in shape)
 
 
 def voxel_grid(
