@@ -203,6 +203,13 @@ def test_map_upsampling_keeps_each_centre_of_mass_and_aligns_features(d):
         assert torch.allclose(feat, F.pad(inner, pads, mode="replicate"), atol=1e-12)
     with pytest.raises(ValueError, match="stride-2 parent grid"):
         upsample_strided(maps, [2 * n + 1 for n in shape])
+    if d == 3:  # float32 channels-last (the trilinear kernel): the same values, in that layout
+        cl = maps.float().contiguous(memory_format=torch.channels_last_3d)
+        for parent in ([2 * n - 1 for n in shape], mixed):
+            feat = upsample_strided(cl, parent)
+            torch.testing.assert_close(feat, upsample_strided(maps.float(), parent))
+            if parent == [2 * n - 1 for n in shape]:
+                assert feat.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 @pytest.mark.parametrize("shape", [(33, 29, 20), (50, 47)])

@@ -68,12 +68,25 @@ def upsample_strided(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
     One axis at a time: the coarse values interleaved with their neighbours' means (the values
     of ``F.interpolate(..., align_corners=True)`` onto ``2 n - 1`` voxels), in ``x``'s dtype;
-    on CPUs 1.5x (float32) to 3x (bfloat16) faster than the trilinear kernel."""
+    on CPUs 1.5x (float32) to 3x (bfloat16) faster than the trilinear kernel. A float32 3D
+    input laid out channels-last on a CPU, onto ``2 n - 1`` voxels per axis, takes the
+    trilinear kernel instead (the same values; vectorised over the channels in that layout,
+    and its output stays channels-last: 16 channels onto 121x121x93 voxels, 2 threads, 242 ->
+    113 ms)."""
     coarse = x.shape[2:]
     if len(shape) != len(coarse) or any(
         not 2 * c - 1 <= n <= 2 * c for c, n in zip(coarse, shape, strict=True)
     ):
         raise ValueError(f"{tuple(shape)} is not the stride-2 parent grid of {tuple(coarse)}")
+    if (
+        x.ndim == 5
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+        and all(n == 2 * c - 1 and c > 1 for c, n in zip(coarse, shape, strict=True))
+    ):
+        return F.interpolate(x, size=tuple(shape), mode="trilinear", align_corners=True)
     for axis, n in enumerate(shape):
         dim, c = axis + 2, x.shape[axis + 2]
         if c == 1:  # a single coarse voxel: repeated
