@@ -78,15 +78,19 @@ def test_merged_blocks_give_the_same_features(backbone):
         assert changed == backbone.startswith("lku")
 
 
+@pytest.mark.parametrize("coarsest", [True, False])
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_a_channels_last_trunk_gives_the_same_features_in_the_default_layout(backbone):
-    # the CPU inference layout: the trunk's weights and input channels-last, its levels and
-    # the heads' features back in the default layout; 2D networks are left as they are
+def test_a_channels_last_trunk_gives_the_same_features_in_the_default_layout(backbone, coarsest):
+    # the CPU inference layout: the trunk's weights and input channels-last (the 1/4 level's
+    # block too, or not), its levels and the heads' features back in the default layout; 2D
+    # networks are left as they are
     torch.manual_seed(0)
     net = FeatureNet(3, (3, 4, 6), 5, backbone).merged()
-    fast = copy.deepcopy(net).channels_last()
+    fast = copy.deepcopy(net).channels_last(coarsest)
     assert fast.is_channels_last and not net.is_channels_last
     assert fast.stem[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    coarse = next(p for p in fast.enc2.parameters() if p.ndim == 5)
+    assert coarse.is_contiguous(memory_format=torch.channels_last_3d) == coarsest
     x = torch.rand(1, 1, 13, 11, 9)
     with torch.no_grad():
         a, b = net(x), fast(x)
