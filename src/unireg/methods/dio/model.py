@@ -169,7 +169,7 @@ class FeatureNet(nn.Module):
         convolutions about a fifth). ``coarsest=False`` leaves the 1/4 level's block in the
         default layout: in float32 on an AVX2 CPU its ``5^d`` convolution of 32 channels over
         31x31x24 voxels takes 36-40 ms so against 52-56 ms channels-last (2 threads), and
-        `lku-e`'s two feature maps of an IXI pair 1.24 -> 1.17 s (`lku` 2.48 -> 2.38 s). A 2D
+        ``lku-e``'s two feature maps of an IXI pair 1.24 -> 1.17 s (``lku`` 2.48 -> 2.38 s). A 2D
         network is returned unchanged."""
         if self.config["ndim"] == 3:
             for name, module in self.named_children():
